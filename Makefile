@@ -1,0 +1,32 @@
+# Two entry points (see README): `make repro` and `make test`. Both create the project venv
+# and install what is missing first. Everything runs with the venv's python.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export DVC_NO_ANALYTICS := 1
+export DO_NOT_TRACK := 1
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup repro test test-fast bench clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, from the pinned build (local disk on these machines), then the project
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+repro: setup
+	dvc repro
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) benchmarks/bench_fit_kde.py

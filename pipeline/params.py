@@ -1,0 +1,178 @@
+"""The params.yaml schema: one section per stage, every key typed and checked.
+
+Unknown keys and bad values are rejected with one line that names the key, e.g.
+`params.yaml: kde.bandwidth_scale: must be greater than 0 (got -1)`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dkgm.errors import DKGMError
+
+PARAMS_FILE = "params.yaml"
+
+
+class ParamsError(DKGMError):
+    """params.yaml is missing, unreadable or does not match the schema."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PrepareParams(Section):
+    dataset: Literal["mnist5k", "swissroll"] = "mnist5k"  # which embedded dataset to prepare
+    seed: int = Field(0, ge=0)  # seed of the train/val/test split (and of the swiss roll's points)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out for bandwidth selection and gates
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out for evaluation
+    limit: int | None = Field(None, ge=10)  # keep the first `limit` items (a quick "baby" run); null = all
+    image_size: int = Field(32, ge=28, le=256)  # images are centre-padded to image_size x image_size
+    swissroll_points: int = Field(10000, ge=10)  # swiss roll: number of points
+    swissroll_noise: float = Field(0.02, ge=0.0)  # swiss roll: std of the noise around the spiral
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _fractions_leave_training_data(cls, v: float, info: Any) -> float:
+        val = info.data.get("val_fraction", 0.0)
+        if val + v >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction must be below 1 (got {val} + {v})")
+        return v
+
+
+Bandwidth = Union[Literal["cv", "scott", "silverman"], float]
+
+
+class KDEParams(Section):
+    bandwidth: Bandwidth = "cv"  # cv (held-out likelihood) | scott | silverman | a number (per-pixel std)
+    bandwidth_scale: float = Field(1.0, gt=0.0)  # multiplier on the chosen bandwidth (diversity ablation)
+    topk: int = Field(128, ge=1)  # nearest training points kept per validation point
+    grid_min: float | Literal["auto"] = "auto"  # smallest bandwidth of the search grid (auto: from NN distances)
+    grid_max: float | Literal["auto"] = "auto"  # largest bandwidth of the search grid (auto: 2 x data std)
+    grid_points: int = Field(41, ge=3)  # log-spaced grid size
+    refine_tol: float = Field(1e-4, gt=0.0)  # golden-section stopping width, in log h
+    device: str = "auto"  # auto | cpu | cuda | cuda:N for the distance pass
+
+    @field_validator("bandwidth", mode="before")
+    @classmethod
+    def _bandwidth_choice(cls, v: Any) -> Any:
+        if isinstance(v, str) and v in ("cv", "scott", "silverman"):
+            return v
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+            return float(v)
+        raise ValueError(f"must be cv, scott, silverman or a positive number (got {v!r})")
+
+    @field_validator("grid_min", "grid_max")
+    @classmethod
+    def _positive_grid(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and (not math.isfinite(v) or v <= 0):
+            raise ValueError(f"must be auto or a positive number (got {v})")
+        return v
+
+    @field_validator("grid_max")
+    @classmethod
+    def _grid_not_empty(cls, v: float | str, info: Any) -> float | str:
+        lo = info.data.get("grid_min")
+        if isinstance(v, float) and isinstance(lo, float) and v <= lo:
+            raise ValueError(f"the grid is empty: grid_max must exceed grid_min={lo} (got {v})")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {v!r})")
+        return v
+
+
+class SampleKDEParams(Section):
+    n_samples: int = Field(2000, ge=1)  # number of first-stage samples
+    kernel: Literal["gaussian", "epanechnikov"] = "gaussian"  # kernel shape (unit per-coordinate variance)
+    seed: int = Field(1_000_000, ge=0)  # sample s uses seed + s for its anchor and its noise
+    batch_size: int = Field(500, ge=1)  # samples per batch (speed only: results do not depend on it)
+    grid_samples: int = Field(64, ge=1)  # samples shown in the grid figure
+
+
+class KDEGateParams(Section):
+    enforce: bool = True  # false: a NO-GO is recorded as overridden and the pipeline continues
+    require_interior_optimum: bool = True  # the CV optimum must not sit on the grid boundary
+    min_loglik_gain_per_dim: float = 0.0  # KDE minus smoothed diagonal Gaussian, nats per dimension
+    max_truncation_bound: float = Field(1e-3, ge=0.0)  # top-k truncation bound at the optimum, nats per point
+
+
+class GatesParams(Section):
+    kde: KDEGateParams = KDEGateParams()
+
+
+class Params(Section):
+    prepare: PrepareParams = PrepareParams()
+    kde: KDEParams = KDEParams()
+    sample_kde: SampleKDEParams = SampleKDEParams()
+    gates: GatesParams = GatesParams()
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("literal[", "float", "union[", "function-")))
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key (check the spelling; known keys are in the schema, pipeline/params.py)"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if "(got" not in msg:
+        msg = f"{msg} (got {err.get('input')!r})"
+    return f"{key}: {msg}"
+
+
+def validate(raw: dict[str, Any], source: str = PARAMS_FILE) -> Params:
+    """Validate a parsed params mapping; raise ParamsError with one line per bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        # a union (e.g. bandwidth: cv|...|number) reports one error per branch; keep the first per key
+        seen: dict[str, str] = {}
+        for e in errors:
+            line = _describe(e)
+            seen.setdefault(line.split(":", 1)[0], line)
+        raise ParamsError("; ".join(f"{source}: {line}" for line in seen.values())) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: file not found (run from the project root, or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    return validate(raw, str(path))
+
+
+def section(params: Params, dotted: str) -> Section:
+    """The sub-model at a dotted section name, e.g. 'gates.kde'."""
+    node: Any = params
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def leaf_keys(model: type[BaseModel], prefix: str) -> list[str]:
+    """Dotted names of every scalar key of a section model (what dvc.yaml must list)."""
+    keys = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += leaf_keys(ann, f"{prefix}.{name}")
+        else:
+            keys.append(f"{prefix}.{name}")
+    return keys

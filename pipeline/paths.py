@@ -1,0 +1,39 @@
+"""Every artifact path, relative to the project root. dvc.yaml declares the same paths and
+a test checks that the two agree, so a path is changed in both places or the suite fails."""
+
+PARAMS = "params.yaml"
+STAGING = ".dkgm/staging"  # outputs are written here first, then renamed into place
+
+# prepare
+PREPARED = "data/prepared"  # data.npy, manifest.parquet, meta.json
+PREPARE_REPORTS = "reports/prepare"
+PREPARE_PREVIEW = "reports/prepare/preview.png"
+PREPARE_METRICS = "reports/prepare/metrics.json"
+
+# fit_kde
+KDE = "data/kde"
+KDE_BANDWIDTH = "data/kde/bandwidth.json"
+KDE_TOPK = "data/kde/val_topk.npz"
+KDE_REPORTS = "reports/kde"
+KDE_CV_CURVE = "reports/kde/cv_curve.csv"
+KDE_CV_PLOT = "reports/kde/cv_curve.png"
+KDE_METRICS = "reports/kde/metrics.json"
+
+# sample_kde
+KDE_SAMPLES = "data/samples/kde"  # samples.npy, manifest.parquet, meta.json
+SAMPLE_KDE_GRID = "reports/sample_kde/grid.png"
+SAMPLE_KDE_METRICS = "reports/sample_kde/metrics.json"
+
+# gates
+GATES = "reports/gates"
+
+
+def gate_record(name: str) -> str:
+    """The full gate record: every check, value, threshold and params key."""
+    return f"{GATES}/{name}.json"
+
+
+def gate_token(name: str) -> str:
+    """What downstream stages depend on: the decision alone, so that moving a threshold
+    without changing the decision does not re-run what follows."""
+    return f"{GATES}/{name}.go"

@@ -1,0 +1,69 @@
+"""The stages: what each runs, which params section it reads, what it reads and writes.
+
+DVC owns the order (dvc.yaml); this table only says how to run one stage. A test checks that
+dvc.yaml lists exactly these params keys, inputs and outputs for each stage.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+from pipeline import paths
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # the dvc.yaml stage name
+    section: str  # the params.yaml section it reads (and nothing else)
+    deps: tuple[str, ...]  # artifacts it reads
+    outs: tuple[str, ...]  # artifacts it writes
+    module: str | None = None  # stages.<module> with run(cfg, root) -> metrics; None for gates
+    gate: str | None = None  # gate name, for gate stages
+
+    @property
+    def cmd(self) -> str:
+        return f"python -m pipeline gate {self.gate}" if self.gate else f"python -m pipeline run {self.name}"
+
+    def load(self) -> ModuleType:
+        assert self.module is not None
+        return importlib.import_module(self.module)
+
+
+STAGES: dict[str, StageSpec] = {
+    s.name: s
+    for s in [
+        StageSpec(
+            "prepare",
+            "prepare",
+            deps=(),
+            outs=(paths.PREPARED, paths.PREPARE_PREVIEW, paths.PREPARE_METRICS),
+            module="stages.prepare",
+        ),
+        StageSpec(
+            "fit_kde",
+            "kde",
+            deps=(paths.PREPARED,),
+            outs=(paths.KDE_BANDWIDTH, paths.KDE_TOPK, paths.KDE_CV_CURVE, paths.KDE_CV_PLOT, paths.KDE_METRICS),
+            module="stages.fit_kde",
+        ),
+        StageSpec(
+            "gate_kde",
+            "gates.kde",
+            deps=(paths.KDE_METRICS,),
+            outs=(paths.gate_record("kde"), paths.gate_token("kde")),
+            gate="kde",
+        ),
+        StageSpec(
+            "sample_kde",
+            "sample_kde",
+            deps=(paths.PREPARED, paths.KDE_BANDWIDTH, paths.gate_token("kde")),
+            outs=(paths.KDE_SAMPLES, paths.SAMPLE_KDE_GRID, paths.SAMPLE_KDE_METRICS),
+            module="stages.sample_kde",
+        ),
+    ]
+}
+
+RUNNABLE = [name for name, s in STAGES.items() if s.gate is None]
+GATE_STAGES = {s.gate: s for s in STAGES.values() if s.gate}

@@ -1,0 +1,233 @@
+"""What every stage shares: atomic outputs, artifact readers and writers, progress, logging.
+
+Outputs are staged: a stage writes each output under .dkgm/staging/ and only when the whole
+stage succeeded are they renamed into place (os.replace, same filesystem). A crash or a bad
+input therefore leaves no half-written artifact, and the previous complete one untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dkgm.errors import DKGMError
+from pipeline import paths
+
+log = logging.getLogger("dkgm")
+
+
+# ----------------------------------------------------------------------------- atomic outputs
+
+
+class StagedOutputs:
+    """Hand out temporary paths for a stage's outputs and publish them all on success."""
+
+    def __init__(self, root: Path, stage: str):
+        self.root = Path(root)
+        self.dir = self.root / paths.STAGING / f"{stage}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._pending: dict[Path, Path] = {}
+
+    def path(self, rel: str) -> Path:
+        """Where to write the output that will end up at root/rel (parent folders created)."""
+        tmp = self.dir / rel
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        self._pending[self.root / rel] = tmp
+        return tmp
+
+    def publish(self) -> None:
+        for final, tmp in self._pending.items():
+            if not tmp.exists():
+                raise RuntimeError(f"stage declared output {final} but did not write it")
+        for final, tmp in self._pending.items():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.is_dir() and not final.is_symlink():
+                shutil.rmtree(final)
+            elif final.exists() or final.is_symlink():
+                final.unlink()
+            os.replace(tmp, final)
+        self.discard()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        staging = self.root / paths.STAGING
+        if staging.is_dir() and not any(staging.iterdir()):
+            staging.rmdir()
+
+
+@contextmanager
+def staged_outputs(root: Path, stage: str) -> Iterator[StagedOutputs]:
+    out = StagedOutputs(root, stage)
+    try:
+        yield out
+    except BaseException:
+        out.discard()
+        raise
+    out.publish()
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise DKGMError(f"{what} not found: {path} (run the stage that produces it first, or `dvc repro`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DKGMError(f"{what} is not valid JSON: {path}: {exc}") from None
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    Image.fromarray(arr).save(path, format="PNG", optimize=True)
+
+
+def write_parquet(path: Path, columns: dict[str, Any]) -> None:
+    import pandas as pd
+
+    pd.DataFrame(columns).to_parquet(path, index=False)
+
+
+def read_parquet(path: Path, what: str):
+    import pandas as pd
+
+    if not path.is_file():
+        raise DKGMError(f"{what} not found: {path} (run the stage that produces it first, or `dvc repro`)")
+    return pd.read_parquet(path)
+
+
+def new_figure(width: float = 6.0, height: float = 4.0):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height), dpi=110)
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- prepared data
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The prepare stage's artifact: items, manifest and metadata."""
+
+    data: np.ndarray  # uint8 (N, C, H, W) images or float32 (N, 2) points
+    manifest: Any  # pandas DataFrame: index, label, split
+    meta: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    def split(self, name: str) -> np.ndarray:
+        """Items of one split as float32 (images mapped to [-1, 1])."""
+        from dkgm.data import to_float
+
+        rows = self.manifest["index"].to_numpy()[self.manifest["split"].to_numpy() == name]
+        items = self.data[rows]
+        return to_float(items) if self.kind == "images" else items.astype(np.float32)
+
+    def split_labels(self, name: str) -> np.ndarray:
+        return self.manifest["label"].to_numpy()[self.manifest["split"].to_numpy() == name]
+
+
+def load_prepared(root: Path) -> Prepared:
+    base = root / paths.PREPARED
+    meta = read_json(base / "meta.json", "prepared dataset metadata")
+    manifest = read_parquet(base / "manifest.parquet", "prepared dataset manifest")
+    npy = base / "data.npy"
+    if not npy.is_file():
+        raise DKGMError(f"prepared data not found: {npy} (run the prepare stage first, or `dvc repro`)")
+    data = np.load(npy)
+    if len(data) != len(manifest):
+        raise DKGMError(f"{npy} has {len(data)} items but its manifest lists {len(manifest)}: re-run prepare")
+    return Prepared(data=data, manifest=manifest, meta=meta)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise one log line per `every` seconds (and at the end)."""
+
+    def __init__(self, desc: str, total: int, every: float = 10.0):
+        self.desc, self.total, self.every = desc, total, every
+        self._bar = None
+        self._start = self._last = time.monotonic()
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+        self._done = 0
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        if total is not None:
+            self.total = total
+        if self._bar is not None:
+            self._bar.total = self.total
+            self._bar.update(done - self._done)
+        else:
+            now = time.monotonic()
+            if now - self._last >= self.every or done >= self.total:
+                rate = done / max(now - self._start, 1e-9)
+                eta = (self.total - done) / rate if rate > 0 else float("inf")
+                log.info("%s: %d/%d (%.1f/s, eta %.0fs)", self.desc, done, self.total, rate, eta)
+                self._last = now
+        self._done = done
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False

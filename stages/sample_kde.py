@@ -1,0 +1,120 @@
+"""Stage sample_kde: draw the first-stage samples x = x_anchor + h * u (DESIGN 2.1).
+
+Sample s uses seed + s for its anchor and its kernel noise, so any sample can be regenerated
+alone and the result does not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dkgm import data as ds
+from dkgm import kde
+from dkgm.errors import DKGMError
+from pipeline import paths
+from pipeline.params import SampleKDEParams
+from stages.common import (
+    Progress,
+    load_prepared,
+    log,
+    new_figure,
+    read_json,
+    save_figure,
+    staged_outputs,
+    write_json,
+    write_parquet,
+    write_png,
+)
+
+OUTPUTS = [paths.KDE_SAMPLES, paths.SAMPLE_KDE_GRID, paths.SAMPLE_KDE_METRICS]
+
+
+def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
+    prepared = load_prepared(root)
+    bw = read_json(root / paths.KDE_BANDWIDTH, "bandwidth (fit_kde output)")
+    train = prepared.split("train")
+    if bw.get("dataset") != prepared.meta["dataset"] or bw.get("n_train") != len(train):
+        raise DKGMError(
+            f"{paths.KDE_BANDWIDTH} was fitted on {bw.get('dataset')} ({bw.get('n_train')} training items) "
+            f"but {paths.PREPARED} holds {prepared.meta['dataset']} ({len(train)}): re-run fit_kde"
+        )
+    h = float(bw["h"])
+    train_t = torch.from_numpy(train)
+    train_rows = prepared.manifest["index"].to_numpy()[prepared.manifest["split"].to_numpy() == "train"]
+    train_labels = prepared.split_labels("train")
+
+    seeds = cfg.seed + np.arange(cfg.n_samples, dtype=np.int64)
+    samples = np.empty((cfg.n_samples, *train.shape[1:]), dtype=np.float32)
+    anchors = np.empty(cfg.n_samples, dtype=np.int64)
+    t0 = time.perf_counter()
+    bar = Progress("sample_kde", cfg.n_samples)
+    for s in range(0, cfg.n_samples, cfg.batch_size):
+        batch = seeds[s : s + cfg.batch_size].tolist()
+        x, a = kde.sample_kde(train_t, h, batch, cfg.kernel)
+        samples[s : s + len(batch)], anchors[s : s + len(batch)] = x.numpy(), a.numpy()
+        bar(s + len(batch))
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    d = int(np.prod(train.shape[1:]))
+    offset = (samples - train[anchors]).reshape(cfg.n_samples, -1)
+    metrics: dict[str, Any] = {
+        "n_samples": cfg.n_samples,
+        "h": h,
+        "kernel": cfg.kernel,
+        "rms_offset_over_h": float(np.sqrt((offset**2).mean()) / h),
+        "distinct_anchors": int(len(np.unique(anchors))),
+        "samples_per_second": cfg.n_samples / max(seconds, 1e-9),
+        "seconds": seconds,
+    }
+    if prepared.kind == "images":
+        metrics["fraction_outside_range"] = float(np.mean(np.abs(samples) > 1.0))
+    else:
+        roll = ds.SwissRoll(**{k: v for k, v in prepared.meta["manifold"].items() if k != "name"})
+        metrics["mean_distance_to_manifold"] = float(roll.distance(samples).mean())
+        metrics["train_mean_distance_to_manifold"] = float(roll.distance(train).mean())
+
+    with staged_outputs(root, "sample_kde") as out:
+        base = out.path(paths.KDE_SAMPLES)
+        base.mkdir()
+        np.save(base / "samples.npy", samples)
+        write_parquet(
+            base / "manifest.parquet",
+            {
+                "sample_id": np.arange(cfg.n_samples),
+                "seed": seeds,
+                "anchor_index": train_rows[anchors],
+                "anchor_label": train_labels[anchors],
+            },
+        )
+        write_json(base / "meta.json", {"h": h, "kernel": cfg.kernel, "n": cfg.n_samples, "shape": list(train.shape[1:]),
+                                        "seed": cfg.seed, "dataset": prepared.meta["dataset"], "dim": d})
+        _figure(out.path(paths.SAMPLE_KDE_GRID), prepared.kind, samples, train, anchors, cfg, h)
+        write_json(out.path(paths.SAMPLE_KDE_METRICS), metrics)
+    log.info("sample_kde: %d %s samples at h=%.4g (%.0f samples/s)", cfg.n_samples, cfg.kernel, h, metrics["samples_per_second"])
+    return metrics
+
+
+def _figure(path: Path, kind: str, samples: np.ndarray, train: np.ndarray, anchors: np.ndarray, cfg, h: float) -> None:
+    if kind == "images":
+        # two rows per row of the figure: samples above, their anchors below
+        k = min(cfg.grid_samples, len(samples))
+        ncol = min(8, k)
+        rows = []
+        for s in range(0, k, ncol):
+            rows += [ds.to_uint8(samples[s : s + ncol]), ds.to_uint8(train[anchors[s : s + ncol]])]
+        width = max(len(r) for r in rows)
+        padded = [np.concatenate([r, np.full((width - len(r), *r.shape[1:]), 255, np.uint8)]) for r in rows]
+        write_png(path, ds.image_grid(np.concatenate(padded), ncol=width))
+        return
+    fig, ax = new_figure(5, 5)
+    ax.scatter(train[:, 0], train[:, 1], s=2, c="grey", alpha=0.4, label="train")
+    ax.scatter(samples[:, 0], samples[:, 1], s=2, c="C0", alpha=0.6, label=f"KDE samples ({cfg.kernel}, h={h:.3g})")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", fontsize=8)
+    save_figure(fig, path)
