@@ -51,28 +51,68 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@dataclass(frozen=True)
+class DistanceOperands:
+    """Both point sets, centred and augmented so that one plain GEMM gives the distances:
+    [-2q, 1] . [r, |r|^2] = |q - r|^2 - |q|^2. Folding the |r|^2 bias into the product saves
+    the separate pass an addmm spends broadcasting it into every block."""
+
+    queries: torch.Tensor  # (m, d + 1): [-2 (q - c), 1]
+    reference: torch.Tensor  # (n, d + 1): [r - c, |r - c|^2]
+    query_sq_norm: torch.Tensor  # (m,) |q - c|^2, to turn a block into true distances
+    dim: int
+
+    @staticmethod
+    def build(queries: torch.Tensor, reference: torch.Tensor, device: torch.device, dtype: torch.dtype) -> "DistanceOperands":
+        if queries.shape[1] != reference.shape[1]:
+            raise DKGMError(f"queries have dimension {queries.shape[1]} but reference has {reference.shape[1]}")
+        d = reference.shape[1]
+        # any shift leaves distances unchanged; the reference mean shrinks norms (less cancellation)
+        centre = reference.to(device, dtype).mean(dim=0, keepdim=True)
+        r = torch.empty((reference.shape[0], d + 1), dtype=dtype, device=device)
+        torch.sub(reference.to(device, dtype), centre, out=r[:, :d])
+        r[:, d] = torch.linalg.vector_norm(r[:, :d], dim=1).square_()
+        q = torch.empty((queries.shape[0], d + 1), dtype=dtype, device=device)
+        torch.sub(queries.to(device, dtype), centre, out=q[:, :d])
+        qn = torch.linalg.vector_norm(q[:, :d], dim=1).square_()
+        q[:, :d].mul_(-2.0)
+        q[:, d] = 1.0
+        return DistanceOperands(q, r, qn, d)
+
+    def centred_queries(self) -> torch.Tensor:
+        return self.queries[:, : self.dim] * -0.5
+
+    def centred_reference(self) -> torch.Tensor:
+        return self.reference[:, : self.dim]
+
+
 def sq_distance_blocks(
-    queries: torch.Tensor,
-    reference: torch.Tensor,
+    ops: DistanceOperands,
     *,
     query_chunk: int = 1024,
-    ref_chunk: int = 8192,
+    ref_chunk: int = 16384,
     progress: ProgressFn | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (query_start, ref_start, block) with block[a, b] = |q_a - r_b|^2 - |q_a|^2.
 
-    The |q|^2 term is constant along a row; callers that need true distances add it back.
-    Leaving it out makes each block a single fused addmm: |r|^2 - 2 q.r.
+    The |q|^2 term is constant along a row, so rankings need no more; add
+    ops.query_sq_norm back for true distances. Full-size blocks are written into one reused
+    buffer (fresh large allocations cost page faults on the CPU), so a consumer must finish
+    with a block before asking for the next.
     """
-    ref_norm = (reference * reference).sum(dim=1)
+    queries, reference = ops.queries, ops.reference
     m, n = queries.shape[0], reference.shape[0]
     total = math.ceil(m / query_chunk) * math.ceil(n / ref_chunk)
+    buf = torch.empty((min(query_chunk, m), min(ref_chunk, n)), dtype=queries.dtype, device=queries.device)
     done = 0
     for qs in range(0, m, query_chunk):
         q = queries[qs : qs + query_chunk]
         for rs in range(0, n, ref_chunk):
             r = reference[rs : rs + ref_chunk]
-            yield qs, rs, torch.addmm(ref_norm[rs : rs + ref_chunk].unsqueeze(0), q, r.T, alpha=-2.0)
+            if (q.shape[0], r.shape[0]) == tuple(buf.shape):
+                yield qs, rs, torch.mm(q, r.T, out=buf)
+            else:
+                yield qs, rs, torch.mm(q, r.T)
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -99,50 +139,52 @@ def topk_sq_distances(
     *,
     device: str = "auto",
     query_chunk: int = 1024,
-    ref_chunk: int = 8192,
+    ref_chunk: int = 16384,
     progress: ProgressFn | None = None,
+    recompute: bool = True,
 ) -> TopK:
     """k nearest reference points of every query, by one chunked float32 matmul pass.
 
     Both sets are centred on the reference mean first (smaller norms, less cancellation),
-    then the selected distances are recomputed exactly in float64 on the CPU.
+    then (recompute=True) the selected distances are recomputed from the differences, free
+    of the matmul's cancellation error; recompute=False keeps the matmul's float32 values.
     """
-    q_cpu = _as_matrix(queries, "queries").to(torch.float64)
-    r_cpu = _as_matrix(reference, "reference").to(torch.float64)
-    if q_cpu.shape[1] != r_cpu.shape[1]:
-        raise DKGMError(f"queries have dimension {q_cpu.shape[1]} but reference has {r_cpu.shape[1]}")
+    q_in = _as_matrix(queries, "queries")
+    r_in = _as_matrix(reference, "reference")
     if k < 1:
         raise DKGMError(f"k must be >= 1, got {k}")
-    n, d = r_cpu.shape
+    n = r_in.shape[0]
     k = min(k, n)
     ref_chunk = max(ref_chunk, k)  # each block must hold at least k candidates
     dev = resolve_device(device)
-    centre = r_cpu.mean(dim=0, keepdim=True)
-    q = (q_cpu - centre).to(dev, torch.float32)
-    r = (r_cpu - centre).to(dev, torch.float32)
+    ops = DistanceOperands.build(q_in, r_in, dev, torch.float32)
+    d = ops.dim
 
-    m = q.shape[0]
+    # per query chunk: each block's k best candidates, then one top-k over all candidates
+    m = q_in.shape[0]
     best_vals = torch.empty((m, k), dtype=torch.float32, device=dev)
     best_idx = torch.empty((m, k), dtype=torch.int64, device=dev)
-    row_vals: torch.Tensor | None = None
-    row_idx: torch.Tensor | None = None
-    for qs, rs, block in sq_distance_blocks(q, r, query_chunk=query_chunk, ref_chunk=ref_chunk, progress=progress):
-        kk = min(k, block.shape[1])
-        vals, idx = torch.topk(block, kk, dim=1, largest=False, sorted=False)
-        idx += rs
-        if rs == 0:
-            row_vals, row_idx = vals, idx
-        else:
-            assert row_vals is not None and row_idx is not None
-            cat_vals, cat_idx = torch.cat([row_vals, vals], 1), torch.cat([row_idx, idx], 1)
-            vals, pos = torch.topk(cat_vals, k, dim=1, largest=False, sorted=False)
-            row_vals, row_idx = vals, torch.gather(cat_idx, 1, pos)
-        if rs + block.shape[1] >= n:
-            best_vals[qs : qs + block.shape[0]] = row_vals
-            best_idx[qs : qs + block.shape[0]] = row_idx
+    cand_vals: list[torch.Tensor] = []
+    cand_idx: list[torch.Tensor] = []
+    for qs, rs, block in sq_distance_blocks(ops, query_chunk=query_chunk, ref_chunk=ref_chunk, progress=progress):
+        vals, idx = torch.topk(block, min(k, block.shape[1]), dim=1, largest=False, sorted=False)
+        cand_vals.append(vals)
+        cand_idx.append(idx + rs)
+        if rs + block.shape[1] >= n:  # the query chunk is complete
+            rows = slice(qs, qs + block.shape[0])
+            if len(cand_vals) == 1:
+                best_vals[rows], best_idx[rows] = cand_vals[0], cand_idx[0]
+            else:
+                all_vals, all_idx = torch.cat(cand_vals, 1), torch.cat(cand_idx, 1)
+                vals, pos = torch.topk(all_vals, k, dim=1, largest=False, sorted=False)
+                best_vals[rows], best_idx[rows] = vals, torch.gather(all_idx, 1, pos)
+            cand_vals, cand_idx = [], []
 
     idx = best_idx.cpu()
-    exact = _exact_sq_dists(q_cpu - centre, r_cpu - centre, idx)
+    if recompute:
+        exact = _exact_sq_dists(ops.centred_queries().cpu(), ops.centred_reference().cpu(), idx)
+    else:
+        exact = (best_vals + ops.query_sq_norm[:, None]).clamp_min_(0.0).to(torch.float64).cpu()
     order = torch.argsort(exact, dim=1)
     return TopK(
         sq_dists=torch.gather(exact, 1, order).numpy(),
@@ -211,29 +253,24 @@ def exact_loglik(
     *,
     device: str = "auto",
     query_chunk: int = 1024,
-    ref_chunk: int = 8192,
+    ref_chunk: int = 16384,
     progress: ProgressFn | None = None,
 ) -> list[float]:
     """Exact held-out Gaussian-KDE log-likelihood at each bandwidth: a streaming logsumexp
     over every reference point (one more distance pass, no truncation)."""
     hs = [_check_bandwidth(h) for h in bandwidths]
-    q64 = _as_matrix(queries, "queries").to(torch.float64)
-    r64 = _as_matrix(reference, "reference").to(torch.float64)
-    if q64.shape[1] != r64.shape[1]:
-        raise DKGMError(f"queries have dimension {q64.shape[1]} but reference has {r64.shape[1]}")
-    n, d = r64.shape
+    q_in = _as_matrix(queries, "queries")
+    r_in = _as_matrix(reference, "reference")
+    n, d = r_in.shape
     dev = resolve_device(device)
-    centre = r64.mean(dim=0, keepdim=True)
     # float64 throughout: the terms that dominate are the nearest neighbours, whose distances
     # float32 cancellation would perturb by ~1e-4 (more than the top-k truncation error)
-    q = (q64 - centre).to(dev)
-    r = (r64 - centre).to(dev)
-    qnorm = (q * q).sum(dim=1)
+    ops = DistanceOperands.build(q_in, r_in, dev, torch.float64)
     inv = torch.tensor([-0.5 / (h * h) for h in hs], dtype=torch.float64, device=dev)
-    lse = torch.full((len(hs), q.shape[0]), -math.inf, dtype=torch.float64, device=dev)
-    for qs, _, block in sq_distance_blocks(q, r, query_chunk=query_chunk, ref_chunk=ref_chunk, progress=progress):
+    lse = torch.full((len(hs), q_in.shape[0]), -math.inf, dtype=torch.float64, device=dev)
+    for qs, _, block in sq_distance_blocks(ops, query_chunk=query_chunk, ref_chunk=ref_chunk, progress=progress):
         rows = slice(qs, qs + block.shape[0])
-        dist = (block + qnorm[rows, None]).clamp_min_(0.0)
+        dist = (block + ops.query_sq_norm[rows, None]).clamp_min_(0.0)
         terms = inv[:, None, None] * dist[None]  # (H, rows, cols)
         lse[:, rows] = torch.logaddexp(lse[:, rows], torch.logsumexp(terms, dim=2))
     out = []

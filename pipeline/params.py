@@ -95,7 +95,7 @@ class SampleKDEParams(Section):
     kernel: Literal["gaussian", "epanechnikov"] = "gaussian"  # kernel shape (unit per-coordinate variance)
     seed: int = Field(1_000_000, ge=0)  # sample s uses seed + s for its anchor and its noise
     batch_size: int = Field(500, ge=1)  # samples per batch (speed only: results do not depend on it)
-    grid_samples: int = Field(64, ge=1)  # samples shown in the grid figure
+    grid_samples: int = Field(32, ge=1)  # samples shown in the grid figure
 
 
 class KDEGateParams(Section):
