@@ -67,12 +67,14 @@ class KDEParams(Section):
             return float(v)
         raise ValueError(f"must be cv, scott, silverman or a positive number (got {v!r})")
 
-    @field_validator("grid_min", "grid_max")
+    @field_validator("grid_min", "grid_max", mode="before")
     @classmethod
-    def _positive_grid(cls, v: float | str) -> float | str:
-        if isinstance(v, float) and (not math.isfinite(v) or v <= 0):
-            raise ValueError(f"must be auto or a positive number (got {v})")
-        return v
+    def _positive_grid(cls, v: Any) -> Any:
+        if v == "auto":
+            return v
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+            return float(v)
+        raise ValueError(f"must be auto or a positive number (got {v!r})")
 
     @field_validator("grid_max")
     @classmethod
