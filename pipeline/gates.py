@@ -17,7 +17,7 @@ from typing import Any
 
 from dkgm.errors import DKGMError
 from pipeline import paths
-from pipeline.params import KDEGateParams, Params, section
+from pipeline.params import DebiaserGateParams, KDEGateParams, Params, section
 
 GO, NO_GO, OVERRIDDEN = "GO", "NO-GO", "NO-GO (overridden)"
 _OPS: dict[str, Callable[[Any, Any], bool]] = {">=": operator.ge, "<=": operator.le, "==": operator.eq}
@@ -59,6 +59,14 @@ def kde_checks(metrics: dict[str, Any], cfg: KDEGateParams) -> list[Check]:
     return checks
 
 
+def debiaser_checks(metrics: dict[str, Any], cfg: DebiaserGateParams) -> list[Check]:
+    key = "gates.debiaser"
+    return [
+        check(metrics, "val_mse_at_h", "<=", cfg.max_val_mse, f"{key}.max_val_mse"),  # null (non-finite) fails
+        check(metrics, "error_ratio", "<=", cfg.max_error_ratio, f"{key}.max_error_ratio"),
+    ]
+
+
 @dataclass(frozen=True)
 class GateSpec:
     metrics: str  # the metrics file the gate reads
@@ -67,6 +75,7 @@ class GateSpec:
 
 GATES: dict[str, GateSpec] = {
     "kde": GateSpec(metrics=paths.KDE_METRICS, checks=kde_checks),
+    "debiaser": GateSpec(metrics=paths.TRAIN_METRICS, checks=debiaser_checks),
 }
 
 

@@ -31,7 +31,7 @@ class PrepareParams(Section):
     seed: int = Field(0, ge=0)  # seed of the train/val/test split (and of the swiss roll's points)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out for bandwidth selection and gates
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out for evaluation
-    limit: int | None = Field(None, ge=10)  # keep the first `limit` items (a quick "baby" run); null = all
+    limit: int | None = Field(None, ge=10)  # keep a seeded random subset of `limit` items (a quick run); null = all
     image_size: int = Field(32, ge=28, le=256)  # images are centre-padded to image_size x image_size
     swissroll_points: int = Field(10000, ge=10)  # swiss roll: number of points
     swissroll_noise: float = Field(0.02, ge=0.0)  # swiss roll: std of the noise around the spiral
@@ -100,6 +100,47 @@ class SampleKDEParams(Section):
     grid_samples: int = Field(32, ge=1)  # samples shown in the grid figure
 
 
+class DebiaserParams(Section):
+    arch: Literal["unet", "dae", "mlp"] = "unet"  # unet | dae (no skip connections: the ablation) | mlp (points)
+    channels: int = Field(32, ge=1)  # base width (DDPM CIFAR-10: 128)
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per resolution (DDPM CIFAR-10: 1,2,2,2)
+    num_blocks: int = Field(1, ge=1)  # residual blocks per resolution (DDPM CIFAR-10: 2)
+    attn_resolutions: tuple[int, ...] = (8,)  # feature-map sizes with self-attention (DDPM CIFAR-10: 16)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    embedding: Literal["positional", "fourier"] = "positional"  # noise-level embedding
+    sigma_min: float = Field(0.002, gt=0.0)  # smallest training noise level
+    sigma_max_factor: float = Field(1.5, gt=0.0)  # sigma_max = factor x the KDE bandwidth h
+    batch_size: int = Field(64, ge=1)  # global batch
+    total_kimg: float = Field(40.0, gt=0.0)  # training length, thousands of images seen
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_kimg: float = Field(2.0, ge=0.0)  # linear learning-rate warm-up
+    grad_clip: float = Field(10.0, ge=0.0)  # max gradient norm (0 = off)
+    ema_halflife_kimg: float = Field(5.0, gt=0.0)  # EMA half-life
+    ema_rampup_ratio: float | None = Field(0.1, gt=0.0)  # EMA half-life <= ratio x images seen (null = off)
+    seed: int = Field(0, ge=0)
+    log_every: int = Field(20, ge=1)  # steps per log row
+    state_every_kimg: float = Field(10.0, gt=0.0)  # thousands of images between resumable states
+    keep_states: int = Field(2, ge=1)  # newest states kept
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA and on CPUs with bf16 units
+    compile: bool = False  # torch.compile the network
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_images: int = Field(500, ge=1)  # held-out images for the denoising error at sigma = h
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {v!r})")
+        return v
+
+
+class DebiaserGateParams(Section):
+    enforce: bool = True  # false: a NO-GO is recorded as overridden and the pipeline continues
+    max_error_ratio: float = Field(0.5, gt=0.0)  # EMA denoising MSE at sigma = h over the identity's (h^2)
+    max_val_mse: float = Field(0.05, gt=0.0)  # EMA denoising MSE at sigma = h, per coordinate
+
+
 class KDEGateParams(Section):
     enforce: bool = True  # false: a NO-GO is recorded as overridden and the pipeline continues
     require_interior_optimum: bool = True  # the CV optimum must not sit on the grid boundary
@@ -109,12 +150,14 @@ class KDEGateParams(Section):
 
 class GatesParams(Section):
     kde: KDEGateParams = KDEGateParams()
+    debiaser: DebiaserGateParams = DebiaserGateParams()
 
 
 class Params(Section):
     prepare: PrepareParams = PrepareParams()
     kde: KDEParams = KDEParams()
     sample_kde: SampleKDEParams = SampleKDEParams()
+    debiaser: DebiaserParams = DebiaserParams()
     gates: GatesParams = GatesParams()
 
 

@@ -24,6 +24,15 @@ KDE_SAMPLES = "data/samples/kde"  # samples.npy, manifest.parquet, meta.json
 SAMPLE_KDE_GRID = "reports/sample_kde/grid.png"
 SAMPLE_KDE_METRICS = "reports/sample_kde/metrics.json"
 
+# train_debiaser
+DEBIASER = "models/debiaser"
+DEBIASER_SNAPSHOT = "models/debiaser/snapshot.pt"
+DEBIASER_STATES = "checkpoints/debiaser"  # resumable training states, outside DVC (one folder per config)
+TRAIN_LOG = "reports/train/log.parquet"
+TRAIN_LOSS_PLOT = "reports/train/loss.png"
+TRAIN_DENOISE_PLOT = "reports/train/denoise.png"
+TRAIN_METRICS = "reports/train/metrics.json"
+
 # gates
 GATES = "reports/gates"
 

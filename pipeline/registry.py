@@ -62,6 +62,20 @@ STAGES: dict[str, StageSpec] = {
             outs=(paths.KDE_SAMPLES, paths.SAMPLE_KDE_GRID, paths.SAMPLE_KDE_METRICS),
             module="stages.sample_kde",
         ),
+        StageSpec(
+            "train_debiaser",
+            "debiaser",
+            deps=(paths.PREPARED, paths.KDE_BANDWIDTH, paths.gate_token("kde")),
+            outs=(paths.DEBIASER_SNAPSHOT, paths.TRAIN_LOG, paths.TRAIN_LOSS_PLOT, paths.TRAIN_DENOISE_PLOT, paths.TRAIN_METRICS),
+            module="stages.train_debiaser",
+        ),
+        StageSpec(
+            "gate_debiaser",
+            "gates.debiaser",
+            deps=(paths.TRAIN_METRICS,),
+            outs=(paths.gate_record("debiaser"), paths.gate_token("debiaser")),
+            gate="debiaser",
+        ),
     ]
 }
 

@@ -204,20 +204,27 @@ class Progress:
 
             self._bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
         self._done = 0
+        self._first: tuple[int, float] | None = None
 
-    def __call__(self, done: int, total: int | None = None) -> None:
+    def __call__(self, done: int, total: int | None = None, info: str = "") -> None:
+        """Report `done` of `total`; `info` (e.g. "loss 0.18") is shown beside the rate."""
         if total is not None:
             self.total = total
+        now = time.monotonic()
+        if self._first is None:  # the rate counts from the first report (a resumed run starts late)
+            self._first = (done, now)
         if self._bar is not None:
             self._bar.total = self.total
+            if info:
+                self._bar.set_postfix_str(info, refresh=False)
             self._bar.update(done - self._done)
-        else:
-            now = time.monotonic()
-            if now - self._last >= self.every or done >= self.total:
-                rate = done / max(now - self._start, 1e-9)
-                eta = (self.total - done) / rate if rate > 0 else float("inf")
-                log.info("%s: %d/%d (%.1f/s, eta %.0fs)", self.desc, done, self.total, rate, eta)
-                self._last = now
+        elif now - self._last >= self.every or done >= self.total:
+            first_done, first_time = self._first
+            rate = (done - first_done) / (now - first_time) if now > first_time and done > first_done else 0.0
+            eta = f"{(self.total - done) / rate:.0f}s" if rate > 0 else "?"
+            extra = f", {info}" if info else ""
+            log.info("%s: %d/%d (%.1f/s, eta %s%s)", self.desc, done, self.total, rate, eta, extra)
+            self._last = now
         self._done = done
 
     def close(self) -> None:

@@ -40,8 +40,10 @@ def build(cfg: PrepareParams) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         meta["t_range"] = [float(t.min()), float(t.max())]
     else:  # the schema forbids this; kept for direct callers
         raise ValueError(f"unknown dataset {cfg.dataset!r}")
-    if cfg.limit is not None:
-        items, labels = items[: cfg.limit], labels[: cfg.limit]
+    if cfg.limit is not None and cfg.limit < len(items):
+        # a seeded random subset: the source files are ordered (mnist_5k.csv.gz is sorted by label)
+        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(items))[: cfg.limit])
+        items, labels = items[keep], labels[keep]
     meta["dataset"] = cfg.dataset
     return items, labels, meta
 
@@ -66,7 +68,8 @@ def run(cfg: PrepareParams, root: Path) -> dict[str, Any]:
         write_json(base / "meta.json", meta)
         train = items[split == "train"]
         if meta["kind"] == "images":
-            write_png(out.path(paths.PREPARE_PREVIEW), ds.image_grid(train[:64], ncol=8))
+            show = np.linspace(0, len(train) - 1, min(64, len(train))).astype(int)  # spread over the (ordered) set
+            write_png(out.path(paths.PREPARE_PREVIEW), ds.image_grid(train[show], ncol=8))
         else:
             fig, ax = new_figure(5, 5)
             ax.scatter(train[:, 0], train[:, 1], s=2, alpha=0.5, label="train")

@@ -1,0 +1,110 @@
+"""The debiaser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (EDM preconditioning) and its loss.
+
+D estimates the clean image from x = x0 + sigma * eps. Stage-1 KDE samples at bandwidth h are
+exactly this corruption at sigma = h, anchored at a training image, so the debiaser is trained
+for sigma in [sigma_min, sigma_max] with sigma_max = c * h (c ~ 1.5 covers the KDE noise).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dkgm.errors import DKGMError
+
+
+class Denoiser(nn.Module):
+    """EDM preconditioning around a raw network `net(x, c_noise)`."""
+
+    def __init__(self, net: nn.Module, sigma_data: float):
+        super().__init__()
+        if not sigma_data > 0:
+            raise DKGMError(f"sigma_data must be positive, got {sigma_data}")
+        self.net = net
+        self.sigma_data = float(sigma_data)
+
+    def coefficients(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        sd2 = self.sigma_data**2
+        s2 = sigma * sigma
+        c_skip = sd2 / (s2 + sd2)
+        c_out = sigma * self.sigma_data / (s2 + sd2).sqrt()
+        c_in = 1.0 / (s2 + sd2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(x.shape[0])
+        view = (-1,) + (1,) * (x.ndim - 1)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        f = self.net((c_in.view(view) * x).to(x.dtype), c_noise)
+        return c_skip.view(view) * x + c_out.view(view) * f.to(torch.float32)
+
+
+def sample_sigmas(n: int, sigma_min: float, sigma_max: float, generator: torch.Generator) -> torch.Tensor:
+    """Training noise levels, log-uniform on [sigma_min, sigma_max] (CPU, float32)."""
+    if not 0 < sigma_min <= sigma_max:
+        raise DKGMError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
+    u = torch.rand(n, generator=generator)
+    return torch.exp(math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min)))
+
+
+def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Per-sample EDM loss |D(x0 + sigma n; sigma) - x0|^2 / c_out^2, averaged over dimensions.
+    The weight 1/c_out^2 gives the raw network a unit-variance target at every sigma."""
+    view = (-1,) + (1,) * (x0.ndim - 1)
+    d = denoiser(x0 + sigma.view(view) * noise, sigma)
+    _, c_out, _, _ = denoiser.coefficients(sigma)
+    err = ((d - x0) ** 2).flatten(1).mean(dim=1)
+    return err / (c_out * c_out)
+
+
+@torch.no_grad()
+def denoising_mse(
+    denoiser: nn.Module, x0: torch.Tensor, sigma: float, generator: torch.Generator, batch_size: int = 256
+) -> float:
+    """Mean per-coordinate squared error of D(x0 + sigma n; sigma) against x0 (the identity map
+    scores sigma^2)."""
+    device = next(denoiser.parameters()).device
+    total, count = 0.0, 0
+    for s in range(0, len(x0), batch_size):
+        x = x0[s : s + batch_size]
+        noise = torch.randn(x.shape, generator=generator).to(device)
+        x = x.to(device)
+        d = denoiser(x + sigma * noise, sigma)
+        total += float(((d - x) ** 2).sum())
+        count += x.numel()
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+
+def make_snapshot(ema: Denoiser, network: dict, **meta) -> dict:
+    """What inference needs: EMA weights, the network config and the noise range (plain types
+    and tensors only, so it loads with torch.load(weights_only=True))."""
+    return {"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}, "network": network,
+            "sigma_data": ema.sigma_data, **meta}
+
+
+def load_denoiser(path, device: str | torch.device = "cpu") -> tuple[Denoiser, dict]:
+    """Rebuild the EMA denoiser from a snapshot file; returns (denoiser in eval mode, snapshot meta)."""
+    from pathlib import Path
+
+    from dkgm.networks import NetworkConfig, build_network
+
+    path = Path(path)
+    if not path.is_file():
+        raise DKGMError(f"debiaser snapshot not found: {path} (run train_debiaser first, or `dvc repro`)")
+    try:
+        snap = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = NetworkConfig.from_dict(snap["network"])
+    except Exception as exc:
+        raise DKGMError(f"cannot read debiaser snapshot {path}: {exc}") from None
+    den = Denoiser(build_network(cfg), snap["sigma_data"])
+    den.load_state_dict(snap["ema"])
+    meta = {k: v for k, v in snap.items() if k != "ema"}
+    return den.to(device).eval().requires_grad_(False), meta

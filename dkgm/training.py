@@ -1,0 +1,303 @@
+"""Training loop for the debiaser: AdamW, warm-up, clipping, EMA by half-life, resumable states.
+
+Progress is counted in images seen (nimg), as in EDM. Every random draw (batch indices, noise
+levels, noise) comes from one generator whose state is saved in each training state, and the
+global RNG (dropout) is saved too, so a run resumed from a state ends with exactly the weights
+of an uninterrupted run on the CPU. Under torchrun every rank draws the same global batch and
+trains on its slice: DDP averages the gradients, so the result matches one process with the
+same global batch up to float summation order.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dkgm.debias import Denoiser, denoising_loss, sample_sigmas
+from dkgm.errors import DKGMError
+
+STATE_RE = re.compile(r"^state-(\d{9})\.pt$")
+
+
+class NonFiniteLoss(DKGMError):
+    """The loss became NaN or infinite; training stopped and the last good state was kept."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 64  # global batch (split across ranks under torchrun)
+    total_kimg: float = 40.0  # training length in thousands of images seen
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_kimg: float = 2.0  # linear learning-rate warm-up
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    ema_halflife_kimg: float = 5.0  # EMA half-life in thousands of images
+    ema_rampup_ratio: float | None = 0.1  # half-life at most this fraction of images seen (None = off)
+    sigma_min: float = 0.002
+    sigma_max: float = 1.0
+    seed: int = 0
+    log_every: int = 20  # steps between log rows
+    state_every_kimg: float = 10.0  # thousands of images between training states
+    keep_states: int = 2
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    channels_last: bool = False
+    compile: bool = False
+    sigma_buckets: int = 4  # log-spaced sigma buckets for the per-bucket loss
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    def trajectory_key(self) -> dict[str, Any]:
+        """The fields that shape the training trajectory. A state can be resumed under any
+        config with the same key: a longer total_kimg extends a finished run."""
+        d = self.to_dict()
+        for k in ("total_kimg", "log_every", "state_every_kimg", "keep_states"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class TrainResult:
+    ema: nn.Module  # the EMA denoiser (what samples come from)
+    log: list[dict[str, float]] = field(default_factory=list)
+    nimg: int = 0
+    step: int = 0
+    resumed_from: int | None = None  # nimg of the state resumed from
+    seconds: float = 0.0  # wall time of this invocation
+    images_per_second: float = 0.0
+
+
+# ----------------------------------------------------------------------------- states
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def list_states(state_dir: Path) -> list[Path]:
+    if not state_dir.is_dir():
+        return []
+    return sorted((p for p in state_dir.iterdir() if STATE_RE.match(p.name)), key=lambda p: p.name)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise DKGMError(f"cannot load training state {path}: {exc}") from None
+
+
+def ema_beta(cfg: TrainConfig, nimg: int, batch: int) -> float:
+    halflife = cfg.ema_halflife_kimg * 1000
+    if cfg.ema_rampup_ratio is not None:
+        halflife = min(halflife, nimg * cfg.ema_rampup_ratio)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+def learning_rate(cfg: TrainConfig, nimg: int) -> float:
+    if cfg.warmup_kimg > 0:
+        return cfg.lr * min(1.0, nimg / (cfg.warmup_kimg * 1000))
+    return cfg.lr
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def train(
+    denoiser: Denoiser,
+    data: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    state_dir: Path | None = None,
+    device: torch.device | str = "cpu",
+    stop_after_kimg: float | None = None,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train `denoiser` on `data` (float32, (N, ...), CPU) and return its EMA copy.
+
+    With `state_dir`, resume from the newest state there and save states every
+    `state_every_kimg` (and at the end), keeping the newest `keep_states`.
+    `stop_after_kimg` ends this invocation early (as if interrupted) after saving a state.
+    """
+    if cfg.precision not in ("fp32", "bf16"):
+        raise DKGMError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    if len(data) == 0:
+        raise DKGMError("no training data")
+    rank, world = _dist()
+    if cfg.batch_size % world:
+        raise DKGMError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    device = torch.device(device)
+    local = cfg.batch_size // world
+    total_nimg = int(round(cfg.total_kimg * 1000))
+
+    denoiser = denoiser.to(device)
+    image_like = data.ndim == 4
+    if cfg.channels_last and image_like:
+        denoiser = denoiser.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + 1_000_003)  # dropout
+    nimg, step, log_rows = 0, 0, []
+    resumed_from = None
+
+    states = list_states(state_dir) if state_dir is not None else []
+    if states:
+        st = load_state(states[-1])
+        saved, now = st.get("config") or {}, cfg.trajectory_key()
+        if saved != now:
+            diff = ", ".join(f"{k} (state {saved.get(k)!r}, now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
+                             if saved.get(k) != now.get(k))
+            raise DKGMError(f"training state {states[-1]} was made with another configuration ({diff}): "
+                            f"delete {state_dir} to start over")
+        denoiser.load_state_dict(st["net"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        torch.set_rng_state(st["torch_rng"])
+        nimg, step, log_rows = int(st["nimg"]), int(st["step"]), list(st["log"])
+        resumed_from = nimg
+
+    model: nn.Module = denoiser
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(denoiser, device_ids=[device.index] if device.type == "cuda" else None)
+    forward = _LossView(torch.compile(model) if cfg.compile else model, denoiser)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+    edges = torch.exp(torch.linspace(math.log(cfg.sigma_min), math.log(cfg.sigma_max), cfg.sigma_buckets + 1))
+    acc_loss = torch.zeros(cfg.sigma_buckets, dtype=torch.float64)
+    acc_n = torch.zeros(cfg.sigma_buckets, dtype=torch.float64)
+    acc_total, acc_steps = 0.0, 0
+    next_state = (nimg // int(cfg.state_every_kimg * 1000) + 1) * int(cfg.state_every_kimg * 1000)
+    stop_at = total_nimg if stop_after_kimg is None else min(total_nimg, int(round(stop_after_kimg * 1000)))
+    t0 = time.perf_counter()
+    t_log, nimg_log = t0, nimg
+    start_nimg = nimg
+
+    def save_state() -> None:
+        if state_dir is None or rank != 0:
+            return
+        save_atomic(
+            {
+                "net": denoiser.state_dict(),
+                "ema": ema.state_dict(),
+                "opt": opt.state_dict(),
+                "gen": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "nimg": nimg,
+                "step": step,
+                "log": log_rows,
+                "config": cfg.trajectory_key(),
+            },
+            state_dir / f"state-{nimg:09d}.pt",
+        )
+        for old in list_states(state_dir)[: -cfg.keep_states]:
+            old.unlink()
+
+    denoiser.train()
+    while nimg < stop_at:
+        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
+        sigma = sample_sigmas(cfg.batch_size, cfg.sigma_min, cfg.sigma_max, gen)
+        noise = torch.randn((cfg.batch_size, *data.shape[1:]), generator=gen)
+        mine = slice(rank * local, (rank + 1) * local)
+        x0 = data[idx[mine]].to(device, non_blocking=True)
+        sig, nz = sigma[mine].to(device), noise[mine].to(device)
+        if cfg.channels_last and image_like:
+            x0, nz = x0.contiguous(memory_format=torch.channels_last), nz.contiguous(memory_format=torch.channels_last)
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(cfg, nimg)
+        with autocast:
+            per_sample = denoising_loss(forward, x0, sig, nz)
+        loss = per_sample.mean()
+        if not torch.isfinite(loss).item():
+            kept = f"; the last good state is kept in {state_dir}" if state_dir is not None else ""
+            raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step + 1} ({nimg} images seen): training stopped{kept}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(denoiser.parameters(), cfg.grad_clip)
+        opt.step()
+        nimg += cfg.batch_size
+        step += 1
+        beta = ema_beta(cfg, nimg, cfg.batch_size)
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), denoiser.parameters()):
+                pe.lerp_(p.detach(), 1.0 - beta)
+            for be, b in zip(ema.buffers(), denoiser.buffers()):
+                be.copy_(b)
+
+        with torch.no_grad():
+            ps = per_sample.detach().double().cpu()
+            bucket = torch.bucketize(sigma[mine].double(), edges.double()[1:-1])
+            acc_loss.index_add_(0, bucket, ps)
+            acc_n.index_add_(0, bucket, torch.ones_like(ps))
+            acc_total += float(ps.mean())
+            acc_steps += 1
+        if step % cfg.log_every == 0 or nimg >= stop_at:
+            now = time.perf_counter()
+            row = {
+                "step": step,
+                "nimg": nimg,
+                "loss": acc_total / acc_steps,
+                "lr": learning_rate(cfg, nimg),
+                "images_per_second": (nimg - nimg_log) / max(now - t_log, 1e-9),
+            }
+            for b in range(cfg.sigma_buckets):
+                row[f"loss_sigma_{edges[b]:.3g}_{edges[b + 1]:.3g}"] = float(acc_loss[b] / acc_n[b]) if acc_n[b] > 0 else float("nan")
+            log_rows.append(row)
+            acc_loss.zero_(), acc_n.zero_()
+            acc_total, acc_steps, t_log, nimg_log = 0.0, 0, now, nimg
+            if progress is not None:
+                progress(nimg, total_nimg, row)
+        if nimg >= next_state:
+            save_state()
+            next_state += int(cfg.state_every_kimg * 1000)
+    if not states or nimg != (resumed_from or 0):
+        save_state()
+    seconds = time.perf_counter() - t0
+    return TrainResult(
+        ema=ema,
+        log=log_rows,
+        nimg=nimg,
+        step=step,
+        resumed_from=resumed_from,
+        seconds=seconds,
+        images_per_second=(nimg - start_nimg) / max(seconds, 1e-9),
+    )
+
+
+class _LossView:
+    """What the loss needs: the (possibly DDP-wrapped or compiled) forward, and the
+    preconditioning coefficients of the underlying Denoiser."""
+
+    def __init__(self, forward: Callable[..., torch.Tensor], denoiser: Denoiser):
+        self.forward, self.coefficients = forward, denoiser.coefficients
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.forward(x, sigma)

@@ -1,0 +1,262 @@
+"""Stage train_debiaser: train the noise-level-conditioned debiaser D(x; sigma) (DESIGN 2.2).
+
+Training states go to checkpoints/debiaser/<config hash>/ (outside DVC, persisted): a re-run
+with the same configuration resumes from the newest state, a changed configuration starts
+afresh in its own folder. The DVC output is the inference snapshot (EMA weights + config).
+Under torchrun (WORLD_SIZE > 1) each rank trains on its slice of the global batch; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import dkgm
+from dkgm import data as ds
+from dkgm.debias import Denoiser, denoising_mse, make_snapshot
+from dkgm.errors import DKGMError
+from dkgm.kde import resolve_device
+from dkgm.networks import NetworkConfig, build_network, count_parameters
+from dkgm.training import TrainConfig, train
+from pipeline import paths
+from pipeline.params import DebiaserParams
+from stages.common import (
+    Progress,
+    load_prepared,
+    log,
+    new_figure,
+    read_json,
+    save_figure,
+    staged_outputs,
+    write_json,
+    write_parquet,
+    write_png,
+)
+
+OUTPUTS = [paths.DEBIASER_SNAPSHOT, paths.TRAIN_LOG, paths.TRAIN_LOSS_PLOT, paths.TRAIN_DENOISE_PLOT, paths.TRAIN_METRICS]
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(choice: str, device: torch.device) -> str:
+    """auto: bf16 autocast on CUDA, and on CPUs with bf16 units (measured 2.1x the fp32
+    training throughput of the default U-Net on an AVX512-BF16 CPU); fp32 elsewhere."""
+    if choice != "auto":
+        return choice
+    return "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
+
+
+def configs(cfg: DebiaserParams, h: float, shape: tuple[int, ...], device: torch.device) -> tuple[NetworkConfig, TrainConfig]:
+    net = NetworkConfig(
+        arch=cfg.arch,
+        channels=cfg.channels,
+        channel_mult=tuple(cfg.channel_mult),
+        num_blocks=cfg.num_blocks,
+        attn_resolutions=tuple(cfg.attn_resolutions),
+        dropout=cfg.dropout,
+        embedding=cfg.embedding,
+        shape=tuple(shape),
+    )
+    sigma_max = cfg.sigma_max_factor * h
+    if cfg.sigma_min >= sigma_max:
+        raise DKGMError(
+            f"debiaser.sigma_min ({cfg.sigma_min}) must be below sigma_max = debiaser.sigma_max_factor x h = {sigma_max:.4g}"
+        )
+    train_cfg = TrainConfig(
+        batch_size=cfg.batch_size,
+        total_kimg=cfg.total_kimg,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_kimg=cfg.warmup_kimg,
+        grad_clip=cfg.grad_clip,
+        ema_halflife_kimg=cfg.ema_halflife_kimg,
+        ema_rampup_ratio=cfg.ema_rampup_ratio,
+        sigma_min=cfg.sigma_min,
+        sigma_max=sigma_max,
+        seed=cfg.seed,
+        log_every=cfg.log_every,
+        state_every_kimg=cfg.state_every_kimg,
+        keep_states=cfg.keep_states,
+        precision=resolve_precision(cfg.precision, device),
+        channels_last=device.type == "cuda" and len(shape) == 3,
+        compile=cfg.compile,
+    )
+    return net, train_cfg
+
+
+def state_dir(root: Path, net: NetworkConfig, train_cfg: TrainConfig, data_key: dict[str, Any]) -> Path:
+    key = json.dumps({"net": net.to_dict(), "train": train_cfg.trajectory_key(), "data": data_key}, sort_keys=True)
+    return root / paths.DEBIASER_STATES / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def code_version(root: Path) -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if rev.returncode == 0:
+            return f"dkgm {dkgm.__version__} @ {rev.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"dkgm {dkgm.__version__}"
+
+
+def _init_distributed(device_choice: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(device_choice)
+    use_cuda = torch.cuda.is_available() and device_choice != "cpu"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    rank = torch.distributed.get_rank()
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def run(cfg: DebiaserParams, root: Path) -> dict[str, Any]:
+    prepared = load_prepared(root)
+    bw = read_json(root / paths.KDE_BANDWIDTH, "bandwidth (fit_kde output)")
+    train_np = prepared.split("train")
+    if bw.get("dataset") != prepared.meta["dataset"] or bw.get("n_train") != len(train_np):
+        raise DKGMError(f"{paths.KDE_BANDWIDTH} does not match {paths.PREPARED}: re-run fit_kde")
+    if (cfg.arch == "mlp") != (prepared.kind == "points"):
+        want = "mlp" if prepared.kind == "points" else "unet or dae"
+        raise DKGMError(f"debiaser.arch {cfg.arch} does not fit {prepared.meta['dataset']} ({prepared.kind}): use {want}")
+    h = float(bw["h"])
+    rank, world, device = _init_distributed(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    shape = tuple(train_np.shape[1:])
+    net_cfg, train_cfg = configs(cfg, h, shape, device)
+    data = torch.from_numpy(train_np)
+    sigma_data = float(data.std())
+    torch.manual_seed(cfg.seed)  # network initialisation
+    denoiser = Denoiser(build_network(net_cfg), sigma_data)
+    data_key = {"dataset": prepared.meta["dataset"], "n_train": len(train_np), "h": h, "sigma_data": sigma_data,
+                "source": prepared.meta.get("source_sha256", prepared.meta.get("manifold"))}
+    states = state_dir(root, net_cfg, train_cfg, data_key)
+    log.info("train_debiaser: %s, %.2fM parameters, %s on %s, states in %s",
+             cfg.arch, count_parameters(denoiser) / 1e6, train_cfg.precision, device, states.relative_to(root))
+
+    bar = Progress("train_debiaser (images)", int(train_cfg.total_kimg * 1000))
+    result = train(denoiser, data, train_cfg, state_dir=states, device=device,
+                   progress=lambda nimg, total, row: bar(nimg, total, f"loss {row['loss']:.4f}"))
+    bar.close()
+    if rank != 0:
+        return {}
+    if result.resumed_from is not None:
+        log.info("train_debiaser: resumed from a state at %d images", result.resumed_from)
+
+    # held-out denoising error at sigma = h, against the identity and the data-mean predictor
+    val = torch.from_numpy(prepared.split("val")[: cfg.eval_images])
+    if len(val) == 0:
+        raise DKGMError("train_debiaser needs validation items for its held-out error: prepare.val_fraction is 0")
+    gen = torch.Generator().manual_seed(12345)
+    ema = result.ema.eval()
+    mse = denoising_mse(ema, val, h, gen)
+    identity = denoising_mse(_Identity(), val, h, torch.Generator().manual_seed(12345))
+    mean_pred = float(((val - data.mean(0)) ** 2).mean())
+    log_rows = result.log
+    metrics = {
+        "val_mse_at_h": mse,
+        "identity_mse_at_h": identity,
+        "mean_predictor_mse": mean_pred,
+        "error_ratio": mse / identity if identity > 0 else float("nan"),
+        "h": h,
+        "sigma_max": train_cfg.sigma_max,
+        "sigma_data": sigma_data,
+        "final_loss": log_rows[-1]["loss"] if log_rows else float("nan"),
+        "kimg": result.nimg / 1000,
+        "images_per_second": result.images_per_second,
+        "train_seconds": result.seconds,
+        "resumed_from_kimg": (result.resumed_from or 0) / 1000,
+        "parameters": count_parameters(denoiser),
+        "precision": train_cfg.precision,
+        "device": str(device),
+        "world_size": world,
+        "arch": cfg.arch,
+    }
+    snapshot = make_snapshot(
+        ema,
+        net_cfg.to_dict(),
+        sigma_min=train_cfg.sigma_min,
+        sigma_max=train_cfg.sigma_max,
+        h=h,
+        train=train_cfg.to_dict(),
+        kimg=result.nimg / 1000,
+        dataset=prepared.meta["dataset"],
+        code_version=code_version(root),
+    )
+    with staged_outputs(root, "train_debiaser") as out:
+        torch.save(snapshot, out.path(paths.DEBIASER_SNAPSHOT))
+        columns = {k: [r.get(k, float("nan")) for r in log_rows] for k in (log_rows[0] if log_rows else {"step": 0})}
+        write_parquet(out.path(paths.TRAIN_LOG), columns)
+        _loss_plot(out.path(paths.TRAIN_LOSS_PLOT), log_rows)
+        _denoise_figure(out.path(paths.TRAIN_DENOISE_PLOT), ema, val, h, prepared.kind)
+        write_json(out.path(paths.TRAIN_METRICS), metrics)
+    log.info("train_debiaser: %.1f kimg, held-out MSE at sigma=h %.4g (identity %.4g, ratio %.3f), %.0f img/s",
+             metrics["kimg"], mse, identity, metrics["error_ratio"], result.images_per_second)
+    return metrics
+
+
+class _Identity(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def forward(self, x, sigma):
+        return x
+
+
+def _loss_plot(path: Path, rows: list[dict]) -> None:
+    fig, ax = new_figure(7, 4)
+    if rows:
+        kimg = np.array([r["nimg"] for r in rows]) / 1000
+        ax.plot(kimg, [r["loss"] for r in rows], color="k", lw=1.5, label="loss (all sigma)")
+        for key in [k for k in rows[0] if k.startswith("loss_sigma_")]:
+            lo, hi = key[len("loss_sigma_"):].split("_")
+            ax.plot(kimg, [r[key] for r in rows], lw=0.8, alpha=0.8, label=f"sigma in [{lo}, {hi})")
+    ax.set_xlabel("thousands of images seen")
+    ax.set_ylabel("EDM loss (|D - x0|^2 / c_out^2)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("debiaser training loss")
+    save_figure(fig, path)
+
+
+@torch.no_grad()
+def _denoise_figure(path: Path, ema: Denoiser, val: torch.Tensor, h: float, kind: str) -> None:
+    device = next(ema.parameters()).device
+    gen = torch.Generator().manual_seed(7)
+    if kind == "images":
+        x = val[torch.linspace(0, len(val) - 1, min(8, len(val))).long()]  # spread over the (ordered) split
+        noisy = x + h * torch.randn(x.shape, generator=gen)
+        den = ema(noisy.to(device), h).cpu()
+        rows = [ds.to_uint8(t.numpy()) for t in (x, noisy, den)]
+        write_png(path, ds.image_grid(np.concatenate(rows), ncol=len(x)))  # rows: clean, noisy (sigma=h), denoised
+        return
+    x = val[:300]
+    noisy = x + h * torch.randn(x.shape, generator=gen)
+    den = ema(noisy.to(device), h).cpu()
+    fig, ax = new_figure(5, 5)
+    ax.scatter(noisy[:, 0], noisy[:, 1], s=3, c="grey", alpha=0.5, label=f"noisy (sigma=h={h:.3g})")
+    ax.scatter(den[:, 0], den[:, 1], s=3, c="C0", label="denoised (EMA)")
+    ax.set_aspect("equal")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

@@ -1,0 +1,200 @@
+"""Debiaser networks, preconditioning, trainer, checkpoints and the train_debiaser stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dkgm.data import SwissRoll
+from dkgm.debias import Denoiser, denoising_loss, denoising_mse, load_denoiser, make_snapshot
+from dkgm.errors import DKGMError
+from dkgm.networks import NetworkConfig, build_network, count_parameters
+from dkgm.training import NonFiniteLoss, TrainConfig, list_states, train
+from pipeline import paths
+from pipeline.params import DebiaserParams
+from pipeline.runner import run_gate
+from tests.conftest import REPO, run_stages, write_params
+
+TINY_IMG = dict(channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,))
+
+
+@pytest.mark.parametrize("arch, shape", [("unet", (1, 16, 16)), ("dae", (3, 16, 16)), ("mlp", (2,))])
+def test_shapes_and_dtypes(arch, shape):
+    cfg = NetworkConfig(arch=arch, shape=shape, **(TINY_IMG if arch != "mlp" else dict(channels=16, num_blocks=2)))
+    den = Denoiser(build_network(cfg), 0.5)
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    out = den(x, torch.tensor([0.1, 0.5, 2.0]))
+    assert out.shape == x.shape and out.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert den(x, 0.3).dtype == torch.float32  # preconditioning stays in float32
+    # zero-initialised output layer: D starts as c_skip * x, the best linear guess
+    c_skip = 0.25 / (0.09 + 0.25)
+    torch.testing.assert_close(den(x, 0.3), c_skip * x)
+
+
+def test_dae_has_no_skip_connections_and_fewer_parameters():
+    unet = build_network(NetworkConfig(arch="unet", shape=(1, 16, 16), **TINY_IMG))
+    dae = build_network(NetworkConfig(arch="dae", shape=(1, 16, 16), **TINY_IMG))
+    assert not dae.skips and count_parameters(dae) < count_parameters(unet)
+
+
+def test_ddpm_cifar10_configuration_is_expressible():
+    from stages.train_debiaser import configs
+
+    p = DebiaserParams(channels=128, channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(16,), dropout=0.1)
+    net_cfg, _ = configs(p, h=0.3, shape=(3, 32, 32), device=torch.device("cpu"))
+    n = count_parameters(build_network(net_cfg))
+    assert 35.5e6 < n < 36.0e6  # DDPM reports 35.7M
+
+
+def test_wrong_architecture_for_the_data_is_one_clear_error():
+    with pytest.raises(DKGMError, match="mlp is for points"):
+        build_network(NetworkConfig(arch="mlp", shape=(1, 16, 16)))
+    with pytest.raises(DKGMError, match="use mlp for points"):
+        build_network(NetworkConfig(arch="unet", shape=(2,)))
+
+
+def test_snapshot_round_trip_is_bit_exact(tmp_path):
+    cfg = NetworkConfig(arch="unet", shape=(1, 16, 16), **TINY_IMG)
+    torch.manual_seed(1)
+    den = Denoiser(build_network(cfg), 0.6)
+    with torch.no_grad():
+        for p in den.parameters():
+            p.normal_(0, 0.05)  # non-trivial weights (the output layer starts at zero)
+    torch.save(make_snapshot(den, cfg.to_dict(), h=0.3), tmp_path / "snap.pt")
+    back, meta = load_denoiser(tmp_path / "snap.pt")
+    x = torch.randn(4, 1, 16, 16)
+    assert torch.equal(back(x, 0.2), den.eval()(x, 0.2)) and meta["h"] == 0.3
+    for (k, a), (_, b) in zip(den.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+    with pytest.raises(DKGMError, match="snapshot not found"):
+        load_denoiser(tmp_path / "missing.pt")
+
+
+def test_bf16_loss_matches_fp32():
+    cfg = NetworkConfig(arch="unet", shape=(1, 16, 16), **TINY_IMG)
+    torch.manual_seed(2)
+    den = Denoiser(build_network(cfg), 0.5)
+    with torch.no_grad():
+        for p in den.parameters():
+            p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(32, 1, 16, 16, generator=g) * 2 - 1, torch.randn(32, 1, 16, 16, generator=g)
+    sigma = torch.full((32,), 0.3)
+    ref = denoising_loss(den, x0, sigma, noise).mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = denoising_loss(den, x0, sigma, noise).mean()
+    assert abs(low.item() - ref.item()) / ref.item() < 0.02
+
+
+def _mlp(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return Denoiser(build_network(NetworkConfig(arch="mlp", channels=32, num_blocks=2, dropout=dropout, shape=(2,))), 1.3)
+
+
+def test_resumed_run_ends_with_the_uninterrupted_weights(tmp_path):
+    pts, _ = SwissRoll().sample(1000, seed=0)
+    data = torch.from_numpy(pts)
+    cfg = TrainConfig(batch_size=32, total_kimg=1.6, lr=2e-3, warmup_kimg=0.3, sigma_min=0.01, sigma_max=0.1,
+                      state_every_kimg=0.32, keep_states=2, log_every=5, ema_halflife_kimg=0.3)
+    whole = train(_mlp(dropout=0.1), data, cfg, state_dir=tmp_path / "a")
+    part = train(_mlp(dropout=0.1), data, cfg, state_dir=tmp_path / "b", stop_after_kimg=0.8)
+    assert part.nimg < 1600
+    resumed = train(_mlp(seed=99, dropout=0.1), data, cfg, state_dir=tmp_path / "b")  # init is overwritten
+    assert resumed.resumed_from == part.nimg
+    for (k, a), b in zip(whole.ema.state_dict().items(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b), f"EMA weight {k} differs after resume"
+    assert [r["loss"] for r in whole.log] == [r["loss"] for r in resumed.log]
+    assert len(list_states(tmp_path / "b")) == 2  # pruned to keep_states
+    other = TrainConfig(**{**cfg.__dict__, "lr": 1e-3})
+    with pytest.raises(DKGMError, match="another configuration"):
+        train(_mlp(), data, other, state_dir=tmp_path / "b")
+    longer = train(_mlp(), data, TrainConfig(**{**cfg.__dict__, "total_kimg": 1.92}), state_dir=tmp_path / "b")
+    assert longer.resumed_from == 1600 and longer.nimg == 1920  # a longer run extends the finished one
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path):
+    pts, _ = SwissRoll().sample(500, seed=0)
+    cfg = TrainConfig(batch_size=32, total_kimg=0.64, state_every_kimg=0.32, sigma_min=0.01, sigma_max=0.1, log_every=5)
+    train(_mlp(), torch.from_numpy(pts), TrainConfig(**{**cfg.__dict__, "total_kimg": 0.32}), state_dir=tmp_path)
+    (good,) = list_states(tmp_path)
+    before = good.read_bytes()
+    bad = torch.from_numpy(pts).clone()
+    bad[:] = float("nan")
+    with pytest.raises(NonFiniteLoss, match=r"at step 11 \(320 images seen\).*last good state"):
+        train(_mlp(), bad, cfg, state_dir=tmp_path)
+    assert list_states(tmp_path) == [good] and good.read_bytes() == before
+
+
+def test_swissroll_denoiser_beats_identity_and_mean():
+    roll = SwissRoll()
+    pts, _ = roll.sample(3000, seed=0)
+    val, _ = roll.sample(500, seed=1)
+    h = 0.05
+    cfg = TrainConfig(batch_size=256, total_kimg=120, lr=2e-3, warmup_kimg=5, grad_clip=0.0, sigma_min=0.005,
+                      sigma_max=1.5 * h, log_every=50, ema_halflife_kimg=20)
+    den = Denoiser(build_network(NetworkConfig(arch="mlp", channels=128, num_blocks=3, shape=(2,))), float(pts.std()))
+    result = train(den, torch.from_numpy(pts), cfg)
+    v = torch.from_numpy(val)
+    mse = denoising_mse(result.ema, v, h, torch.Generator().manual_seed(0))
+    identity = h * h
+    mean_pred = float(((v - torch.from_numpy(pts).mean(0)) ** 2).mean())
+    print(f"held-out MSE at sigma=h: {mse:.5f}, identity {identity:.5f} (ratio {mse / identity:.3f}), mean {mean_pred:.3f}")
+    # a curve in 2-D: only the normal half of the noise can be removed; with the data's own
+    # 0.02 spread the best ratio at h = 0.05 is (1 + 0.02^2/(0.02^2 + 0.05^2)) / 2 = 0.57
+    assert mse < 0.75 * identity and mse < 0.01 * mean_pred
+
+
+def test_train_stage_outputs_resume_and_gate(project):
+    run_stages(project, "prepare", "fit_kde", "gate_kde", "train_debiaser")
+    m = json.loads((project / paths.TRAIN_METRICS).read_text())
+    assert m["kimg"] == pytest.approx(0.64) and m["resumed_from_kimg"] == 0
+    assert m["identity_mse_at_h"] == pytest.approx(m["h"] ** 2, rel=0.1)
+    den, meta = load_denoiser(project / paths.DEBIASER_SNAPSHOT)
+    assert meta["h"] == m["h"] and meta["network"]["channels"] == 8 and "dkgm" in meta["code_version"]
+    import pandas as pd
+
+    log = pd.read_parquet(project / paths.TRAIN_LOG)
+    assert {"step", "nimg", "loss", "lr", "images_per_second"} <= set(log.columns) and log["nimg"].is_monotonic_increasing
+    for png in (paths.TRAIN_LOSS_PLOT, paths.TRAIN_DENOISE_PLOT):
+        assert (project / png).read_bytes()[:4] == b"\x89PNG"
+    snap = (project / paths.DEBIASER_SNAPSHOT).read_bytes()
+
+    run_stages(project, "train_debiaser")  # same config: resumes from the final state, trains nothing
+    assert json.loads((project / paths.TRAIN_METRICS).read_text())["resumed_from_kimg"] == pytest.approx(0.64)
+    assert torch.load(project / paths.DEBIASER_SNAPSHOT, weights_only=True)["ema"].keys() == \
+        torch.load(__import__("io").BytesIO(snap), weights_only=True)["ema"].keys()
+
+    # 0.64 kimg already denoises a little (ratio < 1); a strict threshold stops the pipeline
+    assert run_gate("debiaser", project / "params.yaml", project).decision == "GO"
+    write_params(project, {"gates": {"debiaser": {"max_error_ratio": 1e-6}}})
+    result = run_gate("debiaser", project / "params.yaml", project)
+    assert result.stops and [c.params_key for c in result.failures()] == ["gates.debiaser.max_error_ratio"]
+    assert not (project / paths.gate_token("debiaser")).exists()
+
+
+def test_train_stage_rejects_mismatched_architecture(project):
+    write_params(project, {"debiaser": {"arch": "mlp"}})
+    run_stages(project, "prepare", "fit_kde", "gate_kde")
+    with pytest.raises(DKGMError, match="does not fit mnist5k"):
+        run_stages(project, "train_debiaser")
+    assert not (project / "models").exists()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    script = str(REPO / "tests" / "scripts" / "ddp_train.py")
+    subprocess.run([sys.executable, script, str(tmp_path / "one.pt")], env=env, check=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                    script, str(tmp_path / "two.pt")], env=env, check=True, timeout=300, capture_output=True)
+    one, two = (torch.load(tmp_path / f, weights_only=True) for f in ("one.pt", "two.pt"))
+    for part in ("net", "ema"):
+        for k in one[part]:
+            # same global batch; only the gradient summation order differs
+            torch.testing.assert_close(two[part][k], one[part][k], rtol=1e-4, atol=1e-5, msg=f"{part}.{k}")
