@@ -22,6 +22,12 @@ class ParamsError(DKGMError):
     """params.yaml is missing, unreadable or does not match the schema."""
 
 
+def _check_device(v: str) -> str:
+    if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {v!r})")
+    return v
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -84,12 +90,7 @@ class KDEParams(Section):
             raise ValueError(f"the grid is empty: grid_max must exceed grid_min={lo} (got {v})")
         return v
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
-            raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {v!r})")
-        return v
+    _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
 
 
 class SampleKDEParams(Section):
@@ -127,12 +128,7 @@ class DebiaserParams(Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_images: int = Field(500, ge=1)  # held-out images for the denoising error at sigma = h
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
-            raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {v!r})")
-        return v
+    _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
 
 
 class DebiaserGateParams(Section):

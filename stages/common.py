@@ -175,6 +175,28 @@ class Prepared:
     def split_labels(self, name: str) -> np.ndarray:
         return self.manifest["label"].to_numpy()[self.manifest["split"].to_numpy() == name]
 
+    def split_rows(self, name: str) -> np.ndarray:
+        """Rows of data/prepared that belong to a split."""
+        return self.manifest["index"].to_numpy()[self.manifest["split"].to_numpy() == name]
+
+    def manifold(self):
+        """The true manifold of point data (the swiss roll's spiral)."""
+        from dkgm.data import SwissRoll
+
+        return SwissRoll(**{k: v for k, v in self.meta["manifold"].items() if k != "name"})
+
+
+def load_bandwidth(root: Path, prepared: Prepared) -> dict[str, Any]:
+    """fit_kde's bandwidth record, checked against the prepared data it must belong to."""
+    bw = read_json(root / paths.KDE_BANDWIDTH, "bandwidth (fit_kde output)")
+    n_train = int((prepared.manifest["split"].to_numpy() == "train").sum())
+    if bw.get("dataset") != prepared.meta["dataset"] or bw.get("n_train") != n_train:
+        raise DKGMError(
+            f"{paths.KDE_BANDWIDTH} was fitted on {bw.get('dataset')} ({bw.get('n_train')} training items) "
+            f"but {paths.PREPARED} holds {prepared.meta['dataset']} ({n_train}): re-run fit_kde"
+        )
+    return bw
+
 
 def load_prepared(root: Path) -> Prepared:
     base = root / paths.PREPARED

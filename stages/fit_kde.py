@@ -109,8 +109,7 @@ def run(cfg: KDEParams, root: Path) -> dict[str, Any]:
         "distance_pass_seconds": t_pass,
         "device": device,
     }
-    train_index = prepared.manifest["index"].to_numpy()[prepared.manifest["split"].to_numpy() == "train"]
-    val_index = prepared.manifest["index"].to_numpy()[prepared.manifest["split"].to_numpy() == "val"]
+    train_index, val_index = prepared.split_rows("train"), prepared.split_rows("val")
     bandwidth = {
         "h": h,
         "method": cfg.bandwidth if isinstance(cfg.bandwidth, str) else "fixed",

@@ -15,15 +15,14 @@ import torch
 
 from dkgm import data as ds
 from dkgm import kde
-from dkgm.errors import DKGMError
 from pipeline import paths
 from pipeline.params import SampleKDEParams
 from stages.common import (
     Progress,
+    load_bandwidth,
     load_prepared,
     log,
     new_figure,
-    read_json,
     save_figure,
     staged_outputs,
     write_json,
@@ -36,16 +35,11 @@ OUTPUTS = [paths.KDE_SAMPLES, paths.SAMPLE_KDE_GRID, paths.SAMPLE_KDE_METRICS]
 
 def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
     prepared = load_prepared(root)
-    bw = read_json(root / paths.KDE_BANDWIDTH, "bandwidth (fit_kde output)")
+    bw = load_bandwidth(root, prepared)
     train = prepared.split("train")
-    if bw.get("dataset") != prepared.meta["dataset"] or bw.get("n_train") != len(train):
-        raise DKGMError(
-            f"{paths.KDE_BANDWIDTH} was fitted on {bw.get('dataset')} ({bw.get('n_train')} training items) "
-            f"but {paths.PREPARED} holds {prepared.meta['dataset']} ({len(train)}): re-run fit_kde"
-        )
     h = float(bw["h"])
     train_t = torch.from_numpy(train)
-    train_rows = prepared.manifest["index"].to_numpy()[prepared.manifest["split"].to_numpy() == "train"]
+    train_rows = prepared.split_rows("train")
     train_labels = prepared.split_labels("train")
 
     seeds = cfg.seed + np.arange(cfg.n_samples, dtype=np.int64)
@@ -75,7 +69,7 @@ def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
     if prepared.kind == "images":
         metrics["fraction_outside_range"] = float(np.mean(np.abs(samples) > 1.0))
     else:
-        roll = ds.SwissRoll(**{k: v for k, v in prepared.meta["manifold"].items() if k != "name"})
+        roll = prepared.manifold()
         metrics["mean_distance_to_manifold"] = float(roll.distance(samples).mean())
         metrics["train_mean_distance_to_manifold"] = float(roll.distance(train).mean())
 
