@@ -131,6 +131,23 @@ class DebiaserParams(Section):
     _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
 
 
+class RefineParams(Section):
+    schedule: Literal["geometric", "karras", "robbins_monro"] = "geometric"  # noise ladder from sigma_0 = h
+    steps: int = Field(10, ge=1)  # K: ladder steps (network evaluations per sample with euler)
+    eta: float = Field(0.0, ge=0.0, le=1.0)  # debiasing noise level: 0 = probability-flow ODE, 1 = ancestral
+    solver: Literal["euler", "heun"] = "euler"
+    sigma_min: float = Field(0.002, gt=0.0)  # last non-zero level (geometric, karras)
+    rho: float = Field(7.0, gt=0.0)  # karras ladder exponent
+    a0: float = Field(0.3, gt=0.0, lt=1.0)  # robbins_monro: a_k = a0 / (k+1)^gamma
+    gamma: float = Field(0.55, gt=0.5, le=1.0)  # robbins_monro exponent, in (1/2, 1]
+    batch_size: int = Field(250, ge=1)  # speed only: samples do not depend on it
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    grid_samples: int = Field(64, ge=1)  # samples in reports/refine/grid.png
+    trajectory_samples: int = Field(8, ge=1)  # samples (rows) in reports/refine/trajectory.png
+
+    _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
+
+
 class DebiaserGateParams(Section):
     enforce: bool = True  # false: a NO-GO is recorded as overridden and the pipeline continues
     max_error_ratio: float = Field(0.5, gt=0.0)  # EMA denoising MSE at sigma = h over the identity's (h^2)
@@ -154,6 +171,7 @@ class Params(Section):
     kde: KDEParams = KDEParams()
     sample_kde: SampleKDEParams = SampleKDEParams()
     debiaser: DebiaserParams = DebiaserParams()
+    refine: RefineParams = RefineParams()
     gates: GatesParams = GatesParams()
 
 

@@ -33,6 +33,13 @@ TRAIN_LOSS_PLOT = "reports/train/loss.png"
 TRAIN_DENOISE_PLOT = "reports/train/denoise.png"
 TRAIN_METRICS = "reports/train/metrics.json"
 
+# refine
+REFINED = "data/samples/refined"  # samples.npy (uint8 images / float32 points), manifest.parquet, meta.json
+REFINE_GRID = "reports/refine/grid.png"
+REFINE_TRAJECTORY = "reports/refine/trajectory.png"
+REFINE_PROGRESS = "reports/refine/progress.png"
+REFINE_METRICS = "reports/refine/metrics.json"
+
 # gates
 GATES = "reports/gates"
 

@@ -76,6 +76,13 @@ STAGES: dict[str, StageSpec] = {
             outs=(paths.gate_record("debiaser"), paths.gate_token("debiaser")),
             gate="debiaser",
         ),
+        StageSpec(
+            "refine",
+            "refine",
+            deps=(paths.PREPARED, paths.KDE_SAMPLES, paths.DEBIASER_SNAPSHOT, paths.gate_token("debiaser")),
+            outs=(paths.REFINED, paths.REFINE_GRID, paths.REFINE_TRAJECTORY, paths.REFINE_PROGRESS, paths.REFINE_METRICS),
+            module="stages.refine",
+        ),
     ]
 }
 

@@ -40,7 +40,7 @@ def set_param(root, dotted: str, value) -> None:
 def test_repro_noop_and_partial_rerun(dvc_project):
     root = dvc_project
     first = dvc(root, "repro")
-    assert ran(first) == ["prepare", "fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser"]
+    assert ran(first) == ["prepare", "fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine"]
     assert (root / paths.KDE_SAMPLES / "samples.npy").is_file()
     assert ran(dvc(root, "repro")) == []  # a second repro is a no-op
 
@@ -50,7 +50,7 @@ def test_repro_noop_and_partial_rerun(dvc_project):
 
     # the bandwidth scale re-runs what depends on it and nothing upstream
     exp = dvc(root, "exp", "run", "-S", "kde.bandwidth_scale=2")
-    assert ran(exp) == ["fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser"]
+    assert ran(exp) == ["fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine"]
     assert json.loads((root / paths.KDE_METRICS).read_text())["h"] == pytest.approx(2 * h1)
     diff = json.loads(dvc(root, "params", "diff", "--json").stdout)
     change = diff["params.yaml"]["kde.bandwidth_scale"]
@@ -61,6 +61,9 @@ def test_repro_noop_and_partial_rerun(dvc_project):
     dvc(root, "checkout", "-q")
     set_param(root, "gates.kde.max_truncation_bound", 0.01)
     assert ran(dvc(root, "repro")) == ["gate_kde"]
+    # a sampler setting re-runs the sampler alone: no retraining
+    set_param(root, "refine.steps", 3)
+    assert ran(dvc(root, "repro")) == ["refine"]
 
 
 def test_failing_gate_stops_repro_and_override_continues(dvc_project):
@@ -77,5 +80,5 @@ def test_failing_gate_stops_repro_and_override_continues(dvc_project):
 
     set_param(root, "gates.kde.enforce", False)
     r = dvc(root, "repro")
-    assert ran(r) == ["gate_kde", "sample_kde", "train_debiaser", "gate_debiaser"]
+    assert ran(r) == ["gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine"]
     assert json.loads((root / paths.gate_record("kde")).read_text())["decision"] == "NO-GO (overridden)"

@@ -1,0 +1,204 @@
+"""Stage refine: debias the stage-1 KDE samples with the trained debiaser (DESIGN 2.3).
+
+Every sample keeps its seed: the noise xi_k of sample s comes from a generator derived from
+seed s alone (stream "refine"), so sample s is the same whatever the batch size or device.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dkgm import data as ds
+from dkgm.debias import load_denoiser
+from dkgm.errors import DKGMError
+from dkgm.kde import resolve_device
+from dkgm.rng import randn_per_sample, sample_generators
+from dkgm.sampler import debias, make_ladder
+from pipeline import paths
+from pipeline.params import RefineParams
+from stages.common import (
+    Progress,
+    load_prepared,
+    log,
+    new_figure,
+    read_json,
+    read_parquet,
+    save_figure,
+    staged_outputs,
+    write_json,
+    write_parquet,
+    write_png,
+)
+
+OUTPUTS = [paths.REFINED, paths.REFINE_GRID, paths.REFINE_TRAJECTORY, paths.REFINE_PROGRESS, paths.REFINE_METRICS]
+
+
+def figure_steps(k: int) -> list[int]:
+    """k = 0, K/4, K/2, 3K/4, K (rounded, distinct)."""
+    return sorted({round(k * f) for f in (0.0, 0.25, 0.5, 0.75, 1.0)})
+
+
+def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
+    prepared = load_prepared(root)
+    kde_dir = root / paths.KDE_SAMPLES
+    kde_meta = read_json(kde_dir / "meta.json", "KDE samples metadata")
+    manifest = read_parquet(kde_dir / "manifest.parquet", "KDE samples manifest")
+    x_kde = np.load(kde_dir / "samples.npy")
+    device = resolve_device(cfg.device)
+    denoiser, snap = load_denoiser(root / paths.DEBIASER_SNAPSHOT, device)
+    shape = tuple(snap["network"]["shape"])
+    if tuple(x_kde.shape[1:]) != shape:
+        raise DKGMError(
+            f"the debiaser snapshot was trained on data of shape {shape} but the KDE samples have shape "
+            f"{tuple(x_kde.shape[1:])}: re-run train_debiaser (or `dvc repro`)"
+        )
+    h = float(kde_meta["h"])
+    if abs(float(snap.get("h", h)) - h) > 1e-6 * h:
+        raise DKGMError(f"the debiaser was trained for h = {snap['h']:.6g} but the KDE samples were drawn at h = {h:.6g}: "
+                        "re-run train_debiaser (or `dvc repro`)")
+    ladder = make_ladder(h, cfg.steps, cfg.schedule, cfg.eta, cfg.sigma_min, cfg.rho, cfg.a0, cfg.gamma)
+    nfe = ladder.nfe(cfg.solver)
+
+    n = len(x_kde)
+    points = prepared.kind == "points"
+    anchors = prepared.data[manifest["anchor_index"].to_numpy()]
+    anchors = anchors.astype(np.float32) if points else ds.to_float(anchors)
+    roll = prepared.manifold() if points else None
+    all_k = list(range(cfg.steps + 1))
+    shown = figure_steps(cfg.steps)
+    per_k = np.zeros((len(all_k), n))  # distance to the anchor (images) or to the spiral (points)
+    out = np.empty_like(x_kde)
+    traj = {k: [] for k in shown}  # images: the first samples; points: every sample
+    seeds = manifest["seed"].to_numpy()
+
+    def fn(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return denoiser(x, sigma)
+
+    t0 = time.perf_counter()
+    bar = Progress("refine", n)
+    with torch.inference_mode():
+        for s in range(0, n, cfg.batch_size):
+            rows = slice(s, s + cfg.batch_size)
+            gens = sample_generators(seeds[rows].tolist(), "refine")
+            x0 = torch.from_numpy(x_kde[rows]).to(device)
+            x, kept = debias(fn, x0, ladder, solver=cfg.solver, keep=all_k,
+                             noise=lambda k, shp: randn_per_sample(gens, shp[1:]).to(device))
+            out[rows] = x.float().cpu().numpy()
+            for j, k in enumerate(all_k):
+                xk = kept[k].float().cpu().numpy()
+                if points:
+                    per_k[j, rows] = roll.distance(xk)
+                else:
+                    per_k[j, rows] = np.sqrt(((xk - anchors[rows]) ** 2).reshape(len(xk), -1).mean(1))
+                if k in traj and (points or s < cfg.trajectory_samples):
+                    traj[k].append(xk if points else xk[: cfg.trajectory_samples - s])
+            bar(min(s + cfg.batch_size, n))
+    bar.close()
+    seconds = time.perf_counter() - t0
+
+    metrics: dict[str, Any] = {
+        "n_samples": n,
+        "steps": cfg.steps,
+        "nfe": nfe,
+        "schedule": cfg.schedule,
+        "solver": cfg.solver,
+        "eta": cfg.eta,
+        "h": h,
+        "samples_per_second": n / max(seconds, 1e-9),
+        "seconds": seconds,
+        "device": str(device),
+    }
+    curve = per_k.mean(axis=1)
+    if points:
+        metrics.update({"kde_mean_distance_to_manifold": float(curve[0]), "mean_distance_to_manifold": float(curve[-1]),
+                        "manifold_distance_reduction": float(curve[0] / max(curve[-1], 1e-12)),
+                        "train_mean_distance_to_manifold": float(roll.distance(prepared.split("train")).mean())})
+    else:
+        metrics.update({"kde_rms_distance_to_anchor": float(curve[0]), "rms_distance_to_anchor": float(curve[-1])})
+
+    with staged_outputs(root, "refine") as outs:
+        base = outs.path(paths.REFINED)
+        base.mkdir()
+        np.save(base / "samples.npy", out if points else ds.to_uint8(out))
+        write_parquet(base / "manifest.parquet", {
+            "sample_id": manifest["sample_id"].to_numpy(), "seed": seeds,
+            "anchor_index": manifest["anchor_index"].to_numpy(), "nfe": np.full(n, nfe, dtype=np.int64)})
+        write_json(base / "meta.json", {"kind": prepared.kind, "shape": list(shape), "n": n, "h": h, "nfe": nfe,
+                                        "storage": "float32" if points else "uint8 [0, 255]", "ladder": ladder.sigmas,
+                                        "schedule": cfg.schedule, "solver": cfg.solver, "eta": cfg.eta})
+        stacked = {k: np.concatenate(v) for k, v in traj.items()}
+        if points:
+            _grid_points(outs.path(paths.REFINE_GRID), out, prepared.split("train"))
+            _swissroll_figure(outs.path(paths.REFINE_TRAJECTORY), stacked, prepared.split("train"), roll, cfg)
+        else:
+            m = min(cfg.grid_samples, n)
+            write_png(outs.path(paths.REFINE_GRID), ds.image_grid(ds.to_uint8(out[:m]), ncol=8))
+            _trajectory_images(outs.path(paths.REFINE_TRAJECTORY), stacked, anchors[: cfg.trajectory_samples])
+        _progress_plot(outs.path(paths.REFINE_PROGRESS), ladder.sigmas, curve, points,
+                       metrics.get("train_mean_distance_to_manifold"))
+        write_json(outs.path(paths.REFINE_METRICS), metrics)
+    log.info("refine: %d samples, K=%d %s/%s eta=%.2f, NFE %d, %.1f samples/s", n, cfg.steps, cfg.schedule,
+             cfg.solver, cfg.eta, nfe, metrics["samples_per_second"])
+    return metrics
+
+
+def _trajectory_images(path: Path, stacked: dict[int, np.ndarray], anchors: np.ndarray) -> None:
+    """One row per sample: x_k at k = 0, K/4, K/2, 3K/4, K, then its anchor."""
+    cols = [ds.to_uint8(stacked[k]) for k in sorted(stacked)] + [ds.to_uint8(anchors)]
+    tiles = np.stack(cols, axis=1).reshape(-1, *cols[0].shape[1:])
+    write_png(path, ds.image_grid(tiles, ncol=len(cols)))
+
+
+def _grid_points(path: Path, out: np.ndarray, train: np.ndarray) -> None:
+    fig, ax = new_figure(5, 5)
+    ax.scatter(train[:, 0], train[:, 1], s=2, c="grey", alpha=0.3, label="train")
+    ax.scatter(out[:, 0], out[:, 1], s=2, c="C0", label="refined")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", fontsize=8)
+    save_figure(fig, path)
+
+
+def _swissroll_figure(path: Path, stacked: dict[int, np.ndarray], train: np.ndarray, roll, cfg: RefineParams) -> None:
+    """The paper's panels: the KDE input, the iterates at several k, the ground truth."""
+    import matplotlib.pyplot as plt
+
+    ks = sorted(stacked)
+    fig, axes = plt.subplots(1, len(ks) + 1, figsize=(3 * (len(ks) + 1), 3.2), dpi=110, sharex=True, sharey=True)
+    curve = roll.curve(np.linspace(roll.t_min, roll.t_max, 800))
+    for ax, k in zip(axes, ks):
+        pts = stacked[k]
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, c="C0" if k else "C1")
+        ax.plot(curve[:, 0], curve[:, 1], "r-", lw=0.4, alpha=0.6)
+        ax.set_title("KDE input (k = 0)" if k == 0 else f"k = {k}", fontsize=9)
+    axes[-1].scatter(train[:, 0], train[:, 1], s=1, c="k")
+    axes[-1].set_title("ground truth (train)", fontsize=9)
+    for ax in axes:
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"iterative debiasing, {cfg.schedule}/{cfg.solver}, eta = {cfg.eta}", fontsize=10)
+    save_figure(fig, path)
+
+
+def _progress_plot(path: Path, sigmas: list[float], curve: np.ndarray, points: bool, floor: float | None) -> None:
+    fig, ax = new_figure(6, 3.8)
+    ax.plot(range(len(curve)), curve, "o-", ms=3, label="mean over samples")
+    if points:
+        ax.axhline(floor, color="grey", ls="--", label="training data")
+        ax.set_ylabel("mean distance to the true spiral")
+    else:
+        ax.set_ylabel("RMS distance to the anchor (per pixel)")
+    ax.set_xlabel("step k")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2 = ax.twinx()
+    ax2.plot(range(len(sigmas)), sigmas, color="C3", lw=0.8, alpha=0.6)
+    ax2.set_ylabel("sigma_k", color="C3")
+    ax.legend(fontsize=8, loc="upper right")
+    save_figure(fig, path)
