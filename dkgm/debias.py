@@ -105,6 +105,10 @@ def load_denoiser(path, device: str | torch.device = "cpu") -> tuple[Denoiser, d
     except Exception as exc:
         raise DKGMError(f"cannot read debiaser snapshot {path}: {exc}") from None
     den = Denoiser(build_network(cfg), snap["sigma_data"])
-    den.load_state_dict(snap["ema"])
+    try:
+        den.load_state_dict(snap["ema"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise DKGMError(f"debiaser snapshot {path}: its weights do not match its network config ({first})") from None
     meta = {k: v for k, v in snap.items() if k != "ema"}
     return den.to(device).eval().requires_grad_(False), meta

@@ -141,6 +141,7 @@ class RefineParams(Section):
     a0: float = Field(0.3, gt=0.0, lt=1.0)  # robbins_monro: a_k = a0 / (k+1)^gamma
     gamma: float = Field(0.55, gt=0.5, le=1.0)  # robbins_monro exponent, in (1/2, 1]
     batch_size: int = Field(250, ge=1)  # speed only: samples do not depend on it
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # network evaluations; auto: bf16 on CUDA and bf16 CPUs
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     grid_samples: int = Field(64, ge=1)  # samples in reports/refine/grid.png
     trajectory_samples: int = Field(8, ge=1)  # samples (rows) in reports/refine/trajectory.png

@@ -28,6 +28,7 @@ from stages.common import (
     new_figure,
     read_json,
     read_parquet,
+    resolve_precision,
     save_figure,
     staged_outputs,
     write_json,
@@ -76,8 +77,11 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
     traj = {k: [] for k in shown}  # images: the first samples; points: every sample
     seeds = manifest["seed"].to_numpy()
 
+    precision = resolve_precision(cfg.precision, device)
+
     def fn(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        return denoiser(x, sigma)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return denoiser(x, sigma)
 
     t0 = time.perf_counter()
     bar = Progress("refine", n)
@@ -112,6 +116,7 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
         "samples_per_second": n / max(seconds, 1e-9),
         "seconds": seconds,
         "device": str(device),
+        "precision": precision,
     }
     curve = per_k.mean(axis=1)
     if points:

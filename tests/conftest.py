@@ -22,6 +22,7 @@ TINY = {
     # (-0.05 nats/dim; the full 4,000 give +0.006): the tiny project accepts a small loss
     "gates": {"kde": {"min_loglik_gain_per_dim": -0.2}, "debiaser": {"max_error_ratio": 0.99, "max_val_mse": 1.0}},
     "sample_kde": {"n_samples": 40, "batch_size": 16, "grid_samples": 8},
+    "refine": {"precision": "fp32"},
     # a 0.1M-parameter U-Net for 0.64 kimg: seconds, and it already denoises a little
     "debiaser": {"channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8], "total_kimg": 0.64,
                  "batch_size": 32, "state_every_kimg": 0.32, "eval_images": 50, "warmup_kimg": 0.1, "precision": "fp32"},

@@ -70,6 +70,10 @@ def test_metrics_and_plots_declared_at_top_level_exist_as_outputs():
         (lambda r: r.update(evaluate={}), "evaluate", "unknown key"),
         (lambda r: r["gates"]["kde"].update(enforce="maybe"), "gates.kde.enforce", "boolean"),
         (lambda r: r["prepare"].update(val_fraction=0.6, test_fraction=0.5), "prepare.test_fraction", "below 1"),
+        (lambda r: r["refine"].update(steps=0), "refine.steps", "greater than or equal to 1"),
+        (lambda r: r["refine"].update(eta=1.5), "refine.eta", "less than or equal to 1"),
+        (lambda r: r["refine"].update(gamma=0.5), "refine.gamma", "greater than 0.5"),
+        (lambda r: r["debiaser"].update(arch="transformer"), "debiaser.arch", "'unet', 'dae' or 'mlp'"),
     ],
 )
 def test_bad_params_give_one_line_naming_the_key(mutate, key, fragment):

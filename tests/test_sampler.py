@@ -194,3 +194,15 @@ def test_refine_rejects_stale_artifacts(project):
     with pytest.raises(DKGMError, match="re-run train_debiaser"):
         run_stages(project, "refine")
     assert not (project / paths.REFINED).exists()
+    meta["h"] /= 2
+    meta_path.write_text(json.dumps(meta))
+    # a snapshot whose network was built for another data shape
+    import torch
+
+    from dkgm.debias import make_snapshot
+
+    other = NetworkConfig(arch="unet", channels=8, channel_mult=(1, 2), attn_resolutions=(8,), shape=(1, 16, 16))
+    torch.save(make_snapshot(Denoiser(build_network(other), 0.5), other.to_dict(), h=meta["h"]),
+               project / paths.DEBIASER_SNAPSHOT)
+    with pytest.raises(DKGMError, match=r"trained on data of shape \(1, 16, 16\)"):
+        run_stages(project, "refine")
