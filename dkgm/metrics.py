@@ -1,0 +1,141 @@
+"""Sample-quality statistics on feature arrays: FID, KID, IS, precision/recall, memorization,
+sharpness. Pure numpy/torch: the feature network and its weights are the evaluation stage's
+business (see DESIGN 2.5); these functions take the features (or images) it produces.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from dkgm.errors import DKGMError
+
+
+def _features(x: np.ndarray, name: str, min_rows: int = 2) -> np.ndarray:
+    f = np.asarray(x, dtype=np.float64)
+    if f.ndim != 2:
+        raise DKGMError(f"{name}: expected a (N, D) feature array, got shape {f.shape}")
+    if len(f) < min_rows:
+        raise DKGMError(f"{name}: needs at least {min_rows} rows, got {len(f)}")
+    if not np.all(np.isfinite(f)):
+        raise DKGMError(f"{name}: features contain NaN or infinite values")
+    return f
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (unbiased) covariance of a feature set, float64."""
+    f = _features(features, "features")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((m + m.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2): the Frechet distance of two
+    Gaussians (FID on Inception features). Symmetric eigendecompositions instead of a general
+    sqrtm: no complex round-off to discard."""
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise DKGMError(f"frechet_distance: mismatched shapes {mu1.shape}, {s1.shape}, {mu2.shape}, {s2.shape}")
+    r1 = _sqrt_psd(s1)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0.0, None)).sum()
+    return float(max(0.0, ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * cross))
+
+
+def fid(features1: np.ndarray, features2: np.ndarray) -> float:
+    return frechet_distance(*feature_stats(features1), *feature_stats(features2))
+
+
+def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    d = x.shape[1]
+    kxx = (x @ x.T / d + 1) ** 3
+    kyy = (y @ y.T / d + 1) ** 3
+    kxy = (x @ y.T / d + 1) ** 3
+    m, n = len(x), len(y)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2 * kxy.mean())
+
+
+def kid(features1: np.ndarray, features2: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000,
+        seed: int = 0) -> float:
+    """Kernel Inception Distance: the unbiased MMD^2 with the cubic polynomial kernel
+    (x.y/d + 1)^3, averaged over random subsets (as clean-fid and Binkowski et al. 2018)."""
+    x, y = _features(features1, "features1"), _features(features2, "features2")
+    m = min(len(x), len(y), max_subset_size)
+    if m < 2:
+        raise DKGMError("KID needs at least 2 samples in each set")
+    rng = np.random.default_rng(seed)
+    vals = [_mmd2_unbiased(x[rng.choice(len(x), m, replace=False)], y[rng.choice(len(y), m, replace=False)])
+            for _ in range(num_subsets)]
+    return float(np.mean(vals))
+
+
+def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))), from class probabilities."""
+    p = _features(probs, "class probabilities", min_rows=splits)
+    if np.any(p < 0) or not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
+        raise DKGMError("inception_score: rows must be probability vectors (non-negative, summing to 1)")
+    scores = []
+    for part in np.array_split(p, splits):
+        py = part.mean(axis=0, keepdims=True)
+        kl = np.where(part > 0, part * (np.log(np.clip(part, 1e-300, None)) - np.log(np.clip(py, 1e-300, None))), 0.0)
+        scores.append(math.exp(kl.sum(axis=1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _kth_neighbour_radius(f: np.ndarray, k: int) -> np.ndarray:
+    from dkgm.kde import topk_sq_distances
+
+    tk = topk_sq_distances(f, f, k + 1, device="cpu")  # the first neighbour is the point itself
+    return np.sqrt(tk.sq_dists[:, k])
+
+
+def _inside_any_ball(queries: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    q, c = torch.from_numpy(queries), torch.from_numpy(centres)
+    r = torch.from_numpy(radii)
+    out = np.empty(len(queries), dtype=bool)
+    for s in range(0, len(q), chunk):
+        d = torch.cdist(q[s : s + chunk], c)
+        out[s : s + chunk] = (d <= r[None]).any(dim=1).numpy()
+    return out
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): precision is the fraction of
+    generated points inside some real point's k-NN ball, recall the converse."""
+    r, f = _features(real, "real features", k + 1), _features(fake, "generated features", k + 1)
+    precision = _inside_any_ball(f, r, _kth_neighbour_radius(r, k)).mean()
+    recall = _inside_any_ball(r, f, _kth_neighbour_radius(f, k)).mean()
+    return float(precision), float(recall)
+
+
+def nearest_two(queries: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distances to the nearest and second-nearest reference rows, and the nearest row's index."""
+    from dkgm.kde import topk_sq_distances
+
+    tk = topk_sq_distances(np.asarray(queries).reshape(len(queries), -1), np.asarray(reference).reshape(len(reference), -1),
+                           2, device="cpu")
+    d = np.sqrt(tk.sq_dists)
+    return d[:, 0], d[:, 1], tk.indices[:, 0]
+
+
+def copy_fraction(d1: np.ndarray, d2: np.ndarray, threshold: float = 1 / 3) -> float:
+    """Fraction of samples much closer to one training item than to any other (d1/d2 < threshold)."""
+    return float(np.mean(d1 / np.maximum(d2, 1e-12) < threshold))
+
+
+def laplacian_energy(images: np.ndarray) -> float:
+    """Mean squared response of the 4-neighbour Laplacian: high-frequency energy per pixel.
+    Oversmoothed images score below real ones; noisy images above."""
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    if x.ndim != 4:
+        raise DKGMError(f"laplacian_energy expects (N, C, H, W) images, got shape {tuple(x.shape)}")
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).expand(x.shape[1], 1, 3, 3)
+    lap = torch.nn.functional.conv2d(x, kernel.contiguous(), groups=x.shape[1])
+    return float((lap**2).mean())

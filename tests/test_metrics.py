@@ -1,0 +1,101 @@
+"""Known answers for the sample-quality statistics (dkgm.metrics)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dkgm import metrics as M
+from dkgm.errors import DKGMError
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    f = np.random.default_rng(0).normal(size=(500, 16))
+    assert M.fid(f, f) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_frechet_distance_closed_form():
+    # diagonal covariances: |dmu|^2 + sum (sqrt(a) - sqrt(b))^2
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    expected = 5.0 + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert M.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    # invariant under a common rotation (the matrices then no longer commute with the axes)
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))
+    rotated = M.frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T)
+    assert rotated == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_between_gaussian_samples_approaches_closed_form():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(20000, 4)) * [1, 2, 1, 1]
+    y = rng.normal(size=(20000, 4)) * [1, 1, 3, 1] + [0.5, 0, 0, 0]
+    expected = 0.25 + (2 - 1) ** 2 + (1 - 3) ** 2
+    assert M.fid(x, y) == pytest.approx(expected, rel=0.03)
+
+
+def test_inception_score_known_answers():
+    uniform = np.full((100, 10), 0.1)
+    assert M.inception_score(uniform, splits=10)[0] == pytest.approx(1.0)
+    confident = np.eye(7)[np.arange(700) % 7]  # certain predictions spread evenly over 7 classes
+    mean, std = M.inception_score(confident, splits=10)
+    assert mean == pytest.approx(7.0) and std == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(DKGMError, match="probability vectors"):
+        M.inception_score(np.ones((20, 3)), splits=2)
+
+
+def test_kid_is_unbiased():
+    rng = np.random.default_rng(3)
+    # the same law on both sides: the estimator averages to zero (a biased one would be > 0)
+    vals = [M.kid(rng.normal(size=(60, 8)), rng.normal(size=(60, 8)), num_subsets=1) for _ in range(300)]
+    assert abs(np.mean(vals)) < 3 * np.std(vals) / math.sqrt(len(vals))
+    # matches the textbook unbiased MMD^2 on a small case (every pair written out)
+    x, y = rng.normal(size=(5, 3)), rng.normal(size=(6, 3)) + 1
+
+    def k(a, b):
+        return (a @ b / 3 + 1) ** 3
+
+    xx = sum(k(x[i], x[j]) for i in range(5) for j in range(5) if i != j) / 20
+    yy = sum(k(y[i], y[j]) for i in range(6) for j in range(6) if i != j) / 30
+    xy = sum(k(x[i], y[j]) for i in range(5) for j in range(6)) / 30
+    assert M._mmd2_unbiased(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
+    assert M.kid(rng.normal(size=(200, 8)), rng.normal(size=(200, 8)) + 2, num_subsets=5) > 0.5
+
+
+def test_precision_recall():
+    rng = np.random.default_rng(4)
+    real = rng.normal(size=(400, 5))
+    assert M.precision_recall(real, real) == (1.0, 1.0)
+    # mode collapse: 400 samples packed around 20 real points: precise, little coverage
+    collapsed = np.repeat(real[:20], 20, axis=0) + 1e-3 * rng.normal(size=(400, 5))
+    p, r = M.precision_recall(real, collapsed)
+    assert p == 1.0 and r < 0.3
+    far = real + 100.0
+    assert M.precision_recall(real, far) == (0.0, 0.0)
+
+
+def test_memorization_statistics():
+    rng = np.random.default_rng(5)
+    train = rng.normal(size=(300, 20))
+    copies = train[:50] + 1e-3 * rng.normal(size=(50, 20))
+    d1, d2, idx = M.nearest_two(copies, train)
+    assert M.copy_fraction(d1, d2) == 1.0 and (idx == np.arange(50)).all()
+    fresh = rng.normal(size=(50, 20))
+    assert M.copy_fraction(*M.nearest_two(fresh, train)[:2]) == 0.0
+
+
+def test_laplacian_energy_orders_sharpness():
+    rng = np.random.default_rng(6)
+    img = rng.uniform(-1, 1, size=(8, 1, 16, 16)).astype(np.float32)
+    blurred = (img + np.roll(img, 1, 2) + np.roll(img, -1, 2) + np.roll(img, 1, 3) + np.roll(img, -1, 3)) / 5
+    assert M.laplacian_energy(blurred) < 0.5 * M.laplacian_energy(img)
+    assert M.laplacian_energy(np.zeros((2, 3, 8, 8))) == 0.0
+
+
+def test_bad_features_are_one_clear_error():
+    with pytest.raises(DKGMError, match="at least 2 rows"):
+        M.fid(np.ones((1, 4)), np.ones((5, 4)))
+    with pytest.raises(DKGMError, match="NaN"):
+        M.feature_stats(np.array([[np.nan, 1.0], [1.0, 2.0]]))
