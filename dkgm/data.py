@@ -119,6 +119,11 @@ class SwissRoll:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @staticmethod
+    def from_dict(d: dict) -> "SwissRoll":
+        """Inverse of to_dict; ignores extra keys (the prepared metadata adds a "name")."""
+        return SwissRoll(**{k: d[k] for k in ("t_min", "t_max", "scale", "noise")})
+
 
 # ----------------------------------------------------------------------------- splits and grids
 

@@ -64,11 +64,14 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, no
 
 @torch.no_grad()
 def denoising_mse(
-    denoiser: nn.Module, x0: torch.Tensor, sigma: float, generator: torch.Generator, batch_size: int = 256
+    denoiser, x0: torch.Tensor, sigma: float, generator: torch.Generator, batch_size: int = 256,
+    device: torch.device | str | None = None,
 ) -> float:
     """Mean per-coordinate squared error of D(x0 + sigma n; sigma) against x0 (the identity map
-    scores sigma^2)."""
-    device = next(denoiser.parameters()).device
+    scores sigma^2). `denoiser` is any (x, sigma) -> x callable; the device defaults to that of
+    its parameters."""
+    if device is None:
+        device = next(denoiser.parameters()).device
     total, count = 0.0, 0
     for s in range(0, len(x0), batch_size):
         x = x0[s : s + batch_size]

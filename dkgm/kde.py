@@ -271,8 +271,8 @@ def exact_loglik(
     for qs, _, block in sq_distance_blocks(ops, query_chunk=query_chunk, ref_chunk=ref_chunk, progress=progress):
         rows = slice(qs, qs + block.shape[0])
         dist = (block + ops.query_sq_norm[rows, None]).clamp_min_(0.0)
-        terms = inv[:, None, None] * dist[None]  # (H, rows, cols)
-        lse[:, rows] = torch.logaddexp(lse[:, rows], torch.logsumexp(terms, dim=2))
+        for j in range(len(hs)):  # one (rows, cols) temporary per bandwidth, not an (H, rows, cols) one
+            lse[j, rows] = torch.logaddexp(lse[j, rows], torch.logsumexp(inv[j] * dist, dim=1))
     out = []
     for j, h in enumerate(hs):
         norm = -math.log(n) - 0.5 * d * (LOG_2PI + 2.0 * math.log(h))
@@ -280,8 +280,9 @@ def exact_loglik(
     return out
 
 
-def diag_gaussian_loglik(train: np.ndarray, heldout: np.ndarray, extra_var: float = 0.0) -> float:
-    """Held-out log-likelihood (nats per point) of N(mean, diag(var) + extra_var) fitted on `train`.
+def diag_gaussian_loglik(train: np.ndarray, heldout: np.ndarray, extra_var: float | Sequence[float] = 0.0):
+    """Held-out log-likelihood (nats per point) of N(mean, diag(var) + extra_var) fitted on `train`;
+    a list of extra variances gives a list of values (the fit is done once).
 
     With extra_var = h^2 this is the KDE's own moment-matched diagonal Gaussian: the same
     smoothing, none of the mixture structure. (A plain MLE fit is degenerate on images: pixels
@@ -289,11 +290,15 @@ def diag_gaussian_loglik(train: np.ndarray, heldout: np.ndarray, extra_var: floa
     """
     x = np.asarray(train, dtype=np.float64).reshape(len(train), -1)
     y = np.asarray(heldout, dtype=np.float64).reshape(len(heldout), -1)
-    var = x.var(axis=0) + extra_var
-    if np.any(var <= 0):
-        raise DKGMError("diagonal Gaussian baseline: zero variance in some coordinate; pass extra_var > 0")
-    z2 = (y - x.mean(axis=0)) ** 2 / var
-    return float(-0.5 * (z2.sum(axis=1).mean() + np.log(var).sum() + x.shape[1] * LOG_2PI))
+    base_var = x.var(axis=0)
+    sq = (y - x.mean(axis=0)) ** 2
+    out = []
+    for extra in np.atleast_1d(np.asarray(extra_var, dtype=np.float64)):
+        var = base_var + extra
+        if np.any(var <= 0):
+            raise DKGMError("diagonal Gaussian baseline: zero variance in some coordinate; pass extra_var > 0")
+        out.append(float(-0.5 * ((sq / var).sum(axis=1).mean() + np.log(var).sum() + x.shape[1] * LOG_2PI)))
+    return out if np.ndim(extra_var) else out[0]
 
 
 # ----------------------------------------------------------------------------- rules of thumb

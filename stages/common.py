@@ -183,7 +183,7 @@ class Prepared:
         """The true manifold of point data (the swiss roll's spiral)."""
         from dkgm.data import SwissRoll
 
-        return SwissRoll(**{k: v for k, v in self.meta["manifold"].items() if k != "name"})
+        return SwissRoll.from_dict(self.meta["manifold"])
 
 
 def load_bandwidth(root: Path, prepared: Prepared) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def run(cfg: KDEParams, root: Path) -> dict[str, Any]:
             neighbour=train_index[topk.indices],  # rows of data/prepared, not of the train split
             query=val_index,
         )
-        baselines = [kde.diag_gaussian_loglik(train, val, extra_var=g * g) / d for g in search.grid]
+        baselines = [b / d for b in kde.diag_gaussian_loglik(train, val, extra_var=list(search.grid**2))]
         _write_curve(out.path(paths.KDE_CV_CURVE), search, d, baselines)
         _plot_curve(out.path(paths.KDE_CV_PLOT), search, d, baselines, named, exact)
         write_json(out.path(paths.KDE_METRICS), metrics)

@@ -73,7 +73,7 @@ def run(cfg: PrepareParams, root: Path) -> dict[str, Any]:
         else:
             fig, ax = new_figure(5, 5)
             ax.scatter(train[:, 0], train[:, 1], s=2, alpha=0.5, label="train")
-            curve = ds.SwissRoll(**{k: v for k, v in meta["manifold"].items() if k != "name"})
+            curve = ds.SwissRoll.from_dict(meta["manifold"])
             c = curve.curve(np.linspace(curve.t_min, curve.t_max, 1000))
             ax.plot(c[:, 0], c[:, 1], "r-", lw=1, label="true spiral")
             ax.set_aspect("equal")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -87,14 +86,15 @@ def state_dir(root: Path, net: NetworkConfig, train_cfg: TrainConfig, data_key: 
     return root / paths.DEBIASER_STATES / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def code_version(root: Path) -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if rev.returncode == 0:
-            return f"dkgm {dkgm.__version__} @ {rev.stdout.strip()}"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return f"dkgm {dkgm.__version__}"
+def code_version() -> str:
+    """The dkgm version and a hash of the library's source files: what the snapshot's network
+    code actually was. (A git revision would change the snapshot's bytes, and re-run everything
+    downstream, on every commit, also ones that leave the model code alone.)"""
+    src = Path(dkgm.__file__).parent
+    digest = hashlib.sha256()
+    for f in sorted(src.glob("*.py")):
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return f"dkgm {dkgm.__version__} src {digest.hexdigest()[:12]}"
 
 
 def _init_distributed(device_choice: str) -> tuple[int, int, torch.device]:
@@ -153,7 +153,7 @@ def run(cfg: DebiaserParams, root: Path) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(12345)
     ema = result.ema.eval()
     mse = denoising_mse(ema, val, h, gen)
-    identity = denoising_mse(_Identity(), val, h, torch.Generator().manual_seed(12345))
+    identity = denoising_mse(lambda x, sigma: x, val, h, torch.Generator().manual_seed(12345), device="cpu")
     mean_pred = float(((val - data.mean(0)) ** 2).mean())
     log_rows = result.log
     metrics = {
@@ -184,7 +184,7 @@ def run(cfg: DebiaserParams, root: Path) -> dict[str, Any]:
         train=train_cfg.to_dict(),
         kimg=result.nimg / 1000,
         dataset=prepared.meta["dataset"],
-        code_version=code_version(root),
+        code_version=code_version(),
     )
     with staged_outputs(root, "train_debiaser") as out:
         torch.save(snapshot, out.path(paths.DEBIASER_SNAPSHOT))
@@ -196,15 +196,6 @@ def run(cfg: DebiaserParams, root: Path) -> dict[str, Any]:
     log.info("train_debiaser: %.1f kimg, held-out MSE at sigma=h %.4g (identity %.4g, ratio %.3f), %.0f img/s",
              metrics["kimg"], mse, identity, metrics["error_ratio"], result.images_per_second)
     return metrics
-
-
-class _Identity(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device
-
-    def forward(self, x, sigma):
-        return x
 
 
 def _loss_plot(path: Path, rows: list[dict]) -> None:
