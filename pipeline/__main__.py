@@ -1,10 +1,11 @@
-"""Command line: `python -m pipeline {run,gate,check,stages} ...`.
+"""Command line: `python -m pipeline {run,gate,check,stages,compare} ...`.
 
     python -m pipeline run fit_kde              # the stage as a Prefect flow
     python -m pipeline run fit_kde --no-prefect # the stage called directly (or DKGM_NO_PREFECT=1)
     python -m pipeline run fit_kde --dry-run    # resolved params and planned outputs, nothing run
     python -m pipeline gate kde                 # evaluate a go/no-go gate (exit 1 on an enforced NO-GO)
     python -m pipeline check                    # validate params.yaml
+    python -m pipeline compare HEAD~1 HEAD      # params that differ, metrics side by side (reports/compare.md)
 
 Exit status: 0 done, 1 a gate said NO-GO, 2 a bad input (one line on stderr naming what to fix).
 """
@@ -48,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--params", default="params.yaml")
 
     sub.add_parser("stages", help="list the stages, their params sections and outputs")
+
+    cmp = sub.add_parser("compare", help="compare params and metrics of revisions or experiments",
+                         description="Print, and write as markdown, the params that differ and the metrics side by side. "
+                         "No REV: HEAD against the workspace; one: REV against the workspace; more: those, in order.")
+    cmp.add_argument("revs", nargs="*", metavar="REV_OR_EXPERIMENT", help="git commit, branch, tag or `dvc exp run` name")
+    cmp.add_argument("--out", default="reports/compare.md", help="markdown file to write (default: reports/compare.md; -: print only)")
     return p
 
 
@@ -93,6 +100,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         load_params(args.params)
         print(f"{args.params}: ok")
         return 0
+    if args.command == "compare":
+        from pipeline.compare import run_compare
+
+        return run_compare(args.revs, args.out)
     if args.command == "gate":
         if args.dry_run:
             _dry_run(GATE_STAGES[args.name].name, args.params)
