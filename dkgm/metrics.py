@@ -30,21 +30,24 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def _sqrt_psd(m: np.ndarray) -> np.ndarray:
+def sqrt_psd(m: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a positive semi-definite matrix (negative round-off clipped)."""
     w, v = np.linalg.eigh((m + m.T) / 2)
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2): the Frechet distance of two
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     sqrt_sigma2: np.ndarray | None = None) -> float:
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S2^1/2 S1 S2^1/2)^1/2): the Frechet distance of two
     Gaussians (FID on Inception features). Symmetric eigendecompositions instead of a general
-    sqrtm: no complex round-off to discard."""
+    sqrtm: no complex round-off to discard. Pass `sqrt_sigma2` (from sqrt_psd) to reuse the
+    reference's square root across many comparisons (one 2048 x 2048 eigh saved per call)."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
         raise DKGMError(f"frechet_distance: mismatched shapes {mu1.shape}, {s1.shape}, {mu2.shape}, {s2.shape}")
-    r1 = _sqrt_psd(s1)
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0.0, None)).sum()
+    r2 = sqrt_psd(s2) if sqrt_sigma2 is None else sqrt_sigma2
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(r2 @ s1 @ r2), 0.0, None)).sum()
     return float(max(0.0, ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * cross))
 
 
@@ -139,3 +142,42 @@ def laplacian_energy(images: np.ndarray) -> float:
     kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).expand(x.shape[1], 1, 3, 3)
     lap = torch.nn.functional.conv2d(x, kernel.contiguous(), groups=x.shape[1])
     return float((lap**2).mean())
+
+
+# ----------------------------------------------------------------------------- point data
+
+
+def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None) -> float:
+    """Unbiased MMD^2 with the Gaussian kernel exp(-|a-b|^2 / (2 bw^2)); bw defaults to the
+    median pairwise distance of the pooled sample (the median heuristic)."""
+    a, b = _features(x, "x"), _features(y, "y")
+    if bandwidth is None:
+        pooled = np.concatenate([a, b])
+        sub = pooled[np.random.default_rng(0).choice(len(pooled), min(len(pooled), 2000), replace=False)]
+        d2 = ((sub[:, None] - sub[None]) ** 2).sum(-1)
+        bandwidth = float(np.sqrt(np.median(d2[np.triu_indices(len(sub), 1)])))
+    if not bandwidth > 0:
+        raise DKGMError("mmd_rbf: the kernel bandwidth must be positive (are all points identical?)")
+
+    def k(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        return np.exp(-((p[:, None] - q[None]) ** 2).sum(-1) / (2 * bandwidth**2))
+
+    m, n = len(a), len(b)
+    kxx, kyy = k(a, a), k(b, b)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2 * k(a, b).mean())
+
+
+def sliced_wasserstein(x: np.ndarray, y: np.ndarray, n_projections: int = 256, seed: int = 0,
+                       quantiles: int = 512) -> float:
+    """Sliced 1-Wasserstein distance: the mean over random unit directions of the 1-D W1 between
+    the projections, from matched quantiles (so the two sets may differ in size)."""
+    a, b = _features(x, "x"), _features(y, "y")
+    if a.shape[1] != b.shape[1]:
+        raise DKGMError(f"sliced_wasserstein: dimensions differ ({a.shape[1]} vs {b.shape[1]})")
+    rng = np.random.default_rng(seed)
+    dirs = rng.standard_normal((a.shape[1], n_projections))
+    dirs /= np.linalg.norm(dirs, axis=0, keepdims=True)
+    q = (np.arange(quantiles) + 0.5) / quantiles
+    pa, pb = np.quantile(a @ dirs, q, axis=0), np.quantile(b @ dirs, q, axis=0)
+    return float(np.abs(pa - pb).mean())

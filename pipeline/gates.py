@@ -17,7 +17,7 @@ from typing import Any
 
 from dkgm.errors import DKGMError
 from pipeline import paths
-from pipeline.params import DebiaserGateParams, KDEGateParams, Params, section
+from pipeline.params import DebiaserGateParams, EvalGateParams, KDEGateParams, Params, section
 
 GO, NO_GO, OVERRIDDEN = "GO", "NO-GO", "NO-GO (overridden)"
 _OPS: dict[str, Callable[[Any, Any], bool]] = {">=": operator.ge, "<=": operator.le, "==": operator.eq}
@@ -67,6 +67,18 @@ def debiaser_checks(metrics: dict[str, Any], cfg: DebiaserGateParams) -> list[Ch
     ]
 
 
+def eval_checks(metrics: dict[str, Any], cfg: EvalGateParams) -> list[Check]:
+    key = "gates.eval"
+    checks = [
+        check(metrics, "debias_gain", ">=", cfg.min_debias_gain, f"{key}.min_debias_gain"),
+        check(metrics, "refined_copy_fraction", "<=", cfg.max_copy_fraction, f"{key}.max_copy_fraction"),
+        check(metrics, "refined_anchor_fraction", "<=", cfg.max_anchor_fraction, f"{key}.max_anchor_fraction"),
+    ]
+    if metrics.get("kind") == "images":  # FID has no meaning for point data
+        checks.insert(0, check(metrics, "refined_fid", "<=", cfg.max_fid, f"{key}.max_fid"))
+    return checks
+
+
 @dataclass(frozen=True)
 class GateSpec:
     metrics: str  # the metrics file the gate reads
@@ -76,6 +88,7 @@ class GateSpec:
 GATES: dict[str, GateSpec] = {
     "kde": GateSpec(metrics=paths.KDE_METRICS, checks=kde_checks),
     "debiaser": GateSpec(metrics=paths.TRAIN_METRICS, checks=debiaser_checks),
+    "eval": GateSpec(metrics=paths.EVAL_METRICS, checks=eval_checks),
 }
 
 

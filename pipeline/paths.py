@@ -40,6 +40,20 @@ REFINE_TRAJECTORY = "reports/refine/trajectory.png"
 REFINE_PROGRESS = "reports/refine/progress.png"
 REFINE_METRICS = "reports/refine/metrics.json"
 
+# reference (Inception features of the real data, once per dataset and feature network)
+REFERENCE = "data/reference"  # features.npz, meta.json
+REFERENCE_METRICS = "reports/reference/metrics.json"
+
+# evaluate
+EVAL_METRICS = "reports/eval/metrics.json"
+EVAL_SAMPLES = "reports/eval/per_sample.parquet"  # per sample: nearest training items, distances, anchor match
+EVAL_NEAREST = "reports/eval/nearest.png"
+EVAL_MEMORIZATION = "reports/eval/memorization.png"
+
+# report (the review document: everything above in one page)
+REPORT_MD = "reports/report.md"
+REPORT_HTML = "reports/report.html"  # self-contained: images embedded as data URIs
+
 # gates
 GATES = "reports/gates"
 

@@ -21,6 +21,7 @@ class StageSpec:
     outs: tuple[str, ...]  # artifacts it writes
     module: str | None = None  # stages.<module> with run(cfg, root) -> metrics; None for gates
     gate: str | None = None  # gate name, for gate stages
+    require_deps: bool = True  # False: the stage runs with inputs missing and says what did not run (report)
 
     @property
     def cmd(self) -> str:
@@ -82,6 +83,41 @@ STAGES: dict[str, StageSpec] = {
             deps=(paths.PREPARED, paths.KDE_SAMPLES, paths.DEBIASER_SNAPSHOT, paths.gate_token("debiaser")),
             outs=(paths.REFINED, paths.REFINE_GRID, paths.REFINE_TRAJECTORY, paths.REFINE_PROGRESS, paths.REFINE_METRICS),
             module="stages.refine",
+        ),
+        StageSpec(
+            "reference",
+            "reference",
+            deps=(paths.PREPARED,),
+            outs=(paths.REFERENCE, paths.REFERENCE_METRICS),
+            module="stages.reference",
+        ),
+        StageSpec(
+            "evaluate",
+            "evaluate",
+            deps=(paths.PREPARED, paths.REFERENCE, paths.KDE_SAMPLES, paths.REFINED),
+            outs=(paths.EVAL_METRICS, paths.EVAL_SAMPLES, paths.EVAL_NEAREST, paths.EVAL_MEMORIZATION),
+            module="stages.evaluate",
+        ),
+        StageSpec(
+            "gate_eval",
+            "gates.eval",
+            deps=(paths.EVAL_METRICS,),
+            outs=(paths.gate_record("eval"), paths.gate_token("eval")),
+            gate="eval",
+        ),
+        StageSpec(
+            "report",
+            "report",
+            # everything the report shows, so that DVC re-renders it when any of it changes
+            deps=(paths.PREPARED, paths.PREPARE_PREVIEW, paths.PREPARE_METRICS, paths.KDE_CV_PLOT, paths.KDE_METRICS,
+                  paths.gate_record("kde"), paths.SAMPLE_KDE_GRID, paths.SAMPLE_KDE_METRICS, paths.TRAIN_LOSS_PLOT,
+                  paths.TRAIN_DENOISE_PLOT, paths.TRAIN_METRICS, paths.gate_record("debiaser"), paths.REFINE_GRID,
+                  paths.REFINE_TRAJECTORY, paths.REFINE_PROGRESS, paths.REFINE_METRICS, paths.REFERENCE_METRICS,
+                  paths.EVAL_METRICS, paths.EVAL_SAMPLES, paths.EVAL_NEAREST, paths.EVAL_MEMORIZATION,
+                  paths.gate_record("eval")),
+            outs=(paths.REPORT_MD, paths.REPORT_HTML),
+            module="stages.report",
+            require_deps=False,  # `python -m pipeline run report` after a NO-GO shows what did not run
         ),
     ]
 }

@@ -166,9 +166,12 @@ class Prepared:
 
     def split(self, name: str) -> np.ndarray:
         """Items of one split as float32 (images mapped to [-1, 1])."""
+        return self.items(self.split_rows(name))
+
+    def items(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of data/prepared as float32 (images mapped to [-1, 1])."""
         from dkgm.data import to_float
 
-        rows = self.manifest["index"].to_numpy()[self.manifest["split"].to_numpy() == name]
         items = self.data[rows]
         return to_float(items) if self.kind == "images" else items.astype(np.float32)
 

@@ -67,7 +67,7 @@ def test_metrics_and_plots_declared_at_top_level_exist_as_outputs():
         (lambda r: r["kde"].update(bandwidth_scale=0), "kde.bandwidth_scale", "greater than 0"),
         (lambda r: r["kde"].update(grid_min=2.0, grid_max=1.0), "kde.grid_max", "grid is empty"),
         (lambda r: r["kde"].update(topk_k=3), "kde.topk_k", "unknown key"),
-        (lambda r: r.update(evaluate={}), "evaluate", "unknown key"),
+        (lambda r: r.update(evaluation={}), "evaluation", "unknown key"),
         (lambda r: r["gates"]["kde"].update(enforce="maybe"), "gates.kde.enforce", "boolean"),
         (lambda r: r["prepare"].update(val_fraction=0.6, test_fraction=0.5), "prepare.test_fraction", "below 1"),
         (lambda r: r["refine"].update(steps=0), "refine.steps", "greater than or equal to 1"),

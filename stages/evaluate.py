@@ -1,0 +1,295 @@
+"""Stage evaluate: sample quality of stage 1 (KDE) and stage 2 (refined), the debiasing gain
+between them, and memorization (DESIGN 2.5).
+
+Both stages are scored on the same first n samples (identical seeds, so sample s of the refined
+set is the debiased sample s of the KDE set), against the reference artifact. Every statistic
+is also given for real held-out data (prefix `real_`): the floor it should be read against at
+this sample size. Metric keys are flat (`<set>_<metric>`) for `dvc metrics diff`.
+
+Images: FID and KID (clean-fid's clean resize, TF-Inception pool3), IS from the full network only
+(else null with the reason), precision/recall (k-NN balls in Inception space), memorization
+(d1/d2 to the two nearest training images in pixel space against every training image, and in
+Inception space against the reference subset; the fraction whose nearest training image is the
+sample's own KDE anchor and its distance), sharpness (Laplacian energy relative to real images).
+Points: distance to the true manifold, MMD (Gaussian kernel) and sliced Wasserstein against
+held-out points, the same memorization statistics in the plane.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dkgm import data as ds
+from dkgm import inception, metrics as mt
+from dkgm.errors import DKGMError
+from dkgm.kde import resolve_device
+from pipeline import paths
+from pipeline.params import EvaluateParams
+from stages.common import (
+    Prepared,
+    Progress,
+    load_prepared,
+    log,
+    new_figure,
+    read_json,
+    read_parquet,
+    save_figure,
+    staged_outputs,
+    write_json,
+    write_parquet,
+)
+
+OUTPUTS = [paths.EVAL_METRICS, paths.EVAL_SAMPLES, paths.EVAL_NEAREST, paths.EVAL_MEMORIZATION]
+SETS = ("kde", "refined")
+
+
+def _load_samples(root: Path, rel: str, what: str) -> tuple[np.ndarray, Any, dict]:
+    base = root / rel
+    meta = read_json(base / "meta.json", f"{what} metadata")
+    manifest = read_parquet(base / "manifest.parquet", f"{what} manifest")
+    npy = base / "samples.npy"
+    if not npy.is_file():
+        raise DKGMError(f"{what} not found: {npy} (run the stage that produces it first, or `dvc repro`)")
+    return np.load(npy), manifest, meta
+
+
+def _as_float(x: np.ndarray, kind: str) -> np.ndarray:
+    """Images as float in [-1, 1] after uint8 quantization (what a user would save); points as is."""
+    if kind != "images":
+        return x.astype(np.float32)
+    return ds.to_float(x if x.dtype == np.uint8 else ds.to_uint8(x))
+
+
+def _check_counts(cfg: EvaluateParams, n: int, n_ref: int, n_real: int, has_logits: bool) -> None:
+    need = {"precision/recall (evaluate.pr_k + 1)": cfg.pr_k + 1, "FID/KID": 2}
+    if has_logits:
+        need["the Inception Score (evaluate.is_splits)"] = cfg.is_splits
+    for what, count in need.items():
+        for have, name in ((n, "samples evaluated per stage"), (n_ref, "reference training items"),
+                           (n_real, "held-out real items")):
+            if have < count:
+                raise DKGMError(f"evaluate: {what} needs at least {count} {name}, got {have} "
+                                "(raise sample_kde.n_samples / evaluate.n_samples / reference.train_images, "
+                                "or the dataset's test_fraction)")
+
+
+def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
+    prepared = load_prepared(root)
+    ref_meta = read_json(root / paths.REFERENCE / "meta.json", "reference metadata")
+    if ref_meta.get("dataset") != prepared.meta["dataset"] or ref_meta.get("n_test") != len(prepared.split_rows("test")):
+        raise DKGMError(f"{paths.REFERENCE} was computed for {ref_meta.get('dataset')} but {paths.PREPARED} holds "
+                        f"{prepared.meta['dataset']} with a different split: re-run reference (or `dvc repro`)")
+    with np.load(root / paths.REFERENCE / "features.npz") as z:
+        ref = {k: z[k] for k in z.files}
+    kde_x, kde_man, _ = _load_samples(root, paths.KDE_SAMPLES, "KDE samples")
+    ref_x, ref_man, ref_smeta = _load_samples(root, paths.REFINED, "refined samples")
+    n = min(cfg.n_samples, len(kde_x), len(ref_x))
+    if not np.array_equal(kde_man["seed"].to_numpy()[:n], ref_man["seed"].to_numpy()[:n]):
+        raise DKGMError(f"{paths.REFINED} does not hold the debiased {paths.KDE_SAMPLES} (seeds differ): re-run refine")
+    kind = prepared.kind
+    weights = ref_meta.get("weights")
+    _check_counts(cfg, n, len(ref["train_rows"]), len(ref["test_rows"]), bool(weights and weights["has_logits"]))
+
+    train_rows = prepared.split_rows("train")
+    sets = {"kde": _as_float(kde_x[:n], kind), "refined": _as_float(ref_x[:n], kind)}
+    anchors = kde_man["anchor_index"].to_numpy()[:n]
+    real = prepared.split("test")
+    train = prepared.split("train")
+
+    t0 = time.perf_counter()
+    m: dict[str, Any] = {"kind": kind, "n_samples": n, "n_reference": len(ref["train_rows"]), "n_real": len(real),
+                         "n_train": len(train), "weights": "ema", "nfe": int(ref_smeta.get("nfe", 0)),
+                         "copy_ratio": cfg.copy_ratio}
+    per_sample: dict[str, list] = {k: [] for k in ("set", "sample_id", "nn_row", "d1", "d2", "anchor_row", "anchor_match",
+                                                   "anchor_distance")}
+
+    # memorization in data space, against every training item (cheap: one GEMM pass)
+    scale = np.sqrt(np.prod(train.shape[1:]))  # distances as RMS per coordinate
+    d1r, d2r, _ = mt.nearest_two(real, train)
+    m["real_copy_fraction"] = mt.copy_fraction(d1r, d2r, cfg.copy_ratio)
+    m["real_nn_distance"] = float(np.median(d1r) / scale)
+    ratios = {"real": d1r / np.maximum(d2r, 1e-12)}
+    anchor_d: dict[str, np.ndarray] = {}
+    for name, x in sets.items():
+        d1, d2, nn = mt.nearest_two(x, train)
+        nn_row = train_rows[nn]
+        match = nn_row == anchors
+        ad = np.sqrt(((x - prepared.items(anchors)) ** 2).reshape(n, -1).mean(1))
+        anchor_d[name] = ad
+        ratios[name] = d1 / np.maximum(d2, 1e-12)
+        m[f"{name}_copy_fraction"] = mt.copy_fraction(d1, d2, cfg.copy_ratio)
+        m[f"{name}_nn_distance"] = float(np.median(d1) / scale)
+        m[f"{name}_anchor_fraction"] = float(match.mean())
+        m[f"{name}_anchor_distance"] = float(np.median(ad))
+        for key, col in (("set", [name] * n), ("sample_id", kde_man["sample_id"].to_numpy()[:n]), ("nn_row", nn_row),
+                         ("d1", d1 / scale), ("d2", d2 / scale), ("anchor_row", anchors), ("anchor_match", match),
+                         ("anchor_distance", ad)):
+            per_sample[key].extend(col)
+    m["anchor_distance_ratio"] = m["refined_anchor_distance"] / max(m["real_nn_distance"], 1e-12)
+
+    if kind == "images":
+        _image_metrics(cfg, m, sets, real, ref, weights, root)
+        primary = "fid"
+    else:
+        _point_metrics(cfg, m, sets, real, train, prepared)
+        primary = "mean_distance_to_manifold"
+    kde_p, ref_p = m[f"kde_{primary}"], m[f"refined_{primary}"]
+    m["primary_metric"] = primary
+    m["debias_gain"] = (1.0 - ref_p / kde_p) if kde_p and kde_p > 0 else None
+    m["seconds"] = time.perf_counter() - t0
+
+    with staged_outputs(root, "evaluate") as outs:
+        write_parquet(outs.path(paths.EVAL_SAMPLES), per_sample)
+        if kind == "images":
+            _nearest_images(outs.path(paths.EVAL_NEAREST), sets, per_sample, prepared, n, cfg.nn_rows)
+        else:
+            _nearest_points(outs.path(paths.EVAL_NEAREST), sets["refined"], per_sample, prepared, n)
+        _memorization_plot(outs.path(paths.EVAL_MEMORIZATION), ratios, anchor_d, d1r / scale, cfg.copy_ratio)
+        write_json(outs.path(paths.EVAL_METRICS), m)
+    log.info("evaluate: n=%d, %s KDE %.4g -> refined %.4g (real %.4g); copies KDE %.1f%% refined %.1f%% real %.1f%%; "
+             "nearest = own anchor %.1f%%", n, primary, kde_p, ref_p, m.get(f"real_{primary}") or float("nan"),
+             100 * m["kde_copy_fraction"], 100 * m["refined_copy_fraction"], 100 * m["real_copy_fraction"],
+             100 * m["refined_anchor_fraction"])
+    return m
+
+
+def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], real: np.ndarray, ref: dict,
+                   weights: dict | None, root: Path) -> None:
+    if not weights:
+        raise DKGMError(f"{paths.REFERENCE} holds no Inception features: re-run reference")
+    w = inception.Weights(**weights)
+    if not Path(w.path).is_file():
+        raise DKGMError(f"the reference features were computed with {w.path}, which is gone: restore it or re-run reference")
+    digest = inception.sha256_file(w.path)
+    if digest != w.sha256:
+        raise DKGMError(f"Inception weights {w.path} changed since the reference was computed "
+                        f"(SHA-256 {digest}, reference {w.sha256}): re-run reference")
+    from stages.reference import cleanfid_resizer
+
+    m.update(feature_network=w.name, weights_sha256=w.sha256, weights_source=w.source)
+    device = resolve_device(cfg.device)
+    net = inception.InceptionFeatures(w, device, resize=cleanfid_resizer())
+    total = sum(len(x) for x in sets.values())
+    bar = Progress("evaluate features", total)
+    t0 = time.perf_counter()
+    feats, probs, done = {}, {}, 0
+    for name, x in sets.items():
+        out = net(ds.to_uint8(x), cfg.batch_size, progress=lambda k, base=done: bar(base + k))
+        feats[name], probs[name] = out.features, out.probs
+        done += len(x)
+    bar.close()
+    m["feature_images_per_second"] = total / max(time.perf_counter() - t0, 1e-9)
+    tr, te = ref["train_features"], ref["test_features"]
+    feats["real"] = te
+    probs["real"] = ref.get("test_probs")
+    mu, sigma = ref["mu"], ref["sigma"]
+    sqrt_sigma = mt.sqrt_psd(sigma)
+    rng = np.random.default_rng(cfg.seed)
+    energy_real = mt.laplacian_energy(real)
+    m["real_laplacian_energy"] = energy_real
+    for name, f in feats.items():
+        m[f"{name}_fid"] = mt.frechet_distance(*mt.feature_stats(f), mu, sigma, sqrt_sigma)
+        m[f"{name}_kid"] = mt.kid(f, tr, cfg.kid_subsets, cfg.kid_subset_size, seed=cfg.seed)
+        sub = tr[rng.choice(len(tr), min(len(tr), len(f)), replace=False)]
+        m[f"{name}_precision"], m[f"{name}_recall"] = mt.precision_recall(sub, f, cfg.pr_k)
+        d1, d2, _ = mt.nearest_two(f, tr)
+        m[f"{name}_copy_fraction_inception"] = mt.copy_fraction(d1, d2, cfg.copy_ratio)
+        if probs[name] is not None:
+            m[f"{name}_inception_score"], m[f"{name}_inception_score_std"] = mt.inception_score(probs[name], cfg.is_splits)
+        else:
+            m[f"{name}_inception_score"] = None
+        if name != "real":
+            m[f"{name}_sharpness"] = mt.laplacian_energy(sets[name]) / max(energy_real, 1e-12)
+    if probs["kde"] is None:
+        m["inception_score_note"] = (f"null: {w.name} has no classifier layer; put clean-fid's {inception.FULL_NAME} "
+                                     "in place (or name it in reference.weights) for IS")
+    m["fid_gain"] = m["kde_fid"] - m["refined_fid"]
+    m["kid_gain"] = m["kde_kid"] - m["refined_kid"]
+
+
+def _point_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], real: np.ndarray, train: np.ndarray,
+                   prepared: Prepared) -> None:
+    roll = prepared.manifold()
+    rng = np.random.default_rng(cfg.seed)
+    # the floor: as many training points as samples, against the same held-out points
+    floor = train[rng.choice(len(train), min(len(train), max(len(x) for x in sets.values())), replace=False)]
+    pooled = np.concatenate([real, floor])
+    d = np.sqrt(((pooled[:, None] - pooled[None]) ** 2).sum(-1))
+    bw = float(np.median(d[np.triu_indices(len(pooled), 1)]))  # one kernel width for every set
+    for name, x in {**sets, "real": floor}.items():
+        m[f"{name}_mean_distance_to_manifold"] = float(roll.distance(x).mean())
+        m[f"{name}_mmd"] = mt.mmd_rbf(x, real, bandwidth=bw)
+        m[f"{name}_sliced_wasserstein"] = mt.sliced_wasserstein(x, real, seed=cfg.seed)
+    m["mmd_bandwidth"] = bw
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _nearest_images(path: Path, sets: dict, per_sample: dict, prepared: Prepared, n: int, rows: int) -> None:
+    """Per row: KDE sample | its nearest training image | refined sample | its nearest | its anchor."""
+    import matplotlib.pyplot as plt
+
+    rows = min(rows, n)
+    nn = {name: np.asarray(per_sample["nn_row"][i * n : (i + 1) * n]) for i, name in enumerate(SETS)}
+    d1 = {name: np.asarray(per_sample["d1"][i * n : (i + 1) * n]) for i, name in enumerate(SETS)}
+    anchors = np.asarray(per_sample["anchor_row"][:n])
+    cols = ["KDE sample", "nearest training", "refined sample", "nearest training", "KDE anchor"]
+    fig, axes = plt.subplots(rows, len(cols), figsize=(1.5 * len(cols), 1.55 * rows + 0.4), dpi=110, squeeze=False)
+    for r in range(rows):
+        tiles = [sets["kde"][r], ds.to_float(prepared.data[nn["kde"][r]]), sets["refined"][r],
+                 ds.to_float(prepared.data[nn["refined"][r]]), ds.to_float(prepared.data[anchors[r]])]
+        notes = [f"d1 {d1['kde'][r]:.3f}", "", f"d1 {d1['refined'][r]:.3f}",
+                 "= anchor" if nn["refined"][r] == anchors[r] else "", ""]
+        for c, (tile, note) in enumerate(zip(tiles, notes)):
+            ax = axes[r, c]
+            ax.imshow(np.clip((tile[0] + 1) / 2, 0, 1), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if note:
+                ax.set_xlabel(note, fontsize=7)
+            if r == 0:
+                ax.set_title(cols[c], fontsize=8)
+    save_figure(fig, path)
+
+
+def _nearest_points(path: Path, refined: np.ndarray, per_sample: dict, prepared: Prepared, n: int) -> None:
+    train = prepared.data[prepared.split_rows("train")].astype(np.float32)
+    nn = np.asarray(per_sample["nn_row"][n : 2 * n])
+    fig, ax = new_figure(5, 5)
+    ax.scatter(train[:, 0], train[:, 1], s=2, c="grey", alpha=0.3, label="train")
+    k = min(n, 300)
+    near = prepared.data[nn[:k]].astype(np.float32)
+    for a, b in zip(refined[:k], near):
+        ax.plot([a[0], b[0]], [a[1], b[1]], "r-", lw=0.5, alpha=0.6)
+    ax.scatter(refined[:k, 0], refined[:k, 1], s=3, c="C0", label="refined (red: to nearest training point)")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", fontsize=7)
+    save_figure(fig, path)
+
+
+def _memorization_plot(path: Path, ratios: dict[str, np.ndarray], anchor_d: dict[str, np.ndarray],
+                       real_nn: np.ndarray, copy_ratio: float) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    bins = np.linspace(0, 1, 41)
+    for name, color in (("real", "k"), ("kde", "C1"), ("refined", "C0")):
+        a1.hist(ratios[name], bins=bins, histtype="step", density=True, color=color,
+                label={"real": "held-out real", "kde": "KDE samples", "refined": "refined samples"}[name])
+    a1.axvline(copy_ratio, color="r", ls="--", lw=1, label=f"copy threshold {copy_ratio:.2f}")
+    a1.set_xlabel("d1 / d2 (nearest / second-nearest training item)")
+    a1.set_ylabel("density")
+    a1.legend(fontsize=7)
+    hi = float(max(np.quantile(real_nn, 0.99), *(np.quantile(v, 0.99) for v in anchor_d.values())))
+    bins = np.linspace(0, hi, 41)
+    a2.hist(real_nn, bins=bins, histtype="step", density=True, color="k", label="held-out real: to nearest training")
+    a2.hist(anchor_d["kde"], bins=bins, histtype="step", density=True, color="C1", label="KDE: to own anchor")
+    a2.hist(anchor_d["refined"], bins=bins, histtype="step", density=True, color="C0", label="refined: to own anchor")
+    a2.set_xlabel("RMS distance per coordinate")
+    a2.legend(fontsize=7)
+    save_figure(fig, path)

@@ -1,0 +1,94 @@
+"""Stage reference: Inception features of the real data, computed once per dataset and feature
+network (DESIGN 2.5). Evaluation compares every run's samples against this artifact.
+
+Holds the features of a seeded subset of the training split (FID/KID/precision-recall reference,
+Inception-space nearest neighbours) and of the whole held-out test split (the floor every
+statistic is read against), the training mean and covariance, and the identity of the weights
+(file, SHA-256). Saved with np.savez, not clean-fid's make_custom_stats (which writes into
+site-packages). Point data (the swiss roll) needs no feature network: the artifact then only
+records which rows are which.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dkgm import inception
+from dkgm.kde import resolve_device
+from pipeline import paths
+from pipeline.params import ReferenceParams
+from stages.common import Progress, load_prepared, log, staged_outputs, write_json
+
+OUTPUTS = [paths.REFERENCE, paths.REFERENCE_METRICS]
+
+
+def cleanfid_resizer():
+    """clean-fid's own mode="clean" resize (tests check dkgm.inception.clean_resize matches it)."""
+    from cleanfid.resize import build_resizer
+
+    return build_resizer("clean")
+
+
+def resolve(cfg: ReferenceParams) -> inception.Weights:
+    def download(path: Path) -> None:
+        from cleanfid.downloads_helper import check_download_inception
+
+        log.info("reference: downloading clean-fid's Inception network to %s (reference.allow_download is true)", path)
+        check_download_inception(fpath=str(path.parent))
+
+    return inception.resolve_weights(cfg.weights, cfg.weights_sha256, download if cfg.allow_download else None)
+
+
+def reference_subset(train_rows: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """A seeded subset of the training rows (sorted), or all of them."""
+    if n is None or n >= len(train_rows):
+        return np.sort(train_rows)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(train_rows, n, replace=False))
+
+
+def run(cfg: ReferenceParams, root: Path) -> dict[str, Any]:
+    prepared = load_prepared(root)
+    train_rows = reference_subset(prepared.split_rows("train"), cfg.train_images, cfg.seed)
+    test_rows = prepared.split_rows("test")
+    meta: dict[str, Any] = {"dataset": prepared.meta["dataset"], "kind": prepared.kind,
+                            "n_train": len(train_rows), "n_test": len(test_rows)}
+    arrays: dict[str, np.ndarray] = {"train_rows": train_rows, "test_rows": test_rows}
+    metrics: dict[str, Any] = {"n_train": len(train_rows), "n_test": len(test_rows)}
+    if prepared.kind == "images":
+        weights = resolve(cfg)
+        device = resolve_device(cfg.device)
+        net = inception.InceptionFeatures(weights, device, resize=cleanfid_resizer())
+        rows = np.concatenate([train_rows, test_rows])
+        bar = Progress("reference features", len(rows))
+        t0 = time.perf_counter()
+        out = net(prepared.data[rows], cfg.batch_size, progress=bar)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        n_tr = len(train_rows)
+        train_f = out.features[:n_tr].astype(np.float64)
+        mu, sigma = train_f.mean(axis=0), np.cov(train_f, rowvar=False)
+        arrays.update(train_features=out.features[:n_tr], test_features=out.features[n_tr:], mu=mu, sigma=sigma)
+        if out.probs is not None:
+            arrays["test_probs"] = out.probs[n_tr:]
+        meta.update(weights=weights.to_dict(), feature_dim=inception.FEATURE_DIM,
+                    resize="clean-fid mode=clean (PIL bicubic, float32, 299 x 299)")
+        metrics.update(feature_network=weights.name, weights_sha256=weights.sha256, weights_source=weights.source,
+                       inception_score_available=weights.has_logits, device=str(device), seconds=seconds,
+                       images_per_second=len(rows) / max(seconds, 1e-9))
+        log.info("reference: %d training + %d test images through %s (%s), %.1f images/s", n_tr, len(test_rows),
+                 weights.name, weights.source, metrics["images_per_second"])
+    else:
+        meta["feature_network"] = None  # points are compared directly
+        metrics["feature_network"] = None
+    with staged_outputs(root, "reference") as outs:
+        base = outs.path(paths.REFERENCE)
+        base.mkdir()
+        np.savez(base / "features.npz", **arrays)
+        write_json(base / "meta.json", meta)
+        write_json(outs.path(paths.REFERENCE_METRICS), metrics)
+    return metrics

