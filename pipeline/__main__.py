@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline {run,gate,check,stages,compare} ...`.
+"""Command line: `python -m pipeline {run,gate,check,stages,compare,ablation} ...`.
 
     python -m pipeline run fit_kde              # the stage as a Prefect flow
     python -m pipeline run fit_kde --no-prefect # the stage called directly (or DKGM_NO_PREFECT=1)
@@ -6,6 +6,7 @@
     python -m pipeline gate kde                 # evaluate a go/no-go gate (exit 1 on an enforced NO-GO)
     python -m pipeline check                    # validate params.yaml
     python -m pipeline compare HEAD~1 HEAD      # params that differ, metrics side by side (reports/compare.md)
+    python -m pipeline ablation                 # every experiment, a table per swept param, plots (reports/ablations.md)
 
 Exit status: 0 done, 1 a gate said NO-GO, 2 a bad input (one line on stderr naming what to fix).
 """
@@ -55,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
                          "No REV: HEAD against the workspace; one: REV against the workspace; more: those, in order.")
     cmp.add_argument("revs", nargs="*", metavar="REV_OR_EXPERIMENT", help="git commit, branch, tag or `dvc exp run` name")
     cmp.add_argument("--out", default="reports/compare.md", help="markdown file to write (default: reports/compare.md; -: print only)")
+
+    abl = sub.add_parser("ablation", help="tabulate and plot the experiments of the documented sweeps",
+                         description="Collect the experiments of `dvc exp show --json` (HEAD's by default), find the swept "
+                         "params, and write a table per swept param plus plots (FID and memorization against the bandwidth "
+                         "scale, FID against NFE). Queue the sweeps first: docs/ablations.md.")
+    abl.add_argument("--out", default="reports/ablations.md",
+                     help="markdown file to write; plots go to its name without .md (default: reports/ablations.md; -: print only)")
+    abl.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only of HEAD")
     return p
 
 
@@ -104,6 +113,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from pipeline.compare import run_compare
 
         return run_compare(args.revs, args.out)
+    if args.command == "ablation":
+        from pipeline.ablation import run_ablation
+
+        return run_ablation(args.out, args.all_commits)
     if args.command == "gate":
         if args.dry_run:
             _dry_run(GATE_STAGES[args.name].name, args.params)

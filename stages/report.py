@@ -1,0 +1,884 @@
+"""Stage report: the review document, everything the earlier stages wrote on one page.
+
+Writes reports/report.md (GitHub-flavoured markdown, images linked by paths relative to reports/)
+and reports/report.html (one self-contained file: images embedded as base64 data URIs, inline CSS,
+no script and no external address of any kind), both rendered from the same document model so
+that they always say the same thing.
+
+What it reads (every input is optional except params.yaml: a stage that did not run is shown as
+"not run" in every table, a missing figure as "not produced (stage X did not run)"):
+  params.yaml (validated and raw), reports/gates/<gate>.json, reports/<stage>/metrics.json,
+  reports/eval/per_sample.parquet, the figures under reports/, data/prepared/meta.json, dvc.lock,
+  and `git rev-parse HEAD` / `git status` in the project root.
+
+The output is deterministic except for the date (SOURCE_DATE_EPOCH pins it) and the git fields.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib.metadata
+import os
+import platform
+import re
+import struct
+import subprocess
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from dkgm.errors import DKGMError
+from pipeline import paths
+from pipeline.params import Params, ReportParams, load_params
+from pipeline.registry import STAGES
+from stages.common import read_json, read_parquet, staged_outputs
+
+OUTPUTS = [paths.REPORT_MD, paths.REPORT_HTML]
+
+GATE_NAMES = ("kde", "debiaser", "eval")
+GO, NO_GO, OVERRIDDEN = "GO", "NO-GO", "NO-GO (overridden)"  # the decisions pipeline/gates.py writes
+NOT_RUN = "not run"
+ABSENT = "—"  # a value the metrics file does not have (or that does not apply)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PACKAGES = ("torch", "numpy", "dvc", "prefect", "clean-fid")
+DATA_ARTIFACTS = (paths.PREPARED, paths.KDE_BANDWIDTH, paths.KDE_SAMPLES, paths.DEBIASER_SNAPSHOT, paths.REFINED,
+                  paths.REFERENCE)
+SETS = (("kde", "KDE (stage 1)"), ("refined", "refined (stage 2)"), ("real", "real held-out (floor)"))
+
+
+# ----------------------------------------------------------------------------- document model
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A table cell; `kind` styles it in HTML (go, nogo, override, notrun, pass, fail) and bolds it in markdown."""
+
+    text: str
+    kind: str = ""
+
+
+CellLike = Union[Cell, str]  # noqa: UP007 - a runtime alias
+
+
+@dataclass
+class Heading:
+    level: int
+    text: str
+    anchor: str = ""
+
+
+@dataclass
+class Para:
+    text: str  # `backticks` become code in both renderings
+    kind: str = ""  # "note" renders smaller and muted in HTML
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[CellLike]]
+
+
+@dataclass
+class Cards:
+    """Small titled tables: one after another in markdown, side by side in HTML."""
+
+    items: list[tuple[str, Table]]
+
+
+@dataclass
+class Figure:
+    number: int
+    title: str
+    caption: str
+    rel: str  # path relative to the project root
+    stage: str  # the stage that writes it
+    png: bytes | None = None  # None: not produced
+    size: tuple[int, int] = (0, 0)
+    pixels: bool = False  # an image grid: scaled by an integer factor without smoothing
+
+
+@dataclass
+class Figures:
+    items: list[Figure]
+
+
+@dataclass
+class Badges:
+    items: list[tuple[str, Cell]]  # (label, decision)
+
+
+Block = Union[Heading, Para, Table, Cards, Figures, Badges]  # noqa: UP007 - a runtime alias
+
+
+@dataclass
+class Document:
+    title: str
+    subtitle: str
+    blocks: list[Block] = field(default_factory=list)
+
+    def add(self, *blocks: Block) -> None:
+        self.blocks.extend(blocks)
+
+
+# ----------------------------------------------------------------------------- formatting
+
+
+def fmt(value: Any, digits: int = 4) -> str:
+    """A metric value as shown in every table: `digits` significant digits, null as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "0" if value == 0 else f"{value:.{digits}g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(fmt(v, digits) for v in value) + "]"
+    return str(value)
+
+
+def param_str(value: Any) -> str:
+    """A params.yaml value as YAML would spell it (exact: no rounding)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(param_str(v) for v in value) + "]"
+    return str(value)
+
+
+def decision_cell(decision: str | None) -> Cell:
+    kind = {GO: "go", NO_GO: "nogo", OVERRIDDEN: "override"}.get(decision or "", "notrun")
+    return Cell(decision or NOT_RUN, kind)
+
+
+def _code(name: str) -> str:
+    return f"`{name}`"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+class Inputs:
+    """Everything the report reads, each file once; a missing file is None."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.metrics: dict[str, dict[str, Any] | None] = {}
+        for name, spec in STAGES.items():
+            if spec.gate or name == "report":
+                continue
+            rel = next((o for o in spec.outs if o.endswith("/metrics.json")), None)
+            if rel is not None:
+                self.metrics[name] = self._json(rel, f"{name} metrics")
+        self.gates = {g: self._gate(g) for g in GATE_NAMES}
+        prepared_meta = f"{paths.PREPARED}/meta.json"
+        self.prepared_meta = self._json(prepared_meta, "prepared dataset metadata")
+
+    def _json(self, rel: str, what: str) -> dict[str, Any] | None:
+        path = self.root / rel
+        if not path.exists():
+            return None
+        data = read_json(path, what)
+        if not isinstance(data, dict):
+            raise DKGMError(f"{what} is not a JSON object: {path} (re-run the stage that writes it)")
+        return data
+
+    def _gate(self, name: str) -> dict[str, Any] | None:
+        rec = self._json(paths.gate_record(name), f"gate {name} record")
+        if rec is None:
+            return None
+        if not isinstance(rec.get("decision"), str) or not isinstance(rec.get("checks"), list) or not all(
+            isinstance(c, dict) and {"metric", "value", "op", "threshold", "params_key"} <= set(c) for c in rec["checks"]
+        ):
+            raise DKGMError(f"{paths.gate_record(name)} is not a gate record (needs decision and checks with metric, "
+                            f"value, op, threshold, params_key): re-run `python -m pipeline gate {name}`")
+        return rec
+
+    @property
+    def eval(self) -> dict[str, Any] | None:
+        return self.metrics.get("evaluate")
+
+    @property
+    def kind(self) -> str:
+        for source in (self.eval, self.prepared_meta):
+            if source and source.get("kind") in ("images", "points"):
+                return source["kind"]
+        return "images"
+
+
+def png_info(data: bytes, rel: str, stage: str) -> tuple[int, int, int]:
+    """(width, height, colour type) from a PNG's IHDR chunk; DKGMError when it is no PNG."""
+    if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        raise DKGMError(f"{rel} is not a PNG image: re-run {stage} (or `dvc repro`)")
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height, data[25]
+
+
+def read_figure(root: Path, number: int, title: str, caption: str, rel: str, stage: str, grid: bool) -> Figure:
+    fig = Figure(number, title, caption, rel, stage)
+    path = root / rel
+    if path.is_file():
+        fig.png = path.read_bytes()
+        w, h, colour = png_info(fig.png, rel, stage)
+        fig.size = (w, h)
+        fig.pixels = grid and colour in (0, 2, 3)  # image grids are written without alpha; plots with
+    return fig
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def device_summary() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "cpu (torch not installed)"
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        return f"cuda: {torch.cuda.get_device_name(0)} ({n} device{'s' if n != 1 else ''})"
+    return "cpu (no CUDA device)"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_state(root: Path) -> dict[str, str]:
+    """Revision and cleanliness of the git work tree holding root, as text for the report."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30, check=False)
+
+    try:
+        head = git("rev-parse", "HEAD")
+    except FileNotFoundError:
+        return {"revision": "unknown (git is not installed)", "tree": "unknown"}
+    except subprocess.TimeoutExpired:
+        return {"revision": "unknown (git timed out)", "tree": "unknown"}
+    if head.returncode != 0:
+        inside = git("rev-parse", "--is-inside-work-tree")
+        if inside.returncode != 0:
+            return {"revision": "none: the project root is not in a git repository", "tree": "not a git repository"}
+        return {"revision": "none: the repository has no commit yet", "tree": "no commit"}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    changed = [line for line in status.stdout.splitlines() if line.strip()]
+    tree = f"dirty: {len(changed)} tracked file{'s' if len(changed) != 1 else ''} changed" if changed else "clean"
+    if status.returncode != 0:
+        tree = "unknown (git status failed)"
+    return {"revision": head.stdout.strip(), "tree": tree}
+
+
+def _is_sha(rev: str) -> bool:
+    return re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", rev) is not None
+
+
+def report_date() -> str:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch and epoch.isdigit() else datetime.now(timezone.utc)
+    return when.strftime("%Y-%m-%d %H:%M UTC")
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _gate_sections(doc: Document, inp: Inputs, params: Params) -> None:
+    doc.add(Heading(2, "Gates", "gates"),
+            Para("Each gate reads one stage's metrics and the thresholds in `params.yaml` (`gates.<name>`); an "
+                 "enforced NO-GO stops `dvc repro`, `enforce: false` records NO-GO (overridden) and continues."))
+    overview, checks = [], []
+    for name in GATE_NAMES:
+        rec = inp.gates[name]
+        rel = paths.gate_record(name)
+        if rec is None:
+            overview.append([_code(name), decision_cell(None), NOT_RUN, f"{_code(rel)} not found"])
+            checks.append([_code(name), Cell(NOT_RUN, "notrun"), ABSENT, ABSENT, ABSENT, ABSENT, Cell(NOT_RUN, "notrun")])
+            continue
+        failed = [c for c in rec["checks"] if not c.get("passed")]
+        overview.append([_code(name), decision_cell(rec["decision"]),
+                         f"{len(rec['checks']) - len(failed)} of {len(rec['checks'])} passed",
+                         _code(str(rec.get("input", ABSENT)))])
+        for c in rec["checks"]:
+            threshold = fmt(c["threshold"], 6)
+            current = _current_param(params, c["params_key"])
+            if (isinstance(current, (int, float)) and not isinstance(current, bool)
+                    and isinstance(c["threshold"], (int, float)) and not isinstance(c["threshold"], bool)
+                    and float(current) != float(c["threshold"])):
+                threshold += f" (params.yaml now {fmt(current, 6)}: re-run the gate)"
+            checks.append([_code(name), _code(c["metric"]), fmt(c["value"], 6), c["op"], threshold,
+                           _code(c["params_key"]), Cell("pass", "pass") if c.get("passed") else Cell("FAIL", "fail")])
+    doc.add(Table(["gate", "decision", "checks", "input"], overview),
+            Heading(3, "Checks"),
+            Table(["gate", "metric", "value", "operator", "threshold", "params key", "result"], checks))
+
+
+def _current_param(params: Params, dotted: str) -> Any:
+    node: Any = params
+    for part in dotted.split("."):
+        if not hasattr(node, part):
+            return None
+        node = getattr(node, part)
+    return node
+
+
+IMAGE_ROWS = [  # (label, key suffix, what it is)
+    ("FID", "fid", "Fréchet Inception distance to the reference training features (lower is better)"),
+    ("KID", "kid", "kernel Inception distance, unbiased (lower is better)"),
+    ("IS", "inception_score", "Inception Score (needs the full network's classifier)"),
+    ("precision", "precision", "fraction of samples inside the real k-NN manifold (Inception space)"),
+    ("recall", "recall", "fraction of real items inside the samples' k-NN manifold"),
+    ("copy fraction (pixel)", "copy_fraction", "d1/d2 < copy_ratio against every training image"),
+    ("copy fraction (Inception)", "copy_fraction_inception", "d1/d2 < copy_ratio in Inception space"),
+    ("nearest is own anchor", "anchor_fraction", "fraction whose nearest training item is its KDE anchor"),
+    ("anchor distance", "anchor_distance", "median RMS distance per pixel to the own anchor"),
+    ("nearest-training distance", "nn_distance", "median RMS distance per pixel to the nearest training item"),
+    ("sharpness", "sharpness", "Laplacian energy relative to real held-out images (1 = as sharp)"),
+]
+POINT_ROWS = [
+    ("distance to manifold", "mean_distance_to_manifold", "mean distance to the true spiral (lower is better)"),
+    ("MMD", "mmd", "maximum mean discrepancy to held-out points, Gaussian kernel"),
+    ("sliced Wasserstein", "sliced_wasserstein", "sliced Wasserstein distance to held-out points"),
+    ("copy fraction", "copy_fraction", "d1/d2 < copy_ratio against every training point"),
+    ("nearest is own anchor", "anchor_fraction", "fraction whose nearest training item is its KDE anchor"),
+    ("anchor distance", "anchor_distance", "median RMS distance per coordinate to the own anchor"),
+    ("nearest-training distance", "nn_distance", "median RMS distance per coordinate to the nearest training item"),
+]
+
+
+def metric_rows(kind: str) -> list[tuple[str, str, str]]:
+    return POINT_ROWS if kind == "points" else IMAGE_ROWS
+
+
+def _metrics_section(doc: Document, inp: Inputs) -> None:
+    m = inp.eval
+    doc.add(Heading(2, "Sample quality", "metrics"))
+    header = ["metric", *(label for _, label in SETS), "baseline", "meaning"]
+    rows: list[list[CellLike]] = []
+    if m is None:
+        doc.add(Para(f"Stage `evaluate` did not run (`{paths.EVAL_METRICS}` not found): every value is not run."))
+        count = ["samples evaluated", *([Cell(NOT_RUN, "notrun")] * 4), ""]
+        rows.append(count)
+        for label, _, what in metric_rows(inp.kind):
+            rows.append([label, *([Cell(NOT_RUN, "notrun")] * 4), what])
+        doc.add(Table(header, rows))
+        return
+    doc.add(Para(f"Scored by stage `evaluate` on the first {fmt(m.get('n_samples', ABSENT))} samples of each stage "
+                 "(sample s of both stages has the same seed), against the reference features; the real column is "
+                 "held-out data scored the same way, the floor at this sample size. No baseline stage exists yet."))
+    rows.append(["samples evaluated", fmt(m.get("n_samples", ABSENT)), fmt(m.get("n_samples", ABSENT)),
+                 fmt(m.get("n_real", ABSENT)), Cell(NOT_RUN, "notrun"), "items per column"])
+    for label, suffix, what in metric_rows(inp.kind):
+        cells: list[CellLike] = [label]
+        for name, _ in SETS:
+            key = f"{name}_{suffix}"
+            cells.append(fmt(m[key]) if key in m else ABSENT)
+        base = f"baseline_{suffix}"  # no baseline stage yet: its column says so until one writes these keys
+        rows.append([*cells, fmt(m[base]) if base in m else Cell(NOT_RUN, "notrun"), what])
+    doc.add(Table(header, rows))
+    notes = []
+    if inp.kind == "images" and "real_laplacian_energy" in m:
+        notes.append(f"Sharpness is relative to the real held-out images' Laplacian energy "
+                     f"({fmt(m['real_laplacian_energy'])}).")
+    if m.get("inception_score_note"):
+        notes.append(f"IS: {m['inception_score_note']}.")
+    if "copy_ratio" in m:
+        notes.append(f"copy_ratio = {fmt(m['copy_ratio'])}; — marks a value that does not apply to that column.")
+    for note in notes:
+        doc.add(Para(note, "note"))
+    derived = [
+        ("primary metric", "primary_metric", "what the debiasing gain is measured on"),
+        ("debias gain", "debias_gain", "1 − refined / KDE of the primary metric (> 0: stage 2 helped)"),
+        ("FID gain", "fid_gain", "KDE FID − refined FID"),
+        ("KID gain", "kid_gain", "KDE KID − refined KID"),
+        ("anchor distance ratio", "anchor_distance_ratio", "refined anchor distance / real nearest-training distance"),
+        ("feature network", "feature_network", ""),
+        ("NFE", "nfe", "network evaluations per refined sample"),
+    ]
+    doc.add(Heading(3, "Derived"),
+            Table(["quantity", "value", "meaning"],
+                  [[label, fmt(m[key]), what] for label, key, what in derived if key in m]))
+
+
+STAGE_KEYS: dict[str, list[tuple[str, str]]] = {  # stage -> (key, label) shown when present
+    "prepare": [("n_items", "items"), ("n_train", "training items"), ("n_val", "validation items"),
+                ("n_test", "test items")],
+    "fit_kde": [("h", "bandwidth h (used)"), ("h_cv", "h, CV optimum"), ("h_scott", "h, Scott's rule"),
+                ("h_silverman", "h, Silverman's rule"), ("bandwidth_scale", "bandwidth scale"),
+                ("cv_loglik_per_dim", "CV held-out log-lik at h_cv (nats/dim)"),
+                ("loglik_per_dim", "held-out log-lik at h (nats/dim)"),
+                ("baseline_loglik_per_dim", "diagonal-Gaussian baseline (nats/dim)"),
+                ("loglik_gain_per_dim", "gain over the baseline (nats/dim)"),
+                ("cv_on_boundary", "optimum on the grid boundary"), ("truncation_bound_opt", "top-k truncation bound")],
+    "sample_kde": [("n_samples", "samples"), ("kernel", "kernel"), ("distinct_anchors", "distinct anchors"),
+                   ("samples_per_second", "samples/s")],
+    "train_debiaser": [("arch", "architecture"), ("parameters", "parameters"), ("kimg", "kimg trained"),
+                       ("final_loss", "final training loss"), ("val_mse_at_h", "held-out MSE at σ = h"),
+                       ("identity_mse_at_h", "identity map's MSE at σ = h"), ("error_ratio", "error ratio"),
+                       ("images_per_second", "images/s"), ("precision", "precision")],
+    "refine": [("steps", "steps K"), ("nfe", "NFE"), ("schedule", "schedule"), ("solver", "solver"), ("eta", "η"),
+               ("kde_rms_distance_to_anchor", "RMS distance to anchor at k = 0"),
+               ("rms_distance_to_anchor", "RMS distance to anchor at k = K"),
+               ("kde_mean_distance_to_manifold", "distance to manifold at k = 0"),
+               ("mean_distance_to_manifold", "distance to manifold at k = K"),
+               ("train_mean_distance_to_manifold", "training data's distance to manifold"),
+               ("samples_per_second", "samples/s"), ("precision", "precision")],
+    "reference": [("feature_network", "feature network"), ("n_train", "reference training items"),
+                  ("n_test", "held-out items"), ("inception_score_available", "IS available")],
+}
+
+
+def _stage_numbers_section(doc: Document, inp: Inputs) -> None:
+    doc.add(Heading(2, "Key numbers per stage", "stages"))
+    cards = []
+    for stage, keys in STAGE_KEYS.items():
+        m = inp.metrics.get(stage)
+        if m is None:
+            rows: list[list[CellLike]] = [[Cell(NOT_RUN, "notrun"), Cell(NOT_RUN, "notrun")]]
+        else:
+            rows = [[label, fmt(m[key])] for key, label in keys if key in m] or [[ABSENT, ABSENT]]
+        cards.append((stage, Table(["quantity", "value"], rows)))
+    doc.add(Cards(cards))
+
+
+def _time_section(doc: Document, inp: Inputs) -> None:
+    doc.add(Heading(2, "Time per stage", "time"),
+            Para("Seconds the stage recorded in its metrics file (`seconds`, `stage_seconds` or `*_seconds`: "
+                 "the timed part, not the process start-up); — where the stage records none."))
+    rows: list[list[CellLike]] = []
+    for stage, m in inp.metrics.items():
+        if m is None:
+            rows.append([_code(stage), Cell(NOT_RUN, "notrun"), ABSENT, ABSENT, ABSENT])
+            continue
+        device = str(m.get("device", ABSENT))
+        keys = [k for k in ("stage_seconds", "seconds") if k in m]
+        keys += sorted(k for k in m if k.endswith("_seconds") and k not in keys)
+        timed = [k for k in keys if isinstance(m[k], (int, float)) and not isinstance(m[k], bool)]
+        if timed:
+            rows.append([_code(stage), fmt(float(m[timed[0]]), 3), _code(timed[0]),
+                         ", ".join(f"{_code(k)} {fmt(float(m[k]), 3)}" for k in timed[1:]) or ABSENT, device])
+        else:
+            rows.append([_code(stage), ABSENT, ABSENT, ABSENT, device])
+    doc.add(Table(["stage", "seconds", "field", "other timings", "device"], rows))
+
+
+FIGURES = [  # (title, path, stage, image grid?, caption for images, caption for points)
+    ("Training data", paths.PREPARE_PREVIEW, "prepare", True,
+     "a sample of the prepared training items", "the prepared training points"),
+    ("Bandwidth CV curve", paths.KDE_CV_PLOT, "fit_kde", False,
+     "held-out log-likelihood per dimension against the bandwidth h; the selected h marked",
+     "held-out log-likelihood per dimension against the bandwidth h; the selected h marked"),
+    ("KDE samples (stage 1)", paths.SAMPLE_KDE_GRID, "sample_kde", True,
+     "first-stage samples x = x_anchor + h·u beside their anchors", "first-stage samples"),
+    ("Debiaser training loss", paths.TRAIN_LOSS_PLOT, "train_debiaser", False,
+     "EDM loss against thousands of images seen, overall and per σ bucket",
+     "EDM loss against thousands of images seen, overall and per σ bucket"),
+    ("Denoising at σ = h", paths.TRAIN_DENOISE_PLOT, "train_debiaser", True,
+     "rows: clean held-out images, noisy at σ = h, denoised by the EMA network",
+     "noisy held-out points at σ = h and their denoised positions"),
+    ("Refined samples (stage 2)", paths.REFINE_GRID, "refine", True,
+     "the debiased samples", "the debiased points over the training data"),
+    ("Trajectory over k", paths.REFINE_TRAJECTORY, "refine", True,
+     "one row per sample: x_k at k = 0, K/4, K/2, 3K/4, K, then its anchor",
+     "the swiss-roll panels: KDE input, the iterates at several k, the ground truth"),
+    ("Refine progress", paths.REFINE_PROGRESS, "refine", False,
+     "mean RMS distance to the anchor at every step k, with the noise ladder σ_k",
+     "mean distance to the true spiral at every step k, with the noise ladder σ_k"),
+    ("Nearest-neighbour pairs", paths.EVAL_NEAREST, "evaluate", False,
+     "per row: KDE sample, its nearest training image, refined sample, its nearest, its KDE anchor",
+     "refined points joined to their nearest training points"),
+    ("Memorization histograms", paths.EVAL_MEMORIZATION, "evaluate", False,
+     "d1/d2 to the two nearest training items, and distance to the own anchor, against held-out real data",
+     "d1/d2 to the two nearest training items, and distance to the own anchor, against held-out real data"),
+]
+
+
+def read_figures(root: Path, kind: str) -> list[Figure]:
+    return [read_figure(root, i, title, cap_points if kind == "points" else cap_images, rel, stage, grid)
+            for i, (title, rel, stage, grid, cap_images, cap_points) in enumerate(FIGURES, start=1)]
+
+
+def _nn_section(doc: Document, inp: Inputs, cfg: ReportParams) -> None:
+    doc.add(Heading(2, "Nearest training items of the refined samples", "nearest"))
+    rel = paths.EVAL_SAMPLES
+    if cfg.nn_pairs == 0:
+        doc.add(Para("None listed (`report.nn_pairs` is 0)."))
+        return
+    if not (inp.root / rel).is_file():
+        doc.add(Para(f"Not produced (stage evaluate did not run): `{rel}` not found."))
+        doc.add(Table(["sample_id", "nearest training row", "d1", "d2", "d1/d2", "anchor row", "nearest is anchor"],
+                      [[Cell(NOT_RUN, "notrun"), *([ABSENT] * 6)]]))
+        return
+    df = read_parquet(inp.root / rel, "per-sample evaluation")
+    need = {"set", "sample_id", "nn_row", "d1", "d2", "anchor_row", "anchor_match"}
+    if not need <= set(df.columns):
+        raise DKGMError(f"{rel} lacks columns {', '.join(sorted(need - set(df.columns)))}: re-run evaluate")
+    refined = df[df["set"] == "refined"].head(cfg.nn_pairs)
+    doc.add(Para(f"The first {len(refined)} refined samples (`report.nn_pairs` = {cfg.nn_pairs}) from `{rel}`: "
+                 "d1, d2 are the RMS distances per coordinate to the nearest and second-nearest training items."))
+    rows: list[list[CellLike]] = []
+    for r in refined.itertuples(index=False):
+        d1, d2 = float(r.d1), float(r.d2)
+        rows.append([str(int(r.sample_id)), str(int(r.nn_row)), fmt(d1), fmt(d2), fmt(d1 / d2) if d2 > 0 else "n/a",
+                     str(int(r.anchor_row)), "yes" if bool(r.anchor_match) else "no"])
+    doc.add(Table(["sample_id", "nearest training row", "d1", "d2", "d1/d2", "anchor row", "nearest is anchor"], rows))
+
+
+def _dataset_section(doc: Document, inp: Inputs, params: Params) -> None:
+    meta = inp.prepared_meta or {}
+    prep = inp.metrics.get("prepare") or {}
+    counts = meta.get("counts") or {k: prep[f"n_{k}"] for k in ("train", "val", "test") if f"n_{k}" in prep}
+    rows = [["dataset", _code(meta.get("dataset", params.prepare.dataset))],
+            ["kind", inp.kind],
+            ["item shape", fmt(meta["shape"]) if "shape" in meta else ABSENT],
+            ["items (train / val / test)", " / ".join(fmt(counts.get(k, ABSENT)) for k in ("train", "val", "test"))
+             if counts else Cell(NOT_RUN, "notrun")],
+            ["source", _code(meta["source"]) if "source" in meta else ABSENT],
+            ["source SHA-256", _code(meta["source_sha256"]) if "source_sha256" in meta else ABSENT],
+            ["storage", meta.get("storage", ABSENT)]]
+    doc.add(Heading(2, "Dataset", "dataset"), Table(["item", "value"], rows))
+
+
+def _flatten(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(node, dict):
+        out = []
+        for k, v in node.items():
+            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [(prefix, node)]
+
+
+def _params_section(doc: Document, root: Path, params: Params) -> None:
+    doc.add(Heading(2, "Parameters", "params"),
+            Para("Every key of `params.yaml` after validation, one table per section; the note says where a value "
+                 "differs from the schema default (`pipeline/params.py`) or is not spelled out in the file."))
+    try:
+        raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:  # load_params read it already; this cannot normally fail
+        raise DKGMError(f"{root / 'params.yaml'}: cannot read: {exc}".replace("\n", " ")) from None
+    raw_keys = {k for k, _ in _flatten(raw)}
+    defaults = dict(_flatten(Params().model_dump(mode="json")))
+    groups: dict[str, list[list[CellLike]]] = {}
+    for key, value in _flatten(params.model_dump(mode="json")):
+        section, name = key.rsplit(".", 1)
+        note = ""
+        if key not in raw_keys:
+            note = "schema default (not in the file)"
+        elif value != defaults.get(key):
+            note = f"default {param_str(defaults.get(key))}"
+        groups.setdefault(section, []).append([_code(name), _code(param_str(value)), note])
+    doc.add(Cards([(section, Table(["key", "value", "note"], rows)) for section, rows in groups.items()]))
+
+
+def _environment_section(doc: Document) -> None:
+    rows = [["python", f"{platform.python_version()} ({platform.python_implementation()})"]]
+    rows += [[name, package_version(name)] for name in PACKAGES]
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    rows += [["device", device_summary()],
+             ["CPU count", f"{os.cpu_count()} ({affinity} usable by this process)"],
+             ["CPU", cpu_model()],
+             ["platform", platform.platform()]]
+    doc.add(Heading(2, "Environment", "environment"),
+            Para("Where the report was made (the stages may have run elsewhere: each stage's metrics name its device)."),
+            Table(["item", "version / value"], rows))
+
+
+def _provenance_section(doc: Document, root: Path, git: dict[str, str]) -> None:
+    doc.add(Heading(2, "Provenance", "provenance"),
+            Table(["item", "value"], [["git revision", _code(git["revision"]) if _is_sha(git["revision"]) else
+                                       git["revision"]], ["work tree", git["tree"]]]))
+    lock_path = root / "dvc.lock"
+    doc.add(Heading(3, "Data artifacts (dvc.lock)"))
+    if not lock_path.is_file():
+        doc.add(Para("`dvc.lock` not found: the stages were not run through `dvc repro`, so no artifact hashes are "
+                     "recorded."))
+        return
+    try:
+        lock = yaml.safe_load(lock_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DKGMError(f"{lock_path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    stages = lock.get("stages") if isinstance(lock, dict) else None
+    if not isinstance(stages, dict):
+        raise DKGMError(f"{lock_path}: no `stages` mapping (not a DVC lock file?)")
+    written: dict[str, tuple[str, dict]] = {}
+    read: dict[str, list[tuple[str, dict]]] = {}
+    for stage, entry in stages.items():
+        for role, store in (("outs", None), ("deps", read)):
+            for item in (entry or {}).get(role) or []:
+                p = item.get("path") if isinstance(item, dict) else None
+                if p not in DATA_ARTIFACTS:
+                    continue
+                if store is None:
+                    written[p] = (stage, item)
+                else:
+                    store.setdefault(p, []).append((stage, item))
+    rows: list[list[CellLike]] = []
+    for art in DATA_ARTIFACTS:
+        if art in written:
+            stage, item = written[art]
+            md5 = item.get("md5", ABSENT)
+            size = fmt(item["size"]) if "size" in item else ABSENT
+            if "nfiles" in item:
+                size += f" ({item['nfiles']} files)"
+            readers = [f"{s}: {'same' if it.get('md5') == md5 else 'differs ' + str(it.get('md5', ABSENT))[:8]}"
+                       for s, it in read.get(art, [])]
+            rows.append([_code(art), _code(stage), _code(str(md5)), size, "; ".join(readers) or ABSENT])
+        else:
+            readers = [f"{s}: {it.get('md5', ABSENT)!s}" for s, it in read.get(art, [])]
+            rows.append([_code(art), Cell("not in dvc.lock", "notrun"), ABSENT, ABSENT, "; ".join(readers) or ABSENT])
+    doc.add(Para("md5 of each data artifact as its producing stage recorded it; `read by` says whether each "
+                 "consumer ran on the same version (`differs`: that stage is stale)."),
+            Table(["artifact", "written by", "md5", "size (bytes)", "read by"], rows))
+
+
+def build(cfg: ReportParams, root: Path, date: str | None = None, git: dict[str, str] | None = None) -> Document:
+    """The document model; `date` and `git` are the only fields that vary between identical runs."""
+    root = Path(root)
+    params = load_params(root / "params.yaml")
+    inp = Inputs(root)
+    figures = read_figures(root, inp.kind)
+    git = git if git is not None else git_state(root)
+    dataset = (inp.prepared_meta or {}).get("dataset", params.prepare.dataset)
+    rev = git["revision"]
+    rev = f"git {rev[:12]} ({git['tree']})" if _is_sha(rev) else f"git: {git['tree']}"
+    doc = Document(cfg.title, f"{date or report_date()} · dataset {dataset} ({inp.kind}) · {rev}")
+    doc.add(Badges([(f"gate {name}", decision_cell((inp.gates[name] or {}).get("decision"))) for name in GATE_NAMES]))
+    not_run = [s for s, m in inp.metrics.items() if m is None]
+    m = inp.eval or {}
+    summary = [f"Dataset `{dataset}` ({inp.kind})."]
+    primary = m.get("primary_metric")
+    if primary and f"kde_{primary}" in m and f"refined_{primary}" in m:
+        summary.append(f"{primary}: KDE {fmt(m[f'kde_{primary}'])} → refined {fmt(m[f'refined_{primary}'])} "
+                       f"(real floor {fmt(m.get(f'real_{primary}'))}; debias gain {fmt(m.get('debias_gain'))}).")
+    summary.append("Stages not run: " + ", ".join(f"`{s}`" for s in not_run) + "." if not_run
+                   else "Every stage ran.")
+    doc.add(Para(" ".join(summary)))
+    _gate_sections(doc, inp, params)
+    _metrics_section(doc, inp)
+    _stage_numbers_section(doc, inp)
+    doc.add(Heading(2, "Figures", "figures"), Figures(figures))
+    _nn_section(doc, inp, cfg)
+    _time_section(doc, inp)
+    _dataset_section(doc, inp, params)
+    _params_section(doc, root, params)
+    _environment_section(doc)
+    _provenance_section(doc, root, git)
+    return doc
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _md_inline(text: str, in_table: bool = False) -> str:
+    text = " ".join(text.split())
+    return text.replace("|", "\\|") if in_table else text
+
+
+def _md_cell(cell: CellLike) -> str:
+    if isinstance(cell, Cell):
+        text = _md_inline(cell.text, True)
+        return f"**{text}**" if cell.kind in ("go", "nogo", "override", "fail") else text
+    return _md_inline(cell, True)
+
+
+def missing_text(fig: Figure) -> str:
+    return f"not produced (stage {fig.stage} did not run): {fig.rel} not found"
+
+
+def _report_relative(rel: str) -> str:
+    prefix = Path(paths.REPORT_MD).parent.as_posix() + "/"
+    return rel[len(prefix):] if rel.startswith(prefix) else os.path.relpath(rel, Path(paths.REPORT_MD).parent)
+
+
+def _md_table(t: Table) -> list[str]:
+    return ["| " + " | ".join(_md_inline(h, True) for h in t.header) + " |",
+            "|" + "|".join(" --- " for _ in t.header) + "|",
+            *("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows), ""]
+
+
+def render_md(doc: Document) -> str:
+    out = [f"# {_md_inline(doc.title)}", "", f"_{doc.subtitle}_", ""]
+    for b in doc.blocks:
+        if isinstance(b, Heading):
+            out += ["#" * b.level + " " + _md_inline(b.text), ""]
+        elif isinstance(b, Para):
+            out += [_md_inline(b.text), ""]
+        elif isinstance(b, Badges):
+            out += [" · ".join(f"{label}: {_md_cell(cell)}" for label, cell in b.items), ""]
+        elif isinstance(b, Table):
+            out += _md_table(b)
+        elif isinstance(b, Cards):
+            for title, table in b.items:
+                out += [f"### {_md_inline(title)}", ""] + _md_table(table)
+        elif isinstance(b, Figures):
+            for fig in b.items:
+                label = f"Figure {fig.number}. {fig.title}"
+                if fig.png is None:
+                    out += [f"**{label}**: {missing_text(fig)}.", ""]
+                else:
+                    out += [f"**{label}** — {fig.caption} (`{fig.rel}`)", "",
+                            f"![{label}]({_report_relative(fig.rel)})", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# ----------------------------------------------------------------------------- HTML
+
+CSS = """
+:root { --go: #1a7f37; --nogo: #cf222e; --override: #bc4c00; --muted: #656d76; --border: #d0d7de; --soft: #f6f8fa; }
+* { box-sizing: border-box; }
+html { background: var(--soft); }
+body { margin: 0; color: #1f2328; font: 15px/1.5 -apple-system, "Segoe UI", "Noto Sans", Helvetica, Arial, sans-serif; }
+main { max-width: 1120px; margin: 24px auto; padding: 28px 40px 40px; background: #fff; border: 1px solid var(--border);
+       border-radius: 8px; }
+h1 { font-size: 28px; margin: 0 0 2px; }
+h2 { font-size: 21px; margin: 36px 0 10px; padding-bottom: 6px; border-bottom: 1px solid var(--border); }
+h3 { font-size: 16px; margin: 22px 0 8px; }
+p { margin: 8px 0; }
+p.subtitle { color: var(--muted); margin: 0 0 14px; }
+p.note { color: var(--muted); font-size: 13px; margin: 4px 0; }
+code { font: 12.5px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace;
+       background: var(--soft); padding: 1px 4px; border-radius: 4px; overflow-wrap: anywhere; }
+nav { font-size: 14px; margin: 6px 0 4px; color: var(--muted); }
+nav a { color: #0969da; text-decoration: none; margin-right: 14px; white-space: nowrap; }
+.badges { display: flex; flex-wrap: wrap; gap: 10px; margin: 12px 0; }
+.badge { border: 1px solid var(--border); border-radius: 6px; padding: 6px 12px; font-weight: 600; }
+.table-wrap { overflow-x: auto; margin: 8px 0 16px; }
+table { border-collapse: collapse; font-size: 14px; }
+th, td { border: 1px solid var(--border); padding: 5px 10px; text-align: left; vertical-align: top; }
+th { background: var(--soft); font-weight: 600; white-space: nowrap; }
+tbody tr:nth-child(even) td { background: #fbfcfd; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.go, .nogo, .override, .notrun { display: inline-block; padding: 0 8px; border-radius: 10px; font-weight: 600;
+                                  font-size: 13px; white-space: nowrap; }
+.go { color: #fff; background: var(--go); }
+.nogo { color: #fff; background: var(--nogo); }
+.override { color: #fff; background: var(--override); }
+.notrun { color: var(--muted); background: #eaeef2; font-weight: 500; }
+.pass { color: var(--go); font-weight: 600; }
+.fail { color: var(--nogo); font-weight: 700; }
+.cards { display: flex; flex-wrap: wrap; gap: 4px 28px; align-items: flex-start; }
+.card h3 { margin: 14px 0 4px; }
+.card .table-wrap { margin: 4px 0 8px; }
+.figures { display: flex; flex-wrap: wrap; gap: 18px; justify-content: center; }
+figure { margin: 0; padding: 12px; border: 1px solid var(--border); border-radius: 6px; background: #fff;
+         max-width: 100%; }
+figure img { display: block; max-width: 100%; height: auto; margin: 0 auto; }
+figure img.pixels { image-rendering: pixelated; }
+figcaption { font-size: 13px; color: #424a53; margin-top: 8px; max-width: 780px; }
+figcaption b { color: #1f2328; }
+figure.missing { width: 100%; border-style: dashed; color: var(--muted); background: var(--soft); text-align: center;
+                 padding: 18px; }
+"""
+MAX_FIGURE_WIDTH = 1040  # the content width of <main>
+MAX_FIGURE_HEIGHT = 900  # taller plots are shown smaller (the file is embedded unchanged)
+PIXEL_TARGET = 560  # image grids are scaled by the integer factor that brings them closest to this width
+
+
+def _h(text: str) -> str:
+    """Escape text for HTML; `code` spans become <code>, and no address can appear as a live URL."""
+    parts = html.escape(" ".join(text.split()), quote=True).split("`")
+    out = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    return out.replace("://", ":&#47;&#47;")
+
+
+_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _html_cell(cell: CellLike) -> str:
+    if isinstance(cell, Cell):
+        inner = f'<span class="{cell.kind}">{_h(cell.text)}</span>' if cell.kind else _h(cell.text)
+        return f"<td>{inner}</td>"
+    return f'<td class="num">{_h(cell)}</td>' if _NUMBER.match(cell) else f"<td>{_h(cell)}</td>"
+
+
+def figure_display_size(fig: Figure) -> tuple[int, int]:
+    w, h = fig.size
+    if fig.pixels and w > 0:
+        scale = max(1, min(4, round(PIXEL_TARGET / w)))
+        while scale > 1 and w * scale > MAX_FIGURE_WIDTH:
+            scale -= 1
+        return w * scale, h * scale
+    shrink = min(1.0, MAX_FIGURE_WIDTH / max(w, 1), MAX_FIGURE_HEIGHT / max(h, 1))
+    return round(w * shrink), round(h * shrink)
+
+
+def _html_figure(fig: Figure) -> str:
+    label = f"Figure {fig.number}. {fig.title}"
+    if fig.png is None:
+        return (f'<figure class="missing"><figcaption><b>{_h(label)}</b>: {_h(missing_text(fig))}.</figcaption>'
+                "</figure>")
+    w, h = figure_display_size(fig)
+    data = base64.b64encode(fig.png).decode("ascii")
+    cls = ' class="pixels"' if fig.pixels else ""
+    return (f'<figure style="width: {min(w, MAX_FIGURE_WIDTH) + 26}px"><img{cls} src="data:image/png;base64,{data}" '
+            f'width="{w}" height="{h}" alt="{html.escape(label)}"><figcaption><b>{_h(label)}</b> — {_h(fig.caption)} '
+            f"(<code>{_h(fig.rel)}</code>)</figcaption></figure>")
+
+
+def _html_table(t: Table) -> str:
+    head = "".join(f"<th>{_h(h)}</th>" for h in t.header)
+    rows = "\n".join("<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in t.rows)
+    return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody></table></div>'
+
+
+def render_html(doc: Document) -> str:
+    anchors = [b for b in doc.blocks if isinstance(b, Heading) and b.level == 2 and b.anchor]
+    body = [f"<h1>{_h(doc.title)}</h1>", f'<p class="subtitle">{_h(doc.subtitle)}</p>',
+            "<nav>" + "".join(f'<a href="#{b.anchor}">{_h(b.text)}</a>' for b in anchors) + "</nav>"]
+    for b in doc.blocks:
+        if isinstance(b, Heading):
+            anchor = f' id="{b.anchor}"' if b.anchor else ""
+            body.append(f"<h{b.level}{anchor}>{_h(b.text)}</h{b.level}>")
+        elif isinstance(b, Para):
+            cls = f' class="{b.kind}"' if b.kind else ""
+            body.append(f"<p{cls}>{_h(b.text)}</p>")
+        elif isinstance(b, Badges):
+            body.append('<div class="badges">' + "".join(
+                f'<div class="badge">{_h(label)} <span class="{cell.kind}">{_h(cell.text)}</span></div>'
+                for label, cell in b.items) + "</div>")
+        elif isinstance(b, Table):
+            body.append(_html_table(b))
+        elif isinstance(b, Cards):
+            body.append('<div class="cards">\n' + "\n".join(
+                f'<div class="card"><h3>{_h(title)}</h3>{_html_table(table)}</div>' for title, table in b.items)
+                + "\n</div>")
+        elif isinstance(b, Figures):
+            body.append('<div class="figures">\n' + "\n".join(_html_figure(f) for f in b.items) + "\n</div>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{_h(doc.title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n"
+            + "\n".join(body) + "\n</main>\n</body>\n</html>\n")
+
+
+# ----------------------------------------------------------------------------- stage
+
+
+def run(cfg: ReportParams, root: Path) -> dict[str, Any]:
+    root = Path(root)
+    doc = build(cfg, root)
+    with staged_outputs(root, "report") as out:
+        out.path(paths.REPORT_MD).write_text(render_md(doc), encoding="utf-8")
+        out.path(paths.REPORT_HTML).write_text(render_html(doc), encoding="utf-8")
+    figures = next(b for b in doc.blocks if isinstance(b, Figures)).items
+    badges = next(b for b in doc.blocks if isinstance(b, Badges)).items
+    return {
+        "gates": {label.split(" ", 1)[1]: cell.text for label, cell in badges},
+        "figures_embedded": sum(f.png is not None for f in figures),
+        "figures_missing": sum(f.png is None for f in figures),
+    }
