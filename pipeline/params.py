@@ -202,11 +202,11 @@ class KDEGateParams(Section):
 
 
 class EvalGateParams(Section):
-    enforce: bool = True  # false: a NO-GO is recorded as overridden and the pipeline continues
+    enforce: bool = False  # the default run memorizes: recorded as NO-GO (overridden) until a setting passes
     max_fid: float = Field(100.0, gt=0.0)  # FID of the refined samples (images only)
     min_debias_gain: float = 0.0  # 1 - refined / KDE of the primary distance (FID; points: distance to the manifold)
     max_copy_fraction: float = Field(0.1, ge=0.0, le=1.0)  # refined samples with d1/d2 < copy_ratio (pixel space)
-    max_anchor_fraction: float = Field(1.0, ge=0.0, le=1.0)  # refined samples whose nearest training item is their anchor
+    max_anchor_fraction: float = Field(0.5, ge=0.0, le=1.0)  # refined samples whose nearest training item is their anchor
 
 
 class GatesParams(Section):

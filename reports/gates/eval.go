@@ -1,0 +1,1 @@
+NO-GO (overridden)
