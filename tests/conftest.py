@@ -66,6 +66,17 @@ def run_stages(root: Path, *stages: str) -> None:
             run_stage_direct(s, root / "params.yaml", root)
 
 
+def set_param(root: Path, dotted: str, value) -> None:
+    """Set one key of root/params.yaml (e.g. "kde.bandwidth_scale")."""
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"

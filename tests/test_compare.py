@@ -13,10 +13,9 @@ import subprocess
 import time
 
 import pytest
-import yaml
 
 from pipeline import compare as C
-from tests.conftest import VENV_BIN, cli_env, run_cli
+from tests.conftest import VENV_BIN, cli_env, run_cli, set_param
 
 # `dvc exp show --json --num 1 --hide-queued --hide-failed --rev HEAD~1 --hide-workspace` (kde.bandwidth_scale 1)
 EXP_SHOW_REV = json.loads(r"""
@@ -400,16 +399,6 @@ def sh(root, *cmd: str) -> subprocess.CompletedProcess:
     if r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
-
-
-def set_param(root, dotted: str, value) -> None:
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    node = raw
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
 def kde_h(root) -> float:

@@ -7,10 +7,9 @@ import re
 import subprocess
 
 import pytest
-import yaml
 
 from pipeline import paths
-from tests.conftest import VENV_BIN, cli_env
+from tests.conftest import VENV_BIN, cli_env, set_param
 
 pytestmark = pytest.mark.slow
 
@@ -27,20 +26,15 @@ def ran(result: subprocess.CompletedProcess) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", result.stdout + result.stderr)
 
 
-def set_param(root, dotted: str, value) -> None:
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    node = raw
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+ALL = ["prepare", "fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine", "reference",
+       "evaluate", "gate_eval", "report"]
+AFTER_REFINE = ["evaluate", "gate_eval", "report"]
 
 
 def test_repro_noop_and_partial_rerun(dvc_project):
     root = dvc_project
     first = dvc(root, "repro")
-    assert ran(first) == ["prepare", "fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine"]
+    assert ran(first) == ALL, ran(first)
     assert (root / paths.KDE_SAMPLES / "samples.npy").is_file()
     assert ran(dvc(root, "repro")) == []  # a second repro is a no-op
 
@@ -50,20 +44,20 @@ def test_repro_noop_and_partial_rerun(dvc_project):
 
     # the bandwidth scale re-runs what depends on it and nothing upstream
     exp = dvc(root, "exp", "run", "-S", "kde.bandwidth_scale=2")
-    assert ran(exp) == ["fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine"]
+    assert ran(exp) == ["fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine", *AFTER_REFINE], ran(exp)
     assert json.loads((root / paths.KDE_METRICS).read_text())["h"] == pytest.approx(2 * h1)
     diff = json.loads(dvc(root, "params", "diff", "--json").stdout)
     change = diff["params.yaml"]["kde.bandwidth_scale"]
     assert (change["old"], change["new"]) == (1.0, 2)
 
-    # a gate threshold that keeps the decision re-runs the gate only, not the sampler after it
+    # a gate threshold that keeps the decision re-runs the gate (and the report that shows it), not the sampler
     subprocess.run(["git", "checkout", "-q", "--", "."], cwd=root, check=True)
     dvc(root, "checkout", "-q")
     set_param(root, "gates.kde.max_truncation_bound", 0.01)
-    assert ran(dvc(root, "repro")) == ["gate_kde"]
+    assert ran(dvc(root, "repro")) == ["gate_kde", "report"]
     # a sampler setting re-runs the sampler alone: no retraining
     set_param(root, "refine.steps", 3)
-    assert ran(dvc(root, "repro")) == ["refine"]
+    assert ran(dvc(root, "repro")) == ["refine", *AFTER_REFINE]
 
 
 def test_failing_gate_stops_repro_and_override_continues(dvc_project):
@@ -80,5 +74,5 @@ def test_failing_gate_stops_repro_and_override_continues(dvc_project):
 
     set_param(root, "gates.kde.enforce", False)
     r = dvc(root, "repro")
-    assert ran(r) == ["gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine"]
+    assert ran(r) == ["gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine", "reference", *AFTER_REFINE], ran(r)
     assert json.loads((root / paths.gate_record("kde")).read_text())["decision"] == "NO-GO (overridden)"

@@ -68,7 +68,7 @@ def test_exact_copies_are_flagged_and_stop_the_gate(project_copy):
     m = metrics(root)
     assert m["refined_anchor_fraction"] == 1.0 and m["refined_copy_fraction"] == 1.0
     assert m["refined_anchor_distance"] == 0.0 and m["anchor_distance_ratio"] == 0.0
-    write_params(root, {"gates": {"eval": {"max_copy_fraction": 0.1}}})
+    write_params(root, {"gates": {"eval": {"max_copy_fraction": 0.1, "enforce": True}}})
     run_stages(root, "gate_eval")
     record = json.loads((root / paths.gate_record("eval")).read_text())
     failed = {c["params_key"] for c in record["checks"] if not c["passed"]}
