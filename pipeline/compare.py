@@ -48,6 +48,7 @@ from dkgm.errors import DKGMError
 DEFAULT_OUT = "reports/compare.md"
 WORKSPACE = "workspace"
 MISSING = "—"
+MAX_CELL = 40  # longer text values are shortened in the table
 PARAMS_FILE = "params.yaml"
 METRICS_PREFIX, METRICS_SUFFIX = "reports/", "/metrics.json"
 
@@ -173,7 +174,8 @@ def metric_rows(snaps: list[Snapshot]) -> list[list[str]]:
 
 
 def fmt(v: Any) -> str:
-    """A value for the table: 5 significant digits for floats, ints whole, JSON for anything else."""
+    """A value for the table: 5 significant digits for floats, ints whole, JSON for anything else;
+    text longer than MAX_CELL characters is shortened."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if v is None:
@@ -182,9 +184,9 @@ def fmt(v: Any) -> str:
         return str(v)
     if isinstance(v, float):
         return f"{v:.5g}"
-    if isinstance(v, str):
-        return v
-    return json.dumps(v)
+    text = v if isinstance(v, str) else json.dumps(v)
+    # a long note (e.g. why IS is null) would widen every row of the padded table
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 
 
 def fmt_delta(a: Any, b: Any) -> str:

@@ -325,6 +325,8 @@ def test_formatting():
     assert C.fmt_delta(0.5, 0.25) == "-0.25"
     assert C.fmt_delta(1, 1.0) == "0"
     assert C.fmt_delta("a", 1) == "—" and C.fmt_delta(True, False) == "—"
+    long = "null: default_1.pt has no classifier layer; put the full network in place"
+    assert len(C.fmt(long)) == C.MAX_CELL and C.fmt(long).endswith("…") and C.fmt(long)[:20] == long[:20]
 
 
 def parse_tables(md: str) -> dict[str, list[list[str]]]:
