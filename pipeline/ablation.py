@@ -127,6 +127,10 @@ def experiments_from_exp_show(entries: list[dict[str, Any]]) -> list[Experiment]
             continue
         base = snapshot_from_entry(entry, "")
         baseline = entry.get("name") or str(entry.get("rev") or "")[:7]
+        if entry.get("experiments") and base.metrics:
+            # the baseline commit's own run: the reference point of every table
+            out.append(Experiment(name=f"{baseline} (baseline)", rev=base.rev, baseline=baseline, state="success",
+                                  params=base.params, metrics=base.metrics, reference=base.params))
         for group in entry.get("experiments") or []:
             executor = group.get("executor") or {}
             for rev_entry in group.get("revs") or []:

@@ -883,3 +883,23 @@ def test_queued_bandwidth_sweep_end_to_end(dvc_project):
     assert md.count("skipped:") == 3
     print(f"\nqueue + ablation: {t_cli:.1f} s, dvc exp run --run-all -j 2: {t_run:.1f} s, "
           f"total {time.monotonic() - t0:.1f} s")
+
+
+def test_the_baseline_commits_own_run_is_the_reference_row():
+    """A sweep that never repeats the baseline value still shows it: the baseline commit's own metrics."""
+    entries = empty_show()
+    for name, scale in (("bw-2", 2), ("bw-3", 3)):
+        add_exp(entries, name, {"kde.bandwidth_scale": scale}, full_run(scale, refined_fid=30.0 + scale))
+    add_exp(entries, "eta-1", {"refine.eta": 1}, full_run(1, refined_fid=15.0))
+    base_metrics = full_run(1, refined_fid=22.0)
+    entries[0]["data"]["metrics"] = {f"reports/{stage}/metrics.json": {"data": v} for stage, v in base_metrics.items()}
+    _, _, md = report(entries)
+    s = sections(md)
+    bw = table(s["kde.bandwidth_scale"])
+    assert [(r["experiment"], r["kde.bandwidth_scale"], r["eval.refined_fid"]) for r in bw] == [
+        ("master (baseline)", "1", "22"), ("bw-2", "2", "32"), ("bw-3", "3", "33")]
+    eta = table(s["refine.eta"])
+    assert [(r["experiment"], r["eval.refined_fid"]) for r in eta] == [("master (baseline)", "22"), ("eta-1", "15")]
+    # without metrics of its own (never run at that commit) the baseline adds no row
+    entries[0]["data"]["metrics"] = {}
+    assert "master (baseline)" not in report(entries)[2]
