@@ -51,6 +51,28 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(max(0.0, ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * cross))
 
 
+def fid_to_reference(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray,
+                     sqrt_sigma: np.ndarray | None = None) -> float:
+    """FID of a feature set against reference statistics (mu, sigma). With fewer samples than
+    feature dimensions (n - 1 < d: 500 samples, 2048 features) the sample covariance is
+    S1 = A^T A with A = centred features / sqrt(n - 1) (n x d), and the non-zero eigenvalues of
+    sigma^1/2 S1 sigma^1/2 are those of the n x n matrix A sigma A^T: no d x d square root needed.
+    Otherwise this is frechet_distance on the sample's statistics."""
+    f = _features(features, "features")
+    n, d = f.shape
+    mu1 = f.mean(axis=0)
+    if n - 1 >= d:
+        return frechet_distance(mu1, np.cov(f, rowvar=False), mu, sigma, sqrt_sigma)
+    mu2, s2 = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if mu2.shape != (d,) or s2.shape != (d, d):
+        raise DKGMError(f"fid_to_reference: features have {d} dimensions, reference {mu2.shape}, {s2.shape}")
+    a = (f - mu1) / np.sqrt(n - 1)
+    small = a @ s2 @ a.T  # rows of a are samples: S1 = a^T a, and eig(sigma^1/2 a^T a sigma^1/2) = eig(a sigma a^T)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh((small + small.T) / 2), 0.0, None)).sum()
+    trace1 = float((a * a).sum())  # Tr(S1)
+    return float(max(0.0, ((mu1 - mu2) ** 2).sum() + trace1 + np.trace(s2) - 2.0 * cross))
+
+
 def fid(features1: np.ndarray, features2: np.ndarray) -> float:
     return frechet_distance(*feature_stats(features1), *feature_stats(features2))
 

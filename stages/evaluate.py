@@ -187,12 +187,11 @@ def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], re
     feats["real"] = te
     probs["real"] = ref.get("test_probs")
     mu, sigma = ref["mu"], ref["sigma"]
-    sqrt_sigma = mt.sqrt_psd(sigma)
     rng = np.random.default_rng(cfg.seed)
     energy_real = mt.laplacian_energy(real)
     m["real_laplacian_energy"] = energy_real
     for name, f in feats.items():
-        m[f"{name}_fid"] = mt.frechet_distance(*mt.feature_stats(f), mu, sigma, sqrt_sigma)
+        m[f"{name}_fid"] = mt.fid_to_reference(f, mu, sigma)
         m[f"{name}_kid"] = mt.kid(f, tr, cfg.kid_subsets, cfg.kid_subset_size, seed=cfg.seed)
         sub = tr[rng.choice(len(tr), min(len(tr), len(f)), replace=False)]
         m[f"{name}_precision"], m[f"{name}_recall"] = mt.precision_recall(sub, f, cfg.pr_k)

@@ -117,6 +117,12 @@ def test_fid_and_kid_agree_with_clean_fid():
     mu2, s2 = mt.feature_stats(b)
     assert mt.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(cfid.frechet_distance(mu1, s1, mu2, s2), rel=1e-8)
     assert mt.frechet_distance(mu1, s1, mu2, s2, mt.sqrt_psd(s2)) == pytest.approx(mt.fid(a, b), rel=1e-12)
+    # fewer samples than dimensions: the n x n route gives the same FID as the d x d one (which
+    # takes square roots of round-off-sized eigenvalues of a rank-9 matrix: ~1e-8 of noise)
+    few = rng.standard_normal((10, 16)) * 0.7 + 0.1
+    assert mt.fid_to_reference(few, mu2, s2) == pytest.approx(mt.frechet_distance(*mt.feature_stats(few), mu2, s2),
+                                                              rel=1e-7)
+    assert mt.fid_to_reference(a, mu2, s2) == pytest.approx(mt.fid(a, b), rel=1e-12)  # n > d: the usual route
     # with one subset holding every item the unbiased MMD^2 has no sampling in it: both must agree
     n = 200
     ours = mt.kid(a[:n], b[:n], num_subsets=1, max_subset_size=n)
