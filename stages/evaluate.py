@@ -11,8 +11,12 @@ Images: FID and KID (clean-fid's clean resize, TF-Inception pool3), IS from the 
 (d1/d2 to the two nearest training images in pixel space against every training image, and in
 Inception space against the reference subset; the fraction whose nearest training image is the
 sample's own KDE anchor and its distance), sharpness (Laplacian energy relative to real images).
-Points: distance to the true manifold, MMD (Gaussian kernel) and sliced Wasserstein against
-held-out points, the same memorization statistics in the plane.
+Points: distance to the true manifold, MMD^2 (unbiased, Gaussian kernel: near 0 or slightly
+negative for equal laws; key `*_mmd`) and sliced Wasserstein against held-out points, the same
+memorization statistics in the plane. For points the distribution floor (`real_mmd`,
+`real_sliced_wasserstein`, `real_mean_distance_to_manifold`) is n training points scored against
+the held-out points; the memorization floor (`real_copy_fraction`, `real_nn_distance`) is the
+held-out points against the training points, as for images.
 """
 
 from __future__ import annotations
@@ -64,17 +68,23 @@ def _as_float(x: np.ndarray, kind: str) -> np.ndarray:
     return ds.to_float(x if x.dtype == np.uint8 else ds.to_uint8(x))
 
 
-def _check_counts(cfg: EvaluateParams, n: int, n_ref: int, n_real: int, has_logits: bool) -> None:
-    need = {"precision/recall (evaluate.pr_k + 1)": cfg.pr_k + 1, "FID/KID": 2}
-    if has_logits:
-        need["the Inception Score (evaluate.is_splits)"] = cfg.is_splits
-    for what, count in need.items():
-        for have, name in ((n, "samples evaluated per stage"), (n_ref, "reference training items"),
-                           (n_real, "held-out real items")):
-            if have < count:
-                raise DKGMError(f"evaluate: {what} needs at least {count} {name}, got {have} "
-                                "(raise sample_kde.n_samples / evaluate.n_samples / reference.train_images, "
-                                "or the dataset's test_fraction)")
+def _check_counts(cfg: EvaluateParams, kind: str, n: int, n_ref: int, n_real: int, has_logits: bool) -> None:
+    """Every statistic that will be computed has the items it needs (one line naming the param if not)."""
+    need: list[tuple[str, int, int, str]] = [("memorization (d1/d2)", 2, n, "samples evaluated per stage")]
+    if kind == "images":
+        for have, name in ((n, "samples evaluated per stage"), (n_ref, "reference training items")):
+            need.append(("precision/recall (evaluate.pr_k + 1)", cfg.pr_k + 1, have, name))
+            need.append(("FID/KID", 2, have, name))
+        if has_logits:
+            need.append(("the Inception Score (evaluate.is_splits)", cfg.is_splits, n, "samples evaluated per stage"))
+    else:
+        need.append(("MMD", 2, n, "samples evaluated per stage"))
+    need.append(("the held-out floor", 2, n_real, "held-out real items"))
+    for what, count, have, name in need:
+        if have < count:
+            raise DKGMError(f"evaluate: {what} needs at least {count} {name}, got {have} "
+                            "(raise sample_kde.n_samples / evaluate.n_samples / reference.train_images, "
+                            "or the dataset's test_fraction)")
 
 
 def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
@@ -85,6 +95,10 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
                         f"{prepared.meta['dataset']} with a different split: re-run reference (or `dvc repro`)")
     with np.load(root / paths.REFERENCE / "features.npz") as z:
         ref = {k: z[k] for k in z.files}
+    if not (np.array_equal(ref["test_rows"], prepared.split_rows("test"))
+            and np.isin(ref["train_rows"], prepared.split_rows("train")).all()):
+        raise DKGMError(f"{paths.REFERENCE} was computed for another train/test split of {paths.PREPARED}: "
+                        "re-run reference (or `dvc repro`)")
     kde_x, kde_man, _ = _load_samples(root, paths.KDE_SAMPLES, "KDE samples")
     ref_x, ref_man, ref_smeta = _load_samples(root, paths.REFINED, "refined samples")
     n = min(cfg.n_samples, len(kde_x), len(ref_x))
@@ -92,12 +106,15 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
         raise DKGMError(f"{paths.REFINED} does not hold the debiased {paths.KDE_SAMPLES} (seeds differ): re-run refine")
     kind = prepared.kind
     weights = ref_meta.get("weights")
-    _check_counts(cfg, n, len(ref["train_rows"]), len(ref["test_rows"]), bool(weights and weights["has_logits"]))
+    _check_counts(cfg, kind, n, len(ref["train_rows"]), len(ref["test_rows"]), bool(weights and weights["has_logits"]))
 
     train_rows = prepared.split_rows("train")
     sets = {"kde": _as_float(kde_x[:n], kind), "refined": _as_float(ref_x[:n], kind)}
     anchors = kde_man["anchor_index"].to_numpy()[:n]
-    real = prepared.split("test")
+    # the held-out floor is scored at the same n as the samples (FID's bias and the k-NN radii of
+    # precision/recall depend on the set size): a seeded subset when the test split is larger
+    real_pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(ref["test_rows"]))[:n])
+    real = prepared.items(ref["test_rows"][real_pick])
     train = prepared.split("train")
 
     t0 = time.perf_counter()
@@ -132,7 +149,7 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
     m["anchor_distance_ratio"] = m["refined_anchor_distance"] / max(m["real_nn_distance"], 1e-12)
 
     if kind == "images":
-        _image_metrics(cfg, m, sets, real, ref, weights, root)
+        _image_metrics(cfg, m, sets, real, real_pick, ref, weights)
         primary = "fid"
     else:
         _point_metrics(cfg, m, sets, real, train, prepared)
@@ -157,13 +174,20 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
     return m
 
 
-def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], real: np.ndarray, ref: dict,
-                   weights: dict | None, root: Path) -> None:
+def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], real: np.ndarray,
+                   real_pick: np.ndarray, ref: dict, weights: dict | None) -> None:
     if not weights:
         raise DKGMError(f"{paths.REFERENCE} holds no Inception features: re-run reference")
     w = inception.Weights(**weights)
-    if not Path(w.path).is_file():
-        raise DKGMError(f"the reference features were computed with {w.path}, which is gone: restore it or re-run reference")
+    if not Path(w.path).is_file():  # e.g. a rebuilt venv: the same file found again is as good
+        try:
+            found = inception.resolve_weights("auto")
+        except DKGMError:
+            found = None
+        if found is None or found.sha256 != w.sha256:
+            raise DKGMError(f"the reference features were computed with {w.path} (SHA-256 {w.sha256[:12]}...), which is "
+                            "gone and not found elsewhere: restore it or re-run reference")
+        w = inception.Weights(found.path, w.name, w.sha256, w.verified, w.source, w.has_logits)
     digest = inception.sha256_file(w.path)
     if digest != w.sha256:
         raise DKGMError(f"Inception weights {w.path} changed since the reference was computed "
@@ -183,17 +207,17 @@ def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], re
         done += len(x)
     bar.close()
     m["feature_images_per_second"] = total / max(time.perf_counter() - t0, 1e-9)
-    tr, te = ref["train_features"], ref["test_features"]
-    feats["real"] = te
-    probs["real"] = ref.get("test_probs")
+    tr = ref["train_features"]
+    feats["real"] = ref["test_features"][real_pick]
+    probs["real"] = ref["test_probs"][real_pick] if "test_probs" in ref else None
     mu, sigma = ref["mu"], ref["sigma"]
-    rng = np.random.default_rng(cfg.seed)
+    # one reference subset for every set's precision/recall, so that KDE, refined and real are paired
+    sub = tr[np.random.default_rng(cfg.seed).choice(len(tr), min(len(tr), len(real_pick)), replace=False)]
     energy_real = mt.laplacian_energy(real)
     m["real_laplacian_energy"] = energy_real
     for name, f in feats.items():
         m[f"{name}_fid"] = mt.fid_to_reference(f, mu, sigma)
         m[f"{name}_kid"] = mt.kid(f, tr, cfg.kid_subsets, cfg.kid_subset_size, seed=cfg.seed)
-        sub = tr[rng.choice(len(tr), min(len(tr), len(f)), replace=False)]
         m[f"{name}_precision"], m[f"{name}_recall"] = mt.precision_recall(sub, f, cfg.pr_k)
         d1, d2, _ = mt.nearest_two(f, tr)
         m[f"{name}_copy_fraction_inception"] = mt.copy_fraction(d1, d2, cfg.copy_ratio)

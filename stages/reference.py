@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from dkgm import inception
+from dkgm.errors import DKGMError
 from dkgm.kde import resolve_device
 from pipeline import paths
 from pipeline.params import ReferenceParams
@@ -35,10 +36,20 @@ def cleanfid_resizer():
 
 def resolve(cfg: ReferenceParams) -> inception.Weights:
     def download(path: Path) -> None:
+        """clean-fid's own download into a temporary folder, then a rename: an interrupted download
+        leaves no truncated file where resolve_weights would find it."""
+        import os
+        import tempfile
+
         from cleanfid.downloads_helper import check_download_inception
 
         log.info("reference: downloading clean-fid's Inception network to %s (reference.allow_download is true)", path)
-        check_download_inception(fpath=str(path.parent))
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            try:
+                got = check_download_inception(fpath=tmp)
+            except Exception as exc:  # noqa: BLE001 - no network, HTTP errors, a full disk
+                raise DKGMError(f"reference: downloading the Inception network failed: {exc}".split("\n")[0]) from None
+            os.replace(got, path)
 
     return inception.resolve_weights(cfg.weights, cfg.weights_sha256, download if cfg.allow_download else None)
 

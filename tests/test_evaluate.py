@@ -21,10 +21,14 @@ from tests.conftest import run_stages, write_params
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """A tiny project after every stage up to evaluate (run once for the module)."""
+    from dkgm import inception
+
     root = tmp_path_factory.mktemp("eval")
     write_params(root)
-    run_stages(root, "prepare", "fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine",
-               "reference", "evaluate")
+    with pytest.MonkeyPatch.context() as mp:  # the same weights on every machine: never clean-fid's /tmp copy
+        mp.setattr(inception, "cleanfid_full_path", lambda: root / "absent" / inception.FULL_NAME)
+        run_stages(root, "prepare", "fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine",
+                   "reference", "evaluate")
     return root
 
 
@@ -43,6 +47,7 @@ def test_metrics_file_names_the_network_and_scores_both_stages(evaluated):
     m = metrics(evaluated)
     assert m["feature_network"] == "default_1.pt" and len(m["weights_sha256"]) == 64 and m["weights"] == "ema"
     assert m["n_samples"] == 20 and m["n_reference"] == 40
+    assert m["n_real"] == 20  # the held-out floor is scored at the samples' n (80 test images in the tiny split)
     for s in ("kde", "refined", "real"):
         assert m[f"{s}_fid"] > 0 and 0 <= m[f"{s}_precision"] <= 1 and 0 <= m[f"{s}_recall"] <= 1
         assert m[f"{s}_inception_score"] is None  # default_1.pt has no classifier
@@ -74,6 +79,36 @@ def test_exact_copies_are_flagged_and_stop_the_gate(project_copy):
     failed = {c["params_key"] for c in record["checks"] if not c["passed"]}
     assert record["decision"] == NO_GO and failed == {"gates.eval.max_copy_fraction"}
     assert not (root / paths.gate_token("eval")).exists()
+
+
+def test_samples_equal_to_reference_images_get_the_reference_features(project_copy):
+    """The stage and the reference compute features identically: refined samples that are the
+    reference's own training images sit at Inception distance ~0 from them (copies in both spaces)."""
+    root = project_copy
+    with np.load(root / paths.REFERENCE / "features.npz") as z:
+        ref_rows = z["train_rows"]
+    prepared = np.load(root / paths.PREPARED / "data.npy")
+    n = metrics(root)["n_samples"]
+    refined = np.load(root / paths.REFINED / "samples.npy")
+    refined[:n] = prepared[ref_rows[:n]]
+    np.save(root / paths.REFINED / "samples.npy", refined)
+    run_stages(root, "evaluate")
+    m = metrics(root)
+    assert m["refined_copy_fraction_inception"] == 1.0 and m["refined_copy_fraction"] == 1.0
+    per = pd.read_parquet(root / paths.EVAL_SAMPLES)
+    assert (per[per["set"] == "refined"]["nn_row"].to_numpy() == ref_rows[:n]).all()
+
+
+def test_a_reference_for_another_split_is_refused(project_copy):
+    root = project_copy
+    path = root / paths.REFERENCE / "features.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["test_rows"] = arrays["test_rows"][::-1] + 0  # same size, other rows order: another split
+    arrays["test_rows"][0] = arrays["train_rows"][0]
+    np.savez(path, **arrays)
+    with pytest.raises(DKGMError, match="another train/test split"):
+        run_stages(root, "evaluate")
 
 
 def test_too_few_images_and_unpaired_samples_fail_cleanly(project_copy):
@@ -108,7 +143,9 @@ def test_changed_or_missing_weights_give_one_line(project_copy, monkeypatch):
     with pytest.raises(DKGMError, match="changed since the reference was computed"):
         run_stages(root, "evaluate")
     (root / "w.pt").unlink()
-    with pytest.raises(DKGMError, match="which is gone"):
+    run_stages(root, "evaluate")  # gone, but the same file (same SHA-256) is found again: accepted
+    monkeypatch.setattr(inception, "fid_helper_path", lambda: None)
+    with pytest.raises(DKGMError, match="gone and not found elsewhere"):
         run_stages(root, "evaluate")
     # no weights anywhere: one line, no partial reference artifact
     monkeypatch.setattr(inception, "fid_helper_path", lambda: None)
