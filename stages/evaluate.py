@@ -37,10 +37,10 @@ from stages.common import (
     Prepared,
     Progress,
     load_prepared,
+    load_samples,
     log,
     new_figure,
     read_json,
-    read_parquet,
     save_figure,
     staged_outputs,
     write_json,
@@ -49,16 +49,6 @@ from stages.common import (
 
 OUTPUTS = [paths.EVAL_METRICS, paths.EVAL_SAMPLES, paths.EVAL_NEAREST, paths.EVAL_MEMORIZATION]
 SETS = ("kde", "refined")
-
-
-def _load_samples(root: Path, rel: str, what: str) -> tuple[np.ndarray, Any, dict]:
-    base = root / rel
-    meta = read_json(base / "meta.json", f"{what} metadata")
-    manifest = read_parquet(base / "manifest.parquet", f"{what} manifest")
-    npy = base / "samples.npy"
-    if not npy.is_file():
-        raise DKGMError(f"{what} not found: {npy} (run the stage that produces it first, or `dvc repro`)")
-    return np.load(npy), manifest, meta
 
 
 def _as_float(x: np.ndarray, kind: str) -> np.ndarray:
@@ -99,8 +89,8 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
             and np.isin(ref["train_rows"], prepared.split_rows("train")).all()):
         raise DKGMError(f"{paths.REFERENCE} was computed for another train/test split of {paths.PREPARED}: "
                         "re-run reference (or `dvc repro`)")
-    kde_x, kde_man, _ = _load_samples(root, paths.KDE_SAMPLES, "KDE samples")
-    ref_x, ref_man, ref_smeta = _load_samples(root, paths.REFINED, "refined samples")
+    kde_x, kde_man, _ = load_samples(root, paths.KDE_SAMPLES, "KDE samples")
+    ref_x, ref_man, ref_smeta = load_samples(root, paths.REFINED, "refined samples")
     n = min(cfg.n_samples, len(kde_x), len(ref_x))
     if not np.array_equal(kde_man["seed"].to_numpy()[:n], ref_man["seed"].to_numpy()[:n]):
         raise DKGMError(f"{paths.REFINED} does not hold the debiased {paths.KDE_SAMPLES} (seeds differ): re-run refine")
@@ -240,9 +230,7 @@ def _point_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], re
     rng = np.random.default_rng(cfg.seed)
     # the floor: as many training points as samples, against the same held-out points
     floor = train[rng.choice(len(train), min(len(train), max(len(x) for x in sets.values())), replace=False)]
-    pooled = np.concatenate([real, floor])
-    d = np.sqrt(((pooled[:, None] - pooled[None]) ** 2).sum(-1))
-    bw = float(np.median(d[np.triu_indices(len(pooled), 1)]))  # one kernel width for every set
+    bw = mt.median_distance(np.concatenate([real, floor]))  # one kernel width for every set
     for name, x in {**sets, "real": floor}.items():
         m[f"{name}_mean_distance_to_manifold"] = float(roll.distance(x).mean())
         m[f"{name}_mmd"] = mt.mmd_rbf(x, real, bandwidth=bw)

@@ -24,10 +24,9 @@ from pipeline.params import RefineParams
 from stages.common import (
     Progress,
     load_prepared,
+    load_samples,
     log,
     new_figure,
-    read_json,
-    read_parquet,
     resolve_precision,
     save_figure,
     staged_outputs,
@@ -46,10 +45,7 @@ def figure_steps(k: int) -> list[int]:
 
 def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
     prepared = load_prepared(root)
-    kde_dir = root / paths.KDE_SAMPLES
-    kde_meta = read_json(kde_dir / "meta.json", "KDE samples metadata")
-    manifest = read_parquet(kde_dir / "manifest.parquet", "KDE samples manifest")
-    x_kde = np.load(kde_dir / "samples.npy")
+    x_kde, manifest, kde_meta = load_samples(root, paths.KDE_SAMPLES, "KDE samples")
     device = resolve_device(cfg.device)
     denoiser, snap = load_denoiser(root / paths.DEBIASER_SNAPSHOT, device)
     shape = tuple(snap["network"]["shape"])
