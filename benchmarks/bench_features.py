@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dkgm import inception  # noqa: E402
-from dkgm.kde import resolve_device  # noqa: E402
+from dkgm.devices import resolve_device  # noqa: E402
 
 
 def main() -> None:

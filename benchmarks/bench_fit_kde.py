@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dkgm import kde  # noqa: E402
+from dkgm.devices import resolve_device  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -61,7 +62,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--topk", type=int, default=128)
     args = p.parse_args()
-    device = str(kde.resolve_device(args.device))
+    device = str(resolve_device(args.device))
     train, val = default_data()
     rng = np.random.default_rng(1)
     big = {"cpu": (2000, 20000, 1024), "cuda": (10000, 50000, 3072)}["cuda" if device.startswith("cuda") else "cpu"]

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dkgm.debias import Denoiser  # noqa: E402
-from dkgm.kde import resolve_device  # noqa: E402
+from dkgm.devices import resolve_device  # noqa: E402
 from dkgm.networks import NetworkConfig, build_network, count_parameters  # noqa: E402
 from dkgm.training import TrainConfig, train  # noqa: E402
 

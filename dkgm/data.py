@@ -140,19 +140,3 @@ def split_assignment(n: int, val_fraction: float, test_fraction: float, seed: in
     split[order[:n_val]] = "val"
     split[order[n_val : n_val + n_test]] = "test"
     return split
-
-
-def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
-    """Tile uint8 (N, C, H, W) images into one (rows*H', cols*W', C) uint8 array."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.dtype != np.uint8:
-        raise DKGMError(f"image_grid expects uint8 (N, C, H, W), got {images.dtype} {images.shape}")
-    n, c, h, w = images.shape
-    ncol = ncol or max(1, int(math.ceil(math.sqrt(n))))
-    nrow = max(1, int(math.ceil(n / ncol)))
-    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), pad_value, dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        y, x = pad + r * (h + pad), pad + q * (w + pad)
-        grid[y : y + h, x : x + w] = images[i].transpose(1, 2, 0)
-    return grid

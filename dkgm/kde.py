@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dkgm.devices import resolve_device
 from dkgm.errors import DKGMError
 from dkgm.rng import sample_generators
 
@@ -41,14 +42,6 @@ def _as_matrix(x: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     if t.shape[0] == 0:
         raise DKGMError(f"{name} is empty")
     return t.reshape(t.shape[0], -1)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DKGMError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import re
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dkgm.atomic import write_atomic
 from dkgm.debias import Denoiser, denoising_loss, sample_sigmas
 from dkgm.errors import DKGMError
 
@@ -84,14 +84,8 @@ class TrainResult:
 
 
 def save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """torch.save through the project's one atomic writer (temp file, fsync, rename, fsync folder)."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def list_states(state_dir: Path) -> list[Path]:

@@ -1,10 +1,12 @@
-"""Command line: `python -m pipeline {run,gate,check,stages,compare,ablation} ...`.
+"""Command line: `python -m pipeline {run,gate,check,stages,dvc-yaml,compare,ablation} ...`.
 
     python -m pipeline run fit_kde              # the stage as a Prefect flow
     python -m pipeline run fit_kde --no-prefect # the stage called directly (or DKGM_NO_PREFECT=1)
     python -m pipeline run fit_kde --dry-run    # resolved params and planned outputs, nothing run
     python -m pipeline gate kde                 # evaluate a go/no-go gate (exit 1 on an enforced NO-GO)
     python -m pipeline check                    # validate params.yaml
+    python -m pipeline stages                   # the stages (from the stage modules), their params and outputs
+    python -m pipeline dvc-yaml                 # write dvc.yaml from the stage modules (--check: only compare)
     python -m pipeline compare HEAD~1 HEAD      # params that differ, metrics side by side (reports/compare.md)
     python -m pipeline ablation                 # every experiment, a table per swept param, plots (reports/ablations.md)
 
@@ -26,7 +28,9 @@ EXIT_NO_GO, EXIT_USAGE = 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pipeline.registry import GATE_STAGES, RUNNABLE
+    from pipeline import registry
+
+    names, gate_names = list(registry.all_stages()), sorted(registry.gates())
 
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -38,18 +42,25 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
     run = sub.add_parser("run", help="run one pipeline stage", description="Run one pipeline stage (as a Prefect flow by default).")
-    run.add_argument("stage", choices=RUNNABLE, help="stage name, as in dvc.yaml")
+    run.add_argument("stage", choices=names, metavar="STAGE", help=f"stage name, as in dvc.yaml: {', '.join(names)}")
     run.add_argument("--no-prefect", action="store_true", help="call the stage directly (also: DKGM_NO_PREFECT=1)")
     common(run)
 
     gate = sub.add_parser("gate", help="evaluate a go/no-go gate", description="Evaluate a gate; exit 1 on an enforced NO-GO.")
-    gate.add_argument("name", choices=sorted(GATE_STAGES), help="gate name (dvc.yaml stage gate_<name>)")
+    gate.add_argument("name", choices=gate_names, help="gate name (dvc.yaml stage gate_<name>)")
     common(gate)
 
     chk = sub.add_parser("check", help="validate params.yaml", description="Validate params.yaml against the schema.")
     chk.add_argument("--params", default="params.yaml")
 
     sub.add_parser("stages", help="list the stages, their params sections and outputs")
+
+    dy = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage modules",
+                        description="Write dvc.yaml from the stage modules (commands, artifact and code deps, params, "
+                        "outs, metrics, plots) and add to params.yaml any section it lacks, at the schema defaults. "
+                        "--check only compares and exits 1 when dvc.yaml is out of date.")
+    dy.add_argument("--check", action="store_true", help="compare only; exit 1 if dvc.yaml differs from the modules")
+    dy.add_argument("--root", default=".", help="project root (default: .)")
 
     cmp = sub.add_parser("compare", help="compare params and metrics of revisions or experiments",
                          description="Print, and write as markdown, the params that differ and the metrics side by side. "
@@ -67,22 +78,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _dry_run(stage_name: str, params_path: str) -> None:
+def _dry_run(stage_name: str, params_path: str, root: Path) -> None:
+    from pipeline import registry
     from pipeline.params import load_params, section
-    from pipeline.registry import STAGES
 
-    spec = STAGES[stage_name]
+    spec = registry.get(stage_name)
     cfg = section(load_params(params_path), spec.section)
-    print(f"stage {spec.name}: {spec.cmd}")
+    print(f"stage {spec.name}: {spec.command}")
+    print(f"  {spec.doc}")
     print(f"params ({spec.section}):")
-    for key, value in cfg.model_dump().items():
+    for key, value in cfg.model_dump(mode="json").items():
         print(f"  {spec.section}.{key}: {json.dumps(value)}")
     print("inputs:")
     for d in spec.deps:
-        print(f"  {d}")
+        print(f"  {d}{'' if (root / d).exists() else '  (missing)'}")
     print("outputs:")
     for o in spec.outs:
-        print(f"  {o}")
+        print(f"  {o.path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,13 +110,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from pipeline import registry
     from pipeline.params import load_params
-    from pipeline.registry import GATE_STAGES, STAGES
 
     if args.command == "stages":
-        for spec in STAGES.values():
-            print(f"{spec.name:12s} params: {spec.section:12s} outs: {', '.join(spec.outs)}")
+        for spec in registry.all_stages().values():
+            print(f"{spec.name:15s} {spec.doc}")
+            print(f"{'':15s} run: {spec.command}; params: {spec.section}; outs: {', '.join(spec.out_paths)}")
         return 0
+    if args.command == "dvc-yaml":
+        from pipeline.dvcyaml import run_dvc_yaml
+
+        return run_dvc_yaml(Path(args.root), check=args.check)
     if args.command == "check":
         load_params(args.params)
         print(f"{args.params}: ok")
@@ -118,26 +135,18 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_ablation(args.out, args.all_commits)
     if args.command == "gate":
-        if args.dry_run:
-            _dry_run(GATE_STAGES[args.name].name, args.params)
-            return 0
-        from pipeline.runner import run_gate
-
-        result = run_gate(args.name, args.params, Path(args.root))
-        for c in result.failures():
-            print(f"gate {args.name}: {result.decision}: {c.line()}", file=sys.stderr)
-        if not result.failures():
-            print(f"gate {args.name}: GO ({len(result.checks)} checks passed)", file=sys.stderr)
-        return EXIT_NO_GO if result.stops else 0
+        return _gate(registry.gates()[args.name].name, args)
 
     # run
     if args.dry_run:
-        _dry_run(args.stage, args.params)
+        _dry_run(args.stage, args.params, Path(args.root))
         return 0
     load_params(args.params)  # fail fast, before Prefect starts a server
+    if registry.get(args.stage).gate:  # a gate is cheap: never worth a Prefect server
+        return _gate(args.stage, args)
     from pipeline.runner import check_inputs
 
-    check_inputs(args.stage, Path(args.root))
+    check_inputs(registry.get(args.stage), Path(args.root))
     if args.no_prefect or os.environ.get("DKGM_NO_PREFECT", "") not in ("", "0"):
         from pipeline.runner import run_stage_direct
 
@@ -147,6 +156,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run_stage(args.stage, str(args.params), str(args.root))
     return 0
+
+
+def _gate(stage: str, args: argparse.Namespace) -> int:
+    if args.dry_run:
+        _dry_run(stage, args.params, Path(args.root))
+        return 0
+    from pipeline.runner import run_stage_direct
+
+    result = run_stage_direct(stage, args.params, Path(args.root))
+    for c in result.failures():
+        print(f"gate {result.name}: {result.decision}: {c.line()}", file=sys.stderr)
+    if not result.failures():
+        print(f"gate {result.name}: GO ({len(result.checks)} checks passed)", file=sys.stderr)
+    return EXIT_NO_GO if result.stops else 0
 
 
 if __name__ == "__main__":

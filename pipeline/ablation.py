@@ -30,7 +30,7 @@ What the report holds:
     real held-out data) against the bandwidth scale; recall and memorization (copy fraction, anchor fraction)
     against the bandwidth scale; refined FID against the NFE, one line per schedule when the schedule varies.
     A plot whose x never varies is skipped, with a line saying which sweep to queue. Files are written atomically
-    (temp file + os.replace); a skipped plot's old file is removed.
+    (dkgm.atomic: temp file, fsync, rename); a skipped plot's old file is removed.
 
 No experiments at all (none completed, failed or queued): one line on stdout saying how to queue a sweep, exit 0,
 nothing written (an existing report is left as it is). Errors (not in a DVC repository, DVC failing): one line,
@@ -43,11 +43,11 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from dkgm.atomic import write_atomic
 from dkgm.errors import DKGMError
 from pipeline.compare import (
     MISSING,
@@ -485,18 +485,6 @@ def no_experiments_message(all_commits: bool, baseline: str | None) -> str:
 # ----------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_plot(plot: Plot, path: Path) -> None:
     """One PNG (matplotlib Agg), written atomically."""
     import matplotlib
@@ -523,7 +511,7 @@ def write_plot(plot: Plot, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
 
@@ -539,7 +527,7 @@ def write_outputs(text: str, plots: list[Plot], out: Path) -> list[Path]:
         else:
             write_plot(p, target)
             written.append(target)
-    _atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return written
 
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dkgm.atomic import write_atomic
 from dkgm.errors import DKGMError
 
 DEFAULT_OUT = "reports/compare.md"
@@ -301,8 +302,6 @@ def run_compare(revs: list[str], out: str = DEFAULT_OUT) -> int:
     text = render(collect(revs))
     print(text, end="")
     if out != "-":
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        path = write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         print(f"wrote {path}", file=sys.stderr)
     return 0

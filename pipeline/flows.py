@@ -28,14 +28,16 @@ def run_stage(stage: str, params_path: str, root: str) -> dict[str, Any]:
 
     from pipeline.runner import run_stage_direct
 
-    @task(name=f"{stage}", cache_policy=NO_CACHE, persist_result=False, log_prints=False)
+    @task(name=stage, task_run_name=stage, cache_policy=NO_CACHE, persist_result=False, log_prints=False)
     def stage_task(stage: str, params_path: str, root: str):
         try:
             return run_stage_direct(stage, params_path, root)
         except DKGMError as exc:  # a bad input: a failed state with one line, no traceback
             return Failed(message=str(exc))
 
-    @flow(name=f"dkgm-{stage.replace('_', '-')}", persist_result=False, log_prints=False, validate_parameters=False)
+    # the run is named after its stage (Prefect would pick a random "adjective-animal" name)
+    @flow(name=f"dkgm-{stage.replace('_', '-')}", flow_run_name=stage, persist_result=False, log_prints=False,
+          validate_parameters=False)
     def stage_flow(stage: str, params_path: str, root: str):
         state = stage_task(stage, params_path, root, return_state=True)
         if state.is_failed():

@@ -1,126 +1,81 @@
-"""The stages: what each runs, which params section it reads, what it reads and writes.
+"""The stages, assembled from the stage modules: nothing about a stage is written here.
 
-DVC owns the order (dvc.yaml); this table only says how to run one stage. A test checks that
-dvc.yaml lists exactly these params keys, inputs and outputs for each stage.
+Every module in the `stages` package that defines `STAGES` (a tuple of `stages.contract.Stage`)
+contributes its stages; the pipeline-level report (pipeline/report.py) is added last, with every
+small output of the others as its inputs. The order is a topological order of the artifact graph
+(a stage after every stage whose output it reads), which keeps each chain together: it is the
+order of dvc.yaml. DVC still decides what runs; this order only makes the file readable.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from types import ModuleType
+import pkgutil
+from functools import cache
 
-from pipeline import paths
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str  # the dvc.yaml stage name
-    section: str  # the params.yaml section it reads (and nothing else)
-    deps: tuple[str, ...]  # artifacts it reads
-    outs: tuple[str, ...]  # artifacts it writes
-    module: str | None = None  # stages.<module> with run(cfg, root) -> metrics; None for gates
-    gate: str | None = None  # gate name, for gate stages
-    require_deps: bool = True  # False: the stage runs with inputs missing and says what did not run (report)
-
-    @property
-    def cmd(self) -> str:
-        return f"python -m pipeline gate {self.gate}" if self.gate else f"python -m pipeline run {self.name}"
-
-    def load(self) -> ModuleType:
-        assert self.module is not None
-        return importlib.import_module(self.module)
+import stages as stages_pkg
+from dkgm.errors import DKGMError
+from stages.contract import Stage
 
 
-STAGES: dict[str, StageSpec] = {
-    s.name: s
-    for s in [
-        StageSpec(
-            "prepare",
-            "prepare",
-            deps=(),
-            outs=(paths.PREPARED, paths.PREPARE_PREVIEW, paths.PREPARE_METRICS),
-            module="stages.prepare",
-        ),
-        StageSpec(
-            "fit_kde",
-            "kde",
-            deps=(paths.PREPARED,),
-            outs=(paths.KDE_BANDWIDTH, paths.KDE_TOPK, paths.KDE_CV_CURVE, paths.KDE_CV_PLOT, paths.KDE_METRICS),
-            module="stages.fit_kde",
-        ),
-        StageSpec(
-            "gate_kde",
-            "gates.kde",
-            deps=(paths.KDE_METRICS,),
-            outs=(paths.gate_record("kde"), paths.gate_token("kde")),
-            gate="kde",
-        ),
-        StageSpec(
-            "sample_kde",
-            "sample_kde",
-            deps=(paths.PREPARED, paths.KDE_BANDWIDTH, paths.gate_token("kde")),
-            outs=(paths.KDE_SAMPLES, paths.SAMPLE_KDE_GRID, paths.SAMPLE_KDE_METRICS),
-            module="stages.sample_kde",
-        ),
-        StageSpec(
-            "train_debiaser",
-            "debiaser",
-            deps=(paths.PREPARED, paths.KDE_BANDWIDTH, paths.gate_token("kde")),
-            outs=(paths.DEBIASER_SNAPSHOT, paths.TRAIN_LOG, paths.TRAIN_LOSS_PLOT, paths.TRAIN_DENOISE_PLOT, paths.TRAIN_METRICS),
-            module="stages.train_debiaser",
-        ),
-        StageSpec(
-            "gate_debiaser",
-            "gates.debiaser",
-            deps=(paths.TRAIN_METRICS,),
-            outs=(paths.gate_record("debiaser"), paths.gate_token("debiaser")),
-            gate="debiaser",
-        ),
-        StageSpec(
-            "refine",
-            "refine",
-            deps=(paths.PREPARED, paths.KDE_SAMPLES, paths.DEBIASER_SNAPSHOT, paths.gate_token("debiaser")),
-            outs=(paths.REFINED, paths.REFINE_GRID, paths.REFINE_TRAJECTORY, paths.REFINE_PROGRESS, paths.REFINE_METRICS),
-            module="stages.refine",
-        ),
-        StageSpec(
-            "reference",
-            "reference",
-            deps=(paths.PREPARED,),
-            outs=(paths.REFERENCE, paths.REFERENCE_METRICS),
-            module="stages.reference",
-        ),
-        StageSpec(
-            "evaluate",
-            "evaluate",
-            deps=(paths.PREPARED, paths.REFERENCE, paths.KDE_SAMPLES, paths.REFINED),
-            outs=(paths.EVAL_METRICS, paths.EVAL_SAMPLES, paths.EVAL_NEAREST, paths.EVAL_MEMORIZATION),
-            module="stages.evaluate",
-        ),
-        StageSpec(
-            "gate_eval",
-            "gates.eval",
-            deps=(paths.EVAL_METRICS,),
-            outs=(paths.gate_record("eval"), paths.gate_token("eval")),
-            gate="eval",
-        ),
-        StageSpec(
-            "report",
-            "report",
-            # everything the report shows, so that DVC re-renders it when any of it changes
-            deps=(paths.PREPARED, paths.PREPARE_PREVIEW, paths.PREPARE_METRICS, paths.KDE_CV_PLOT, paths.KDE_METRICS,
-                  paths.gate_record("kde"), paths.SAMPLE_KDE_GRID, paths.SAMPLE_KDE_METRICS, paths.TRAIN_LOSS_PLOT,
-                  paths.TRAIN_DENOISE_PLOT, paths.TRAIN_METRICS, paths.gate_record("debiaser"), paths.REFINE_GRID,
-                  paths.REFINE_TRAJECTORY, paths.REFINE_PROGRESS, paths.REFINE_METRICS, paths.REFERENCE_METRICS,
-                  paths.EVAL_METRICS, paths.EVAL_SAMPLES, paths.EVAL_NEAREST, paths.EVAL_MEMORIZATION,
-                  paths.gate_record("eval")),
-            outs=(paths.REPORT_MD, paths.REPORT_HTML),
-            module="stages.report",
-            require_deps=False,  # `python -m pipeline run report` after a NO-GO shows what did not run
-        ),
-    ]
-}
+def discover(package=stages_pkg) -> list[Stage]:
+    """The stages declared by the modules of `package`, in module-name order."""
+    found: list[Stage] = []
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for stage in getattr(module, "STAGES", ()):
+            if not isinstance(stage, Stage):
+                raise TypeError(f"{module.__name__}.STAGES holds {stage!r}, not a stages.contract.Stage")
+            found.append(stage)
+    return found
 
-RUNNABLE = [name for name, s in STAGES.items() if s.gate is None]
-GATE_STAGES = {s.gate: s for s in STAGES.values() if s.gate}
+
+def order(found: list[Stage]) -> list[Stage]:
+    """A topological order of the stages by their artifacts. Among the stages that can come next,
+    the one that reads the most recently placed stage's output goes first (a chain stays together:
+    a gate right after its stage), then the alphabetical one."""
+    producer: dict[str, str] = {}
+    for s in found:
+        for path in s.out_paths:
+            if path in producer:
+                raise DKGMError(f"{path} is an output of both {producer[path]} and {s.name}")
+            producer[path] = s.name
+    needs = {s.name: {producer[d] for d in s.deps if d in producer} - {s.name} for s in found}
+    by_name = {s.name: s for s in found}
+    if len(by_name) != len(found):
+        raise DKGMError("two stage modules declare a stage of the same name")
+    placed: dict[str, int] = {}
+    while len(placed) < len(found):
+        ready = [n for n in by_name if n not in placed and needs[n] <= placed.keys()]
+        if not ready:
+            cycle = sorted(n for n in by_name if n not in placed)
+            raise DKGMError(f"the stages {', '.join(cycle)} read each other's outputs in a cycle")
+        ready.sort(key=lambda n: (-max((placed[d] for d in needs[n]), default=-1), n))
+        placed[ready[0]] = len(placed)
+    return [by_name[n] for n in sorted(placed, key=placed.get)]
+
+
+@cache
+def all_stages() -> dict[str, Stage]:
+    """Every stage by name, in dvc.yaml order, the report last."""
+    from pipeline import report
+
+    found = order(discover())
+    return {s.name: s for s in [*found, report.stage(found)]}
+
+
+def get(name: str) -> Stage:
+    """A stage by name; an unknown name is one line with the closest names."""
+    table = all_stages()
+    if name not in table:
+        from difflib import get_close_matches
+
+        close = get_close_matches(name, table, n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise DKGMError(f"unknown stage {name!r}{hint}: the stages are {', '.join(table)}")
+    return table[name]
+
+
+def gates() -> dict[str, Stage]:
+    """Gate stages by gate name (kde, debiaser, eval)."""
+    return {s.gate: s for s in all_stages().values() if s.gate}

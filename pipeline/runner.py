@@ -1,4 +1,4 @@
-"""Run a stage or a gate without Prefect: load and validate params, check inputs, call the stage."""
+"""Run a stage without Prefect: load and validate params, check inputs, call the stage's `run`."""
 
 from __future__ import annotations
 
@@ -7,37 +7,52 @@ from pathlib import Path
 from typing import Any
 
 from dkgm.errors import DKGMError
-from pipeline import gates
+from pipeline import registry
 from pipeline.params import load_params, section
-from pipeline.registry import GATE_STAGES, STAGES
+from stages.contract import Stage
+from stages.gates import NO_GO, GateResult, gate_record, gate_token
 
 
-def check_inputs(stage: str, root: Path) -> None:
-    if not STAGES[stage].require_deps:
+def _blocked_by_gate(path: str) -> str | None:
+    """The gate whose missing token `path` is, when that gate said NO-GO (its record exists)."""
+    for name, stage in registry.gates().items():
+        if path == gate_token(name):
+            return name
+    return None
+
+
+def check_inputs(stage: Stage, root: Path) -> None:
+    """Every input exists; a token withheld by an enforced NO-GO is named as such."""
+    if not stage.require_deps:
         return
-    missing = [d for d in STAGES[stage].deps if not (root / d).exists()]
+    missing = [d for d in stage.deps if not (root / d).exists()]
+    for d in missing:
+        gate = _blocked_by_gate(d)
+        if gate and (root / gate_record(gate)).is_file():
+            raise DKGMError(f"stage {stage.name}: gate {gate} said {NO_GO} (see {gate_record(gate)}); fix what it "
+                            f"names, or set gates.{gate}.enforce: false to continue anyway")
     if missing:
-        raise DKGMError(f"stage {stage}: input not found: {', '.join(missing)} (run the stages before it, or `dvc repro`)")
+        raise DKGMError(f"stage {stage.name}: input not found: {', '.join(missing)} "
+                        "(run the stages before it, or `dvc repro`)")
 
 
-def run_stage_direct(stage: str, params_path: str | Path, root: str | Path) -> dict[str, Any]:
-    if stage not in STAGES or STAGES[stage].gate:
-        raise DKGMError(f"unknown stage {stage!r}: expected one of {', '.join(n for n, s in STAGES.items() if not s.gate)}")
+def run_stage_direct(name: str, params_path: str | Path, root: str | Path) -> Any:
+    """Run one stage (a gate too) in this process; its metrics (a gate: its GateResult)."""
     root = Path(root)
-    spec = STAGES[stage]
-    cfg = section(load_params(params_path), spec.section)
+    stage = registry.get(name)
+    params = load_params(params_path)
+    cfg = section(params, stage.section)
     check_inputs(stage, root)
     t0 = time.perf_counter()
-    metrics = spec.load().run(cfg, root)
-    metrics = dict(metrics or {})
+    result = stage.run(cfg, root)
+    if stage.gate:
+        return result
+    metrics = dict(result or {})
     metrics.setdefault("stage_seconds", time.perf_counter() - t0)
     return metrics
 
 
-def run_gate(name: str, params_path: str | Path, root: str | Path) -> gates.GateResult:
-    if name not in GATE_STAGES:
-        raise DKGMError(f"unknown gate {name!r}: expected one of {', '.join(GATE_STAGES)}")
-    root = Path(root)
-    result = gates.evaluate(name, load_params(params_path), root)
-    gates.write(result, root)
-    return result
+def run_gate(name: str, params_path: str | Path, root: str | Path) -> GateResult:
+    if name not in registry.gates():
+        raise DKGMError(f"unknown gate {name!r}: expected one of {', '.join(registry.gates())}")
+    return run_stage_direct(registry.gates()[name].name, params_path, root)

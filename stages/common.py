@@ -1,4 +1,4 @@
-"""What every stage shares: atomic outputs, artifact readers and writers, progress, logging.
+"""What every stage shares: atomic outputs, writers and readers of small files, figures, progress, logging.
 
 Outputs are staged: a stage writes each output under .dkgm/staging/ and only when the whole
 stage succeeded are they renamed into place (os.replace, same filesystem). A crash or a bad
@@ -17,16 +17,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dkgm import atomic
 from dkgm.errors import DKGMError
-from pipeline import paths
 
 log = logging.getLogger("dkgm")
+STAGING = ".dkgm/staging"  # outputs are written here first, then renamed into place
 
 
 # ----------------------------------------------------------------------------- atomic outputs
@@ -37,7 +37,7 @@ class StagedOutputs:
 
     def __init__(self, root: Path, stage: str):
         self.root = Path(root)
-        self.dir = self.root / paths.STAGING / f"{stage}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.dir = self.root / STAGING / f"{stage}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._pending: dict[Path, Path] = {}
 
     def path(self, rel: str) -> Path:
@@ -52,17 +52,12 @@ class StagedOutputs:
             if not tmp.exists():
                 raise RuntimeError(f"stage declared output {final} but did not write it")
         for final, tmp in self._pending.items():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.is_dir() and not final.is_symlink():
-                shutil.rmtree(final)
-            elif final.exists() or final.is_symlink():
-                final.unlink()
-            os.replace(tmp, final)
+            atomic.replace(tmp, final)  # fsynced, then renamed over the old output
         self.discard()
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-        staging = self.root / paths.STAGING
+        staging = self.root / STAGING
         if staging.is_dir() and not any(staging.iterdir()):
             staging.rmdir()
 
@@ -118,6 +113,20 @@ def write_png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(arr).save(path, format="PNG", optimize=True)
 
 
+def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tile uint8 (N, C, H, W) images into one (rows*H', cols*W', C) uint8 array (torchvision's make_grid)."""
+    import torch
+    from torchvision.utils import make_grid
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise DKGMError(f"image_grid expects uint8 (N, C, H, W), got {images.dtype} {images.shape}")
+    ncol = ncol or max(1, int(math.ceil(math.sqrt(len(images)))))
+    grid = make_grid(torch.from_numpy(images), nrow=ncol, padding=pad, pad_value=pad_value)
+    # make_grid repeats a single channel three times: keep grey images grey
+    return grid[: images.shape[1]].permute(1, 2, 0).numpy()
+
+
 def write_parquet(path: Path, columns: dict[str, Any]) -> None:
     import pandas as pd
 
@@ -147,102 +156,6 @@ def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- prepared data
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """The prepare stage's artifact: items, manifest and metadata."""
-
-    data: np.ndarray  # uint8 (N, C, H, W) images or float32 (N, 2) points
-    manifest: Any  # pandas DataFrame: index, label, split
-    meta: dict[str, Any]
-
-    @property
-    def kind(self) -> str:
-        return self.meta["kind"]
-
-    def split(self, name: str) -> np.ndarray:
-        """Items of one split as float32 (images mapped to [-1, 1])."""
-        return self.items(self.split_rows(name))
-
-    def items(self, rows: np.ndarray) -> np.ndarray:
-        """Rows of data/prepared as float32 (images mapped to [-1, 1])."""
-        from dkgm.data import to_float
-
-        items = self.data[rows]
-        return to_float(items) if self.kind == "images" else items.astype(np.float32)
-
-    def split_labels(self, name: str) -> np.ndarray:
-        return self.manifest["label"].to_numpy()[self.manifest["split"].to_numpy() == name]
-
-    def split_rows(self, name: str) -> np.ndarray:
-        """Rows of data/prepared that belong to a split."""
-        return self.manifest["index"].to_numpy()[self.manifest["split"].to_numpy() == name]
-
-    def manifold(self):
-        """The true manifold of point data (the swiss roll's spiral)."""
-        from dkgm.data import SwissRoll
-
-        return SwissRoll.from_dict(self.meta["manifold"])
-
-
-def load_bandwidth(root: Path, prepared: Prepared) -> dict[str, Any]:
-    """fit_kde's bandwidth record, checked against the prepared data it must belong to."""
-    bw = read_json(root / paths.KDE_BANDWIDTH, "bandwidth (fit_kde output)")
-    n_train = int((prepared.manifest["split"].to_numpy() == "train").sum())
-    if bw.get("dataset") != prepared.meta["dataset"] or bw.get("n_train") != n_train:
-        raise DKGMError(
-            f"{paths.KDE_BANDWIDTH} was fitted on {bw.get('dataset')} ({bw.get('n_train')} training items) "
-            f"but {paths.PREPARED} holds {prepared.meta['dataset']} ({n_train}): re-run fit_kde"
-        )
-    return bw
-
-
-def load_prepared(root: Path) -> Prepared:
-    base = root / paths.PREPARED
-    meta = read_json(base / "meta.json", "prepared dataset metadata")
-    manifest = read_parquet(base / "manifest.parquet", "prepared dataset manifest")
-    npy = base / "data.npy"
-    if not npy.is_file():
-        raise DKGMError(f"prepared data not found: {npy} (run the prepare stage first, or `dvc repro`)")
-    data = np.load(npy)
-    if len(data) != len(manifest):
-        raise DKGMError(f"{npy} has {len(data)} items but its manifest lists {len(manifest)}: re-run prepare")
-    return Prepared(data=data, manifest=manifest, meta=meta)
-
-
-def load_samples(root: Path, rel: str, what: str) -> tuple[np.ndarray, Any, dict[str, Any]]:
-    """A sample set (data/samples/kde or data/samples/refined): samples.npy, its manifest and meta."""
-    base = root / rel
-    meta = read_json(base / "meta.json", f"{what} metadata")
-    manifest = read_parquet(base / "manifest.parquet", f"{what} manifest")
-    npy = base / "samples.npy"
-    if not npy.is_file():
-        raise DKGMError(f"{what} not found: {npy} (run the stage that produces it first, or `dvc repro`)")
-    return np.load(npy), manifest, meta
-
-
-# ----------------------------------------------------------------------------- devices
-
-
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(choice: str, device) -> str:
-    """auto: bf16 autocast on CUDA, and on CPUs with bf16 units (measured on an AVX512-BF16 CPU:
-    1.7-2.1x the fp32 training throughput of the default U-Net, 2.4x its sampling throughput);
-    fp32 elsewhere."""
-    if choice != "auto":
-        return choice
-    return "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
 
 
 # ----------------------------------------------------------------------------- progress

@@ -26,29 +26,44 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
 from dkgm import data as ds
 from dkgm import inception, metrics as mt
+from dkgm.devices import resolve_device
 from dkgm.errors import DKGMError
-from dkgm.kde import resolve_device
-from pipeline import paths
-from pipeline.params import EvaluateParams
-from stages.common import (
+from stages.artifacts import (
+    KDE_SAMPLES,
+    PREPARED,
+    REFERENCE,
+    REFINED,
     Prepared,
-    Progress,
     load_prepared,
+    load_reference,
     load_samples,
-    log,
-    new_figure,
-    read_json,
-    save_figure,
-    staged_outputs,
-    write_json,
-    write_parquet,
 )
+from stages.common import Progress, log, new_figure, save_figure, staged_outputs, write_json, write_parquet
+from stages.contract import Device, Out, Section, Stage
+from stages.gates import Check, EnforcedSection, Gate, check
 
-OUTPUTS = [paths.EVAL_METRICS, paths.EVAL_SAMPLES, paths.EVAL_NEAREST, paths.EVAL_MEMORIZATION]
+METRICS = "reports/eval/metrics.json"
+PER_SAMPLE = "reports/eval/per_sample.parquet"  # per sample: nearest training items, distances, anchor match
+NEAREST = "reports/eval/nearest.png"
+MEMORIZATION = "reports/eval/memorization.png"
 SETS = ("kde", "refined")
+
+
+class EvaluateParams(Section):
+    n_samples: int = Field(500, ge=4)  # samples per stage evaluated: the first n (same seeds in both stages)
+    batch_size: int = Field(50, ge=1)  # speed only
+    device: Device = "auto"  # auto | cpu | cuda | cuda:N
+    kid_subsets: int = Field(100, ge=1)  # KID: random subsets averaged
+    kid_subset_size: int = Field(1000, ge=2)  # KID: subset size (capped by the smaller set)
+    pr_k: int = Field(3, ge=1)  # precision/recall: k-th nearest neighbour radius
+    copy_ratio: float = Field(1 / 3, gt=0.0, lt=1.0)  # a sample is a copy when d1/d2 < copy_ratio
+    is_splits: int = Field(10, ge=1)  # Inception Score splits (full network only)
+    seed: int = Field(0, ge=0)  # KID subsets and precision/recall reference subset
+    nn_rows: int = Field(8, ge=1)  # rows of reports/eval/nearest.png
 
 
 def _as_float(x: np.ndarray, kind: str) -> np.ndarray:
@@ -79,21 +94,12 @@ def _check_counts(cfg: EvaluateParams, kind: str, n: int, n_ref: int, n_real: in
 
 def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
     prepared = load_prepared(root)
-    ref_meta = read_json(root / paths.REFERENCE / "meta.json", "reference metadata")
-    if ref_meta.get("dataset") != prepared.meta["dataset"] or ref_meta.get("n_test") != len(prepared.split_rows("test")):
-        raise DKGMError(f"{paths.REFERENCE} was computed for {ref_meta.get('dataset')} but {paths.PREPARED} holds "
-                        f"{prepared.meta['dataset']} with a different split: re-run reference (or `dvc repro`)")
-    with np.load(root / paths.REFERENCE / "features.npz") as z:
-        ref = {k: z[k] for k in z.files}
-    if not (np.array_equal(ref["test_rows"], prepared.split_rows("test"))
-            and np.isin(ref["train_rows"], prepared.split_rows("train")).all()):
-        raise DKGMError(f"{paths.REFERENCE} was computed for another train/test split of {paths.PREPARED}: "
-                        "re-run reference (or `dvc repro`)")
-    kde_x, kde_man, _ = load_samples(root, paths.KDE_SAMPLES, "KDE samples")
-    ref_x, ref_man, ref_smeta = load_samples(root, paths.REFINED, "refined samples")
+    ref, ref_meta = load_reference(root, prepared)
+    kde_x, kde_man, _ = load_samples(root, KDE_SAMPLES, "KDE samples")
+    ref_x, ref_man, ref_smeta = load_samples(root, REFINED, "refined samples")
     n = min(cfg.n_samples, len(kde_x), len(ref_x))
     if not np.array_equal(kde_man["seed"].to_numpy()[:n], ref_man["seed"].to_numpy()[:n]):
-        raise DKGMError(f"{paths.REFINED} does not hold the debiased {paths.KDE_SAMPLES} (seeds differ): re-run refine")
+        raise DKGMError(f"{REFINED} does not hold the debiased {KDE_SAMPLES} (seeds differ): re-run refine")
     kind = prepared.kind
     weights = ref_meta.get("weights")
     _check_counts(cfg, kind, n, len(ref["train_rows"]), len(ref["test_rows"]), bool(weights and weights["has_logits"]))
@@ -150,13 +156,13 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
     m["seconds"] = time.perf_counter() - t0
 
     with staged_outputs(root, "evaluate") as outs:
-        write_parquet(outs.path(paths.EVAL_SAMPLES), per_sample)
+        write_parquet(outs.path(PER_SAMPLE), per_sample)
         if kind == "images":
-            _nearest_images(outs.path(paths.EVAL_NEAREST), sets, per_sample, prepared, n, cfg.nn_rows)
+            _nearest_images(outs.path(NEAREST), sets, per_sample, prepared, n, cfg.nn_rows)
         else:
-            _nearest_points(outs.path(paths.EVAL_NEAREST), sets["refined"], per_sample, prepared, n)
-        _memorization_plot(outs.path(paths.EVAL_MEMORIZATION), ratios, anchor_d, d1r / scale, cfg.copy_ratio)
-        write_json(outs.path(paths.EVAL_METRICS), m)
+            _nearest_points(outs.path(NEAREST), sets["refined"], per_sample, prepared, n)
+        _memorization_plot(outs.path(MEMORIZATION), ratios, anchor_d, d1r / scale, cfg.copy_ratio)
+        write_json(outs.path(METRICS), m)
     log.info("evaluate: n=%d, %s KDE %.4g -> refined %.4g (real %.4g); copies KDE %.1f%% refined %.1f%% real %.1f%%; "
              "nearest = own anchor %.1f%%", n, primary, kde_p, ref_p, m.get(f"real_{primary}") or float("nan"),
              100 * m["kde_copy_fraction"], 100 * m["refined_copy_fraction"], 100 * m["real_copy_fraction"],
@@ -167,7 +173,7 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
 def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], real: np.ndarray,
                    real_pick: np.ndarray, ref: dict, weights: dict | None) -> None:
     if not weights:
-        raise DKGMError(f"{paths.REFERENCE} holds no Inception features: re-run reference")
+        raise DKGMError(f"{REFERENCE} holds no Inception features: re-run reference")
     w = inception.Weights(**weights)
     if not Path(w.path).is_file():  # e.g. a rebuilt venv: the same file found again is as good
         try:
@@ -304,3 +310,51 @@ def _memorization_plot(path: Path, ratios: dict[str, np.ndarray], anchor_d: dict
     a2.set_xlabel("RMS distance per coordinate")
     a2.legend(fontsize=7)
     save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- gate eval
+
+
+class EvalGateParams(EnforcedSection):
+    enforce: bool = False  # the default run memorizes: recorded as NO-GO (overridden) until a setting passes
+    max_fid: float = Field(100.0, gt=0.0)  # FID of the refined samples (images only)
+    min_debias_gain: float = 0.0  # 1 - refined / KDE of the primary distance (FID; points: distance to the manifold)
+    max_copy_fraction: float = Field(0.1, ge=0.0, le=1.0)  # refined samples with d1/d2 < copy_ratio (pixel space)
+    max_anchor_fraction: float = Field(0.5, ge=0.0, le=1.0)  # refined samples whose nearest training item is their anchor
+
+
+def eval_checks(metrics: dict[str, Any], cfg: EvalGateParams) -> list[Check]:
+    key = "gates.eval"
+    checks = [
+        check(metrics, "debias_gain", ">=", cfg.min_debias_gain, f"{key}.min_debias_gain"),
+        check(metrics, "refined_copy_fraction", "<=", cfg.max_copy_fraction, f"{key}.max_copy_fraction"),
+        check(metrics, "refined_anchor_fraction", "<=", cfg.max_anchor_fraction, f"{key}.max_anchor_fraction"),
+    ]
+    if metrics.get("kind") == "images":  # FID has no meaning for point data
+        checks.insert(0, check(metrics, "refined_fid", "<=", cfg.max_fid, f"{key}.max_fid"))
+    return checks
+
+
+GATE = Gate("eval", METRICS, EvalGateParams, eval_checks,
+            doc="go/no-go on the samples: FID, debiasing gain and memorization of the refined samples")
+
+STAGES = (
+    Stage(
+        name="evaluate",
+        doc="score both stages (FID, KID, IS, precision/recall, memorization, sharpness) against held-out real data",
+        section="evaluate",
+        params=EvaluateParams,
+        deps=(PREPARED, REFERENCE, KDE_SAMPLES, REFINED),
+        outs=(
+            Out(METRICS, "metrics"),
+            Out(PER_SAMPLE, "table"),
+            Out(NEAREST, "figure", "Nearest-neighbour pairs",
+                "per row: KDE sample, its nearest training image, refined sample, its nearest, its KDE anchor",
+                "refined points joined to their nearest training points"),
+            Out(MEMORIZATION, "figure", "Memorization histograms",
+                "d1/d2 to the two nearest training items, and distance to the own anchor, against held-out real data"),
+        ),
+        run=run,
+    ),
+    GATE.stage,
+)

@@ -7,27 +7,65 @@ exact pass scores the bandwidths that matter (CV optimum, the one used, Scott, S
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from dkgm import kde
+from dkgm.devices import resolve_device
 from dkgm.errors import DKGMError
-from pipeline import paths
-from pipeline.params import KDEParams
-from stages.common import (
-    Progress,
-    load_prepared,
-    log,
-    new_figure,
-    save_figure,
-    staged_outputs,
-    write_json,
-)
+from stages.artifacts import BANDWIDTH, PREPARED, load_prepared
+from stages.common import Progress, log, new_figure, save_figure, staged_outputs, write_json
+from stages.contract import Device, Out, Section, Stage
+from stages.gates import Check, EnforcedSection, Gate, check
 
-OUTPUTS = [paths.KDE_BANDWIDTH, paths.KDE_TOPK, paths.KDE_CV_CURVE, paths.KDE_CV_PLOT, paths.KDE_METRICS]
+TOPK = "data/kde/val_topk.npz"  # each validation point's k nearest training rows
+CV_CURVE = "reports/kde/cv_curve.csv"
+CV_PLOT = "reports/kde/cv_curve.png"
+METRICS = "reports/kde/metrics.json"
+
+Bandwidth = Union[Literal["cv", "scott", "silverman"], float]
+
+
+class KDEParams(Section):
+    bandwidth: Bandwidth = "cv"  # cv (held-out likelihood) | scott | silverman | a number (per-pixel std)
+    bandwidth_scale: float = Field(1.0, gt=0.0)  # multiplier on the chosen bandwidth (diversity ablation)
+    topk: int = Field(128, ge=1)  # nearest training points kept per validation point
+    grid_min: float | Literal["auto"] = "auto"  # smallest bandwidth of the search grid (auto: from NN distances)
+    grid_max: float | Literal["auto"] = "auto"  # largest bandwidth of the search grid (auto: 2 x data std)
+    grid_points: int = Field(41, ge=3)  # log-spaced grid size
+    refine_tol: float = Field(1e-4, gt=0.0)  # golden-section stopping width, in log h
+    device: Device = "auto"  # auto | cpu | cuda | cuda:N for the distance pass
+
+    @field_validator("bandwidth", mode="before")
+    @classmethod
+    def _bandwidth_choice(cls, v: Any) -> Any:
+        if isinstance(v, str) and v in ("cv", "scott", "silverman"):
+            return v
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+            return float(v)
+        raise ValueError(f"must be cv, scott, silverman or a positive number (got {v!r})")
+
+    @field_validator("grid_min", "grid_max", mode="before")
+    @classmethod
+    def _positive_grid(cls, v: Any) -> Any:
+        if v == "auto":
+            return v
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
+            return float(v)
+        raise ValueError(f"must be auto or a positive number (got {v!r})")
+
+    @field_validator("grid_max")
+    @classmethod
+    def _grid_not_empty(cls, v: float | str, info: Any) -> float | str:
+        lo = info.data.get("grid_min")
+        if isinstance(v, float) and isinstance(lo, float) and v <= lo:
+            raise ValueError(f"the grid is empty: grid_max must exceed grid_min={lo} (got {v})")
+        return v
 
 
 def auto_grid(cfg: KDEParams, topk: kde.TopK, sigma: float) -> tuple[float, float]:
@@ -59,7 +97,7 @@ def run(cfg: KDEParams, root: Path) -> dict[str, Any]:
     if len(val) == 0:
         raise DKGMError("fit_kde needs validation points: prepare.val_fraction is 0")
     n, d = len(train), int(np.prod(train.shape[1:]))
-    device = str(kde.resolve_device(cfg.device))
+    device = str(resolve_device(cfg.device))
 
     t0 = time.perf_counter()
     bar = Progress("fit_kde: distances", 1)
@@ -125,17 +163,17 @@ def run(cfg: KDEParams, root: Path) -> dict[str, Any]:
     }
 
     with staged_outputs(root, "fit_kde") as out:
-        write_json(out.path(paths.KDE_BANDWIDTH), bandwidth)
+        write_json(out.path(BANDWIDTH), bandwidth)
         np.savez(
-            out.path(paths.KDE_TOPK),
+            out.path(TOPK),
             sq_dists=topk.sq_dists,
             neighbour=train_index[topk.indices],  # rows of data/prepared, not of the train split
             query=val_index,
         )
         baselines = [b / d for b in kde.diag_gaussian_loglik(train, val, extra_var=list(search.grid**2))]
-        _write_curve(out.path(paths.KDE_CV_CURVE), search, d, baselines)
-        _plot_curve(out.path(paths.KDE_CV_PLOT), search, d, baselines, named, exact)
-        write_json(out.path(paths.KDE_METRICS), metrics)
+        _write_curve(out.path(CV_CURVE), search, d, baselines)
+        _plot_curve(out.path(CV_PLOT), search, d, baselines, named, exact)
+        write_json(out.path(METRICS), metrics)
     log.info(
         "fit_kde: h=%.4g (%s x %.3g); CV optimum %.4g; Scott %.4g; held-out log-lik %.4f nats/dim vs %.4f baseline",
         h, bandwidth["method"], cfg.bandwidth_scale, search.h_opt, h_scott, exact["used"] / d, baseline / d,
@@ -168,3 +206,54 @@ def _plot_curve(path, search, d, baselines, named, exact) -> None:
     ax.set_title(f"bandwidth selection: held-out log-likelihood (d={d})")
     ax.legend(fontsize=7, loc="lower right")
     save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- gate kde
+
+
+class KDEGateParams(EnforcedSection):
+    require_interior_optimum: bool = True  # the CV optimum must not sit on the grid boundary
+    min_loglik_gain_per_dim: float = 0.0  # KDE minus smoothed diagonal Gaussian, nats per dimension
+    max_truncation_bound: float = Field(1e-3, ge=0.0)  # top-k truncation bound at the optimum, nats per point
+
+
+def kde_checks(metrics: dict[str, Any], cfg: KDEGateParams) -> list[Check]:
+    key = "gates.kde"
+    checks = [
+        check(metrics, "loglik_gain_per_dim", ">=", cfg.min_loglik_gain_per_dim, f"{key}.min_loglik_gain_per_dim"),
+        check(metrics, "truncation_bound_opt", "<=", cfg.max_truncation_bound, f"{key}.max_truncation_bound"),
+    ]
+    if cfg.require_interior_optimum:
+        checks.insert(0, check(metrics, "cv_on_boundary", "==", False, f"{key}.require_interior_optimum"))
+    return checks
+
+
+GATE = Gate("kde", METRICS, KDEGateParams, kde_checks,
+            doc="go/no-go on the KDE: interior CV optimum, beats the smoothed diagonal Gaussian, small truncation bound")
+
+STAGES = (
+    Stage(
+        name="fit_kde",
+        doc="choose the KDE bandwidth by held-out log-likelihood (one top-k distance pass, then the CV curve)",
+        section="kde",
+        params=KDEParams,
+        deps=(PREPARED,),
+        outs=(
+            Out(BANDWIDTH),
+            Out(TOPK),
+            Out(CV_CURVE, "table"),
+            Out(CV_PLOT, "figure", "Bandwidth CV curve",
+                "held-out log-likelihood per dimension against the bandwidth h; the selected h marked"),
+            Out(METRICS, "metrics"),
+        ),
+        run=run,
+        summary=(("h", "bandwidth h (used)"), ("h_cv", "h, CV optimum"), ("h_scott", "h, Scott's rule"),
+                 ("h_silverman", "h, Silverman's rule"), ("bandwidth_scale", "bandwidth scale"),
+                 ("cv_loglik_per_dim", "CV held-out log-lik at h_cv (nats/dim)"),
+                 ("loglik_per_dim", "held-out log-lik at h (nats/dim)"),
+                 ("baseline_loglik_per_dim", "diagonal-Gaussian baseline (nats/dim)"),
+                 ("loglik_gain_per_dim", "gain over the baseline (nats/dim)"),
+                 ("cv_on_boundary", "optimum on the grid boundary"), ("truncation_bound_opt", "top-k truncation bound")),
+    ),
+    GATE.stage,
+)

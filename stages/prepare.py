@@ -5,16 +5,37 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from dkgm import data as ds
-from pipeline import paths
-from pipeline.params import PrepareParams
-from stages.common import log, new_figure, save_figure, staged_outputs, write_json, write_parquet, write_png
+from stages.artifacts import PREPARED
+from stages.common import image_grid, log, new_figure, save_figure, staged_outputs, write_json, write_parquet, write_png
+from stages.contract import Out, Section, Stage
 
-OUTPUTS = [paths.PREPARED, paths.PREPARE_PREVIEW, paths.PREPARE_METRICS]
+PREVIEW = "reports/prepare/preview.png"
+METRICS = "reports/prepare/metrics.json"
+
+
+class PrepareParams(Section):
+    dataset: Literal["mnist5k", "swissroll"] = "mnist5k"  # which embedded dataset to prepare
+    seed: int = Field(0, ge=0)  # seed of the train/val/test split (and of the swiss roll's points)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out for bandwidth selection and gates
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out for evaluation
+    limit: int | None = Field(None, ge=10)  # keep a seeded random subset of `limit` items (a quick run); null = all
+    image_size: int = Field(32, ge=28, le=256)  # images are centre-padded to image_size x image_size
+    swissroll_points: int = Field(10000, ge=10)  # swiss roll: number of points
+    swissroll_noise: float = Field(0.02, ge=0.0)  # swiss roll: std of the noise around the spiral
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _fractions_leave_training_data(cls, v: float, info: Any) -> float:
+        val = info.data.get("val_fraction", 0.0)
+        if val + v >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction must be below 1 (got {val} + {v})")
+        return v
 
 
 def build(cfg: PrepareParams) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -58,7 +79,7 @@ def run(cfg: PrepareParams, root: Path) -> dict[str, Any]:
         metrics["pixel_mean"] = float(ds.to_float(items).mean())
 
     with staged_outputs(root, "prepare") as out:
-        base = out.path(paths.PREPARED)
+        base = out.path(PREPARED)
         base.mkdir()
         np.save(base / "data.npy", items)
         write_parquet(
@@ -69,7 +90,7 @@ def run(cfg: PrepareParams, root: Path) -> dict[str, Any]:
         train = items[split == "train"]
         if meta["kind"] == "images":
             show = np.linspace(0, len(train) - 1, min(64, len(train))).astype(int)  # spread over the (ordered) set
-            write_png(out.path(paths.PREPARE_PREVIEW), ds.image_grid(train[show], ncol=8))
+            write_png(out.path(PREVIEW), image_grid(train[show], ncol=8))
         else:
             fig, ax = new_figure(5, 5)
             ax.scatter(train[:, 0], train[:, 1], s=2, alpha=0.5, label="train")
@@ -79,7 +100,27 @@ def run(cfg: PrepareParams, root: Path) -> dict[str, Any]:
             ax.set_aspect("equal")
             ax.legend(loc="upper right")
             ax.set_title(f"swiss roll: {counts['train']} training points")
-            save_figure(fig, out.path(paths.PREPARE_PREVIEW))
-        write_json(out.path(paths.PREPARE_METRICS), metrics)
+            save_figure(fig, out.path(PREVIEW))
+        write_json(out.path(METRICS), metrics)
     log.info("prepare: %s, %d items (%s)", cfg.dataset, len(items), counts)
     return metrics
+
+
+STAGES = (
+    Stage(
+        name="prepare",
+        doc="build the dataset artifact (items, manifest of index/label/split, meta) and a preview figure",
+        section="prepare",
+        params=PrepareParams,
+        deps=(),
+        outs=(
+            Out(PREPARED),
+            Out(PREVIEW, "figure", "Training data", "a sample of the prepared training items",
+                "the prepared training points", grid=True),
+            Out(METRICS, "metrics"),
+        ),
+        run=run,
+        summary=(("n_items", "items"), ("n_train", "training items"), ("n_val", "validation items"),
+                 ("n_test", "test items")),
+    ),
+)

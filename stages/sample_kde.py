@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from dkgm import data as ds
 from dkgm import kde
-from pipeline import paths
-from pipeline.params import SampleKDEParams
+from stages.artifacts import BANDWIDTH, KDE_SAMPLES, PREPARED, load_bandwidth, load_prepared
 from stages.common import (
     Progress,
-    load_bandwidth,
-    load_prepared,
+    image_grid,
     log,
     new_figure,
     save_figure,
@@ -29,8 +28,19 @@ from stages.common import (
     write_parquet,
     write_png,
 )
+from stages.contract import Out, Section, Stage
+from stages.gates import gate_token
 
-OUTPUTS = [paths.KDE_SAMPLES, paths.SAMPLE_KDE_GRID, paths.SAMPLE_KDE_METRICS]
+GRID = "reports/sample_kde/grid.png"
+METRICS = "reports/sample_kde/metrics.json"
+
+
+class SampleKDEParams(Section):
+    n_samples: int = Field(2000, ge=1)  # number of first-stage samples
+    kernel: Literal["gaussian", "epanechnikov"] = "gaussian"  # kernel shape (unit per-coordinate variance)
+    seed: int = Field(1_000_000, ge=0)  # sample s uses seed + s for its anchor and its noise
+    batch_size: int = Field(500, ge=1)  # samples per batch (speed only: results do not depend on it)
+    grid_samples: int = Field(32, ge=1)  # samples shown in the grid figure
 
 
 def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
@@ -74,7 +84,7 @@ def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
         metrics["train_mean_distance_to_manifold"] = float(roll.distance(train).mean())
 
     with staged_outputs(root, "sample_kde") as out:
-        base = out.path(paths.KDE_SAMPLES)
+        base = out.path(KDE_SAMPLES)
         base.mkdir()
         np.save(base / "samples.npy", samples)
         write_parquet(
@@ -88,8 +98,8 @@ def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
         )
         write_json(base / "meta.json", {"h": h, "kernel": cfg.kernel, "n": cfg.n_samples, "shape": list(train.shape[1:]),
                                         "seed": cfg.seed, "dataset": prepared.meta["dataset"], "dim": d})
-        _figure(out.path(paths.SAMPLE_KDE_GRID), prepared.kind, samples, train, anchors, cfg, h)
-        write_json(out.path(paths.SAMPLE_KDE_METRICS), metrics)
+        _figure(out.path(GRID), prepared.kind, samples, train, anchors, cfg, h)
+        write_json(out.path(METRICS), metrics)
     log.info("sample_kde: %d %s samples at h=%.4g (%.0f samples/s)", cfg.n_samples, cfg.kernel, h, metrics["samples_per_second"])
     return metrics
 
@@ -104,7 +114,7 @@ def _figure(path: Path, kind: str, samples: np.ndarray, train: np.ndarray, ancho
             rows += [ds.to_uint8(samples[s : s + ncol]), ds.to_uint8(train[anchors[s : s + ncol]])]
         width = max(len(r) for r in rows)
         padded = [np.concatenate([r, np.full((width - len(r), *r.shape[1:]), 255, np.uint8)]) for r in rows]
-        write_png(path, ds.image_grid(np.concatenate(padded), ncol=width))
+        write_png(path, image_grid(np.concatenate(padded), ncol=width))
         return
     fig, ax = new_figure(5, 5)
     ax.scatter(train[:, 0], train[:, 1], s=2, c="grey", alpha=0.4, label="train")
@@ -112,3 +122,23 @@ def _figure(path: Path, kind: str, samples: np.ndarray, train: np.ndarray, ancho
     ax.set_aspect("equal")
     ax.legend(loc="upper right", fontsize=8)
     save_figure(fig, path)
+
+
+STAGES = (
+    Stage(
+        name="sample_kde",
+        doc="draw the first-stage samples x = x_anchor + h * u, one seed per sample",
+        section="sample_kde",
+        params=SampleKDEParams,
+        deps=(PREPARED, BANDWIDTH, gate_token("kde")),
+        outs=(
+            Out(KDE_SAMPLES),
+            Out(GRID, "figure", "KDE samples (stage 1)", "first-stage samples x = x_anchor + h·u beside their anchors",
+                "first-stage samples", grid=True),
+            Out(METRICS, "metrics"),
+        ),
+        run=run,
+        summary=(("n_samples", "samples"), ("kernel", "kernel"), ("distinct_anchors", "distinct anchors"),
+                 ("samples_per_second", "samples/s")),
+    ),
+)

@@ -12,26 +12,24 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 import dkgm
 from dkgm import data as ds
 from dkgm.debias import Denoiser, denoising_mse, make_snapshot
+from dkgm.devices import resolve_device, resolve_precision
 from dkgm.errors import DKGMError
-from dkgm.kde import resolve_device
 from dkgm.networks import NetworkConfig, build_network, count_parameters
 from dkgm.training import TrainConfig, train
-from pipeline import paths
-from pipeline.params import DebiaserParams
+from stages.artifacts import BANDWIDTH, DEBIASER_SNAPSHOT, PREPARED, load_bandwidth, load_prepared
 from stages.common import (
     Progress,
-    load_bandwidth,
-    load_prepared,
+    image_grid,
     log,
-    resolve_precision,
     new_figure,
     save_figure,
     staged_outputs,
@@ -39,8 +37,42 @@ from stages.common import (
     write_parquet,
     write_png,
 )
+from stages.contract import Device, Out, Section, Stage
+from stages.gates import Check, EnforcedSection, Gate, check, gate_token
 
-OUTPUTS = [paths.DEBIASER_SNAPSHOT, paths.TRAIN_LOG, paths.TRAIN_LOSS_PLOT, paths.TRAIN_DENOISE_PLOT, paths.TRAIN_METRICS]
+STATES = "checkpoints/debiaser"  # resumable training states, outside DVC (one folder per config)
+LOG = "reports/train/log.parquet"
+LOSS_PLOT = "reports/train/loss.png"
+DENOISE_PLOT = "reports/train/denoise.png"
+METRICS = "reports/train/metrics.json"
+
+
+class DebiaserParams(Section):
+    arch: Literal["unet", "dae", "mlp"] = "unet"  # unet | dae (no skip connections: the ablation) | mlp (points)
+    channels: int = Field(32, ge=1)  # base width (DDPM CIFAR-10: 128)
+    channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per resolution (DDPM CIFAR-10: 1,2,2,2)
+    num_blocks: int = Field(1, ge=1)  # residual blocks per resolution (DDPM CIFAR-10: 2)
+    attn_resolutions: tuple[int, ...] = (8,)  # feature-map sizes with self-attention (DDPM CIFAR-10: 16)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    embedding: Literal["positional", "fourier"] = "positional"  # noise-level embedding
+    sigma_min: float = Field(0.002, gt=0.0)  # smallest training noise level
+    sigma_max_factor: float = Field(1.5, gt=0.0)  # sigma_max = factor x the KDE bandwidth h
+    batch_size: int = Field(64, ge=1)  # global batch
+    total_kimg: float = Field(40.0, gt=0.0)  # training length, thousands of images seen
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_kimg: float = Field(2.0, ge=0.0)  # linear learning-rate warm-up
+    grad_clip: float = Field(10.0, ge=0.0)  # max gradient norm (0 = off)
+    ema_halflife_kimg: float = Field(5.0, gt=0.0)  # EMA half-life
+    ema_rampup_ratio: float | None = Field(0.1, gt=0.0)  # EMA half-life <= ratio x images seen (null = off)
+    seed: int = Field(0, ge=0)
+    log_every: int = Field(20, ge=1)  # steps per log row
+    state_every_kimg: float = Field(10.0, gt=0.0)  # thousands of images between resumable states
+    keep_states: int = Field(2, ge=1)  # newest states kept
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA and on CPUs with bf16 units
+    compile: bool = False  # torch.compile the network
+    device: Device = "auto"  # auto | cpu | cuda | cuda:N
+    eval_images: int = Field(500, ge=1)  # held-out images for the denoising error at sigma = h
 
 
 def configs(cfg: DebiaserParams, h: float, shape: tuple[int, ...], device: torch.device) -> tuple[NetworkConfig, TrainConfig]:
@@ -83,7 +115,7 @@ def configs(cfg: DebiaserParams, h: float, shape: tuple[int, ...], device: torch
 
 def state_dir(root: Path, net: NetworkConfig, train_cfg: TrainConfig, data_key: dict[str, Any]) -> Path:
     key = json.dumps({"net": net.to_dict(), "train": train_cfg.trajectory_key(), "data": data_key}, sort_keys=True)
-    return root / paths.DEBIASER_STATES / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return root / STATES / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def code_version() -> str:
@@ -187,12 +219,12 @@ def run(cfg: DebiaserParams, root: Path) -> dict[str, Any]:
         code_version=code_version(),
     )
     with staged_outputs(root, "train_debiaser") as out:
-        torch.save(snapshot, out.path(paths.DEBIASER_SNAPSHOT))
+        torch.save(snapshot, out.path(DEBIASER_SNAPSHOT))
         columns = {k: [r.get(k, float("nan")) for r in log_rows] for k in (log_rows[0] if log_rows else {"step": 0})}
-        write_parquet(out.path(paths.TRAIN_LOG), columns)
-        _loss_plot(out.path(paths.TRAIN_LOSS_PLOT), log_rows)
-        _denoise_figure(out.path(paths.TRAIN_DENOISE_PLOT), ema, val, h, prepared.kind)
-        write_json(out.path(paths.TRAIN_METRICS), metrics)
+        write_parquet(out.path(LOG), columns)
+        _loss_plot(out.path(LOSS_PLOT), log_rows)
+        _denoise_figure(out.path(DENOISE_PLOT), ema, val, h, prepared.kind)
+        write_json(out.path(METRICS), metrics)
     log.info("train_debiaser: %.1f kimg, held-out MSE at sigma=h %.4g (identity %.4g, ratio %.3f), %.0f img/s",
              metrics["kimg"], mse, identity, metrics["error_ratio"], result.images_per_second)
     return metrics
@@ -223,7 +255,7 @@ def _denoise_figure(path: Path, ema: Denoiser, val: torch.Tensor, h: float, kind
         noisy = x + h * torch.randn(x.shape, generator=gen)
         den = ema(noisy.to(device), h).cpu()
         rows = [ds.to_uint8(t.numpy()) for t in (x, noisy, den)]
-        write_png(path, ds.image_grid(np.concatenate(rows), ncol=len(x)))  # rows: clean, noisy (sigma=h), denoised
+        write_png(path, image_grid(np.concatenate(rows), ncol=len(x)))  # rows: clean, noisy (sigma=h), denoised
         return
     x = val[:300]
     noisy = x + h * torch.randn(x.shape, generator=gen)
@@ -234,3 +266,49 @@ def _denoise_figure(path: Path, ema: Denoiser, val: torch.Tensor, h: float, kind
     ax.set_aspect("equal")
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------- gate debiaser
+
+
+class DebiaserGateParams(EnforcedSection):
+    max_error_ratio: float = Field(0.5, gt=0.0)  # EMA denoising MSE at sigma = h over the identity's (h^2)
+    max_val_mse: float = Field(0.05, gt=0.0)  # EMA denoising MSE at sigma = h, per coordinate
+
+
+def debiaser_checks(metrics: dict[str, Any], cfg: DebiaserGateParams) -> list[Check]:
+    key = "gates.debiaser"
+    return [
+        check(metrics, "val_mse_at_h", "<=", cfg.max_val_mse, f"{key}.max_val_mse"),  # null (non-finite) fails
+        check(metrics, "error_ratio", "<=", cfg.max_error_ratio, f"{key}.max_error_ratio"),
+    ]
+
+
+GATE = Gate("debiaser", METRICS, DebiaserGateParams, debiaser_checks,
+            doc="go/no-go on the debiaser: held-out denoising error at sigma = h, absolute and against the identity")
+
+STAGES = (
+    Stage(
+        name="train_debiaser",
+        doc="train the noise-level-conditioned debiaser D(x; sigma) (resumable; the EMA snapshot is the output)",
+        section="debiaser",
+        params=DebiaserParams,
+        deps=(PREPARED, BANDWIDTH, gate_token("kde")),
+        outs=(
+            Out(DEBIASER_SNAPSHOT),
+            Out(LOG, "table"),
+            Out(LOSS_PLOT, "figure", "Debiaser training loss",
+                "EDM loss against thousands of images seen, overall and per σ bucket"),
+            Out(DENOISE_PLOT, "figure", "Denoising at σ = h",
+                "rows: clean held-out images, noisy at σ = h, denoised by the EMA network",
+                "noisy held-out points at σ = h and their denoised positions", grid=True),
+            Out(METRICS, "metrics"),
+        ),
+        run=run,
+        summary=(("arch", "architecture"), ("parameters", "parameters"), ("kimg", "kimg trained"),
+                 ("final_loss", "final training loss"), ("val_mse_at_h", "held-out MSE at σ = h"),
+                 ("identity_mse_at_h", "identity map's MSE at σ = h"), ("error_ratio", "error ratio"),
+                 ("images_per_second", "images/s"), ("precision", "precision")),
+    ),
+    GATE.stage,
+)

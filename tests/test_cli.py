@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline import paths
+from stages import artifacts, gates
 from tests.conftest import run_cli, write_params
 
 
@@ -19,7 +19,7 @@ def test_dry_run_prints_resolved_params_and_outputs_and_writes_nothing(project):
     write_params(project, {"kde": {"bandwidth_scale": 1.5}})
     r = run_cli(["run", "fit_kde", "--dry-run"], project)
     assert r.returncode == 0, r.stderr
-    assert "kde.bandwidth_scale: 1.5" in r.stdout and paths.KDE_BANDWIDTH in r.stdout
+    assert "kde.bandwidth_scale: 1.5" in r.stdout and artifacts.BANDWIDTH in r.stdout
     assert not (project / "data").exists() and not (project / "reports").exists()
     g = run_cli(["gate", "kde", "--dry-run"], project)
     assert "gates.kde.min_loglik_gain_per_dim" in g.stdout
@@ -50,6 +50,6 @@ def test_gate_exit_codes_and_one_line_per_failure(project):
         line for line in r.stderr.strip().splitlines() if line.startswith("gate kde: NO-GO: loglik_gain_per_dim = ")
     ]
     assert "(gates.kde.min_loglik_gain_per_dim)" in r.stderr
-    assert json.loads((project / paths.gate_record("kde")).read_text())["decision"] == "NO-GO"
+    assert json.loads((project / gates.gate_record("kde")).read_text())["decision"] == "NO-GO"
     write_params(project)
     assert run_cli(["gate", "kde"], project).returncode == 0

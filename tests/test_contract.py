@@ -1,13 +1,21 @@
-"""params.yaml, the schema, dvc.yaml and the stage registry must agree."""
+"""One place per stage contract: the stage modules, the assembled schema, params.yaml and the
+derived dvc.yaml must agree; imports run one way; every stage's code is its dependency."""
 
 from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 
+from pipeline import dvcyaml, registry
 from pipeline import params as P
-from pipeline.registry import STAGES
 from tests.conftest import REPO
+
+STAGES = registry.all_stages()
 
 
 @pytest.fixture(scope="module")
@@ -19,43 +27,119 @@ def _outs(entries) -> set[str]:
     return {next(iter(e)) if isinstance(e, dict) else e for e in entries}
 
 
+def test_committed_dvc_yaml_is_what_the_stage_modules_say():
+    committed = (REPO / "dvc.yaml").read_text()
+    assert committed == dvcyaml.render(list(STAGES.values()), REPO), (
+        "dvc.yaml is out of date: run `python -m pipeline dvc-yaml` and commit it")
+
+
 def test_default_params_validate_and_equal_schema_defaults():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    loaded = P.validate(raw)
-    assert loaded == P.Params()  # params.yaml spells out exactly the schema defaults
+    assert P.validate(raw) == P.defaults()  # params.yaml spells out exactly the schema defaults
+    assert dvcyaml.missing_sections(REPO / "params.yaml") == ({}, [])
 
 
-def test_every_registered_stage_is_in_dvc_yaml_and_back(dvc_stages):
-    assert set(dvc_stages) == set(STAGES)
+def test_every_stage_reads_exactly_its_section_keys(dvc_stages):
+    assert list(dvc_stages) == list(STAGES)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, spec in STAGES.items():
+        if spec.all_params:
+            assert dvc_stages[name]["params"] == [{"params.yaml": None}]
+            continue
+        keys = dvc_stages[name]["params"]
+        assert keys == dvcyaml.leaf_keys(spec.params, spec.section)
+        for key in keys:  # DVC refuses a params dependency that params.yaml lacks
+            node = raw
+            for part in key.split("."):
+                assert part in node, f"{name}: params.yaml has no {key}"
+                node = node[part]
 
 
-@pytest.mark.parametrize("name", list(STAGES))
-def test_dvc_yaml_lists_exactly_the_keys_the_stage_reads(dvc_stages, name):
-    spec = STAGES[name]
-    model = type(P.section(P.Params(), spec.section))
-    assert sorted(dvc_stages[name]["params"]) == sorted(P.leaf_keys(model, spec.section))
+def test_dvc_yaml_artifacts_and_command_match_the_stage(dvc_stages):
+    for name, spec in STAGES.items():
+        stage = dvc_stages[name]
+        assert stage["cmd"] == spec.command
+        assert _outs(stage["outs"]) == set(spec.out_paths)
+        cached = {next(iter(e)) if isinstance(e, dict) else e: not isinstance(e, dict) for e in stage["outs"]}
+        assert all(cached[o.path] == o.cached for o in spec.outs)
+        artifacts = [d for d in stage["deps"] if not d.endswith((".py", ".j2"))]
+        assert artifacts == list(spec.deps)
+        assert spec.module.replace(".", "/") + ".py" in stage["deps"]  # a stage re-runs when its code changes
 
 
-@pytest.mark.parametrize("name", list(STAGES))
-def test_dvc_yaml_paths_and_command_match_the_registry(dvc_stages, name):
-    spec, stage = STAGES[name], dvc_stages[name]
-    assert stage["cmd"] == spec.cmd
-    assert _outs(stage["outs"]) == set(spec.outs)
-    code = {d for d in stage["deps"] if d.endswith(".py")}
-    assert {d for d in stage["deps"] if d not in code} == set(spec.deps)
-    for c in code:
-        assert (REPO / c).is_file(), f"dvc.yaml code dependency {c} does not exist"
-    if spec.module:
-        assert spec.module.replace(".", "/") + ".py" in code  # a stage re-runs when its code changes
-        assert list(spec.load().OUTPUTS) == list(spec.outs)
+def test_every_input_is_some_stage_s_output():
+    produced = {p for s in STAGES.values() for p in s.out_paths}
+    for spec in STAGES.values():
+        assert set(spec.deps) <= produced, (spec.name, set(spec.deps) - produced)
 
 
-def test_metrics_and_plots_declared_at_top_level_exist_as_outputs():
+def test_metrics_and_plots_declared_at_top_level_are_outputs():
     top = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    outs = set().union(*(set(s.outs) for s in STAGES.values()))
-    assert set(top["metrics"]) <= outs
-    plots = {next(iter(p)) if isinstance(p, dict) else p for p in top["plots"]}
-    assert plots <= outs and all(p.endswith(".png") for p in plots)  # image plots render offline
+    assert top["metrics"] == [o.path for s in STAGES.values() for o in s.outs_of("metrics")]
+    plots = [o.path for s in STAGES.values() for o in s.outs_of("figure")]
+    assert top["plots"] == plots and all(p.endswith(".png") for p in plots)  # image plots render offline
+
+
+# ----------------------------------------------------------------------------- layers and code deps
+
+
+def _imports(path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package, forbidden", [("dkgm", ("stages", "pipeline", "prefect", "pydantic", "dvc")),
+                                                ("stages", ("pipeline", "prefect", "dvc"))])
+def test_imports_run_one_way(package, forbidden):
+    """pipeline -> stages -> dkgm: no module of a lower layer imports a higher one (anywhere in the file)."""
+    for path in sorted((REPO / package).glob("*.py")):
+        bad = sorted(n for n in _imports(path) if n.split(".")[0] in forbidden)
+        assert not bad, f"{path.relative_to(REPO)} imports {bad}"
+
+
+def test_code_deps_cover_what_each_stage_process_imports(dvc_stages):
+    """Import each stage's module in a fresh interpreter: every project file it loads is a declared
+    dependency (the static closure may hold more: imports inside functions)."""
+    modules = sorted({s.module for s in STAGES.values()})
+    script = (
+        "import json, sys, importlib; from pathlib import Path\n"
+        "root = Path(sys.argv[1]).resolve(); own = [root / p for p in ('dkgm', 'stages', 'pipeline')]; out = {}\n"
+        "for name in sys.argv[2:]:\n"
+        "    importlib.import_module(name)\n"
+        "    files = [Path(m.__file__).resolve() for m in list(sys.modules.values()) if getattr(m, '__file__', None)]\n"
+        "    out[name] = sorted(str(f.relative_to(root)) for f in files if any(f.is_relative_to(o) for o in own))\n"
+        "    for m in [m for m in sys.modules if m.split('.')[0] in ('dkgm', 'stages', 'pipeline')]:\n"
+        "        del sys.modules[m]\n"
+        "print(json.dumps(out))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script, str(REPO), *modules], cwd=REPO, capture_output=True, text=True,
+                       check=True)
+    loaded = json.loads(r.stdout)
+    for name, spec in STAGES.items():
+        declared = {d for d in dvc_stages[name]["deps"] if d.endswith((".py", ".j2"))}
+        missing = set(loaded[spec.module]) - declared
+        assert not missing, f"{name} imports {sorted(missing)} but dvc.yaml does not list them"
+        assert "pipeline/__main__.py" not in declared and "pipeline/flows.py" not in declared  # orchestration only
+
+
+def test_static_closure_follows_lazy_and_relative_imports(tmp_path):
+    pkg = tmp_path / "stages"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from . import b\n\ndef f():\n    from stages.c import g\n    return g\n")
+    (pkg / "b.py").write_text("import numpy\n")
+    (pkg / "c.py").write_text("from dkgm import nothing_here\n")
+    (pkg / "d.py").write_text("")  # imported by nobody
+    assert dvcyaml.import_closure("stages.a", tmp_path) == {"stages/__init__.py", "stages/a.py", "stages/b.py",
+                                                            "stages/c.py"}
+
+
+# ----------------------------------------------------------------------------- params errors
 
 
 @pytest.mark.parametrize(
@@ -66,13 +150,14 @@ def test_metrics_and_plots_declared_at_top_level_exist_as_outputs():
         (lambda r: r["kde"].update(bandwidth="loo"), "kde.bandwidth", "got 'loo'"),
         (lambda r: r["kde"].update(bandwidth_scale=0), "kde.bandwidth_scale", "greater than 0"),
         (lambda r: r["kde"].update(grid_min=2.0, grid_max=1.0), "kde.grid_max", "grid is empty"),
-        (lambda r: r["kde"].update(topk_k=3), "kde.topk_k", "unknown key"),
-        (lambda r: r.update(evaluation={}), "evaluation", "unknown key"),
+        (lambda r: r["kde"].update(topk_k=3), "kde.topk_k", "unknown key (did you mean kde.topk?)"),
+        (lambda r: r.update(evaluation={}), "evaluation", "unknown key (did you mean evaluate?)"),
         (lambda r: r["gates"]["kde"].update(enforce="maybe"), "gates.kde.enforce", "boolean"),
         (lambda r: r["prepare"].update(val_fraction=0.6, test_fraction=0.5), "prepare.test_fraction", "below 1"),
         (lambda r: r["refine"].update(steps=0), "refine.steps", "greater than or equal to 1"),
         (lambda r: r["refine"].update(eta=1.5), "refine.eta", "less than or equal to 1"),
         (lambda r: r["refine"].update(gamma=0.5), "refine.gamma", "greater than 0.5"),
+        (lambda r: r["refine"].update(device="gpu"), "refine.device", "must be auto, cpu, cuda or cuda:N"),
         (lambda r: r["debiaser"].update(arch="transformer"), "debiaser.arch", "'unet', 'dae' or 'mlp'"),
     ],
 )
@@ -93,3 +178,14 @@ def test_missing_and_unparsable_params_file(tmp_path):
     bad.write_text("kde: [unclosed\n")
     with pytest.raises(P.ParamsError, match="not valid YAML"):
         P.load_params(bad)
+
+
+def test_stage_order_is_topological_and_keeps_gates_next_to_their_stage():
+    names = list(STAGES)
+    producer = {p: s.name for s in STAGES.values() for p in s.out_paths}
+    for s in STAGES.values():
+        assert all(names.index(producer[d]) < names.index(s.name) for d in s.deps)
+    for gate in registry.gates().values():
+        gated = producer[gate.deps[0]]
+        assert names.index(gate.name) == names.index(gated) + 1
+    assert names[-1] == "report"

@@ -10,6 +10,7 @@ import pytest
 
 from dkgm import data as ds
 from dkgm.errors import DKGMError
+from stages.common import image_grid
 
 
 def test_mnist5k_is_the_real_digits():
@@ -77,6 +78,6 @@ def test_swissroll_distance_known_answers():
 
 def test_image_grid_layout():
     imgs = np.stack([np.full((1, 3, 3), i, np.uint8) for i in range(5)])
-    grid = ds.image_grid(imgs, ncol=2, pad=1)
+    grid = image_grid(imgs, ncol=2, pad=1)
     assert grid.shape == (3 * 4 + 1, 2 * 4 + 1, 1)
     assert grid[1, 1, 0] == 0 and grid[1, 5, 0] == 1 and grid[9, 1, 0] == 4 and grid[9, 5, 0] == 255

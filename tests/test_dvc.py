@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 
 import pytest
+import yaml
 
-from pipeline import paths
+from stages import artifacts, fit_kde, gates
 from tests.conftest import VENV_BIN, cli_env, set_param
 
 pytestmark = pytest.mark.slow
@@ -35,17 +37,19 @@ def test_repro_noop_and_partial_rerun(dvc_project):
     root = dvc_project
     first = dvc(root, "repro")
     assert ran(first) == ALL, ran(first)
-    assert (root / paths.KDE_SAMPLES / "samples.npy").is_file()
+    assert (root / artifacts.KDE_SAMPLES / "samples.npy").is_file()
     assert ran(dvc(root, "repro")) == []  # a second repro is a no-op
+    assert _changed_stages(root) == set()
+    assert_edits_mark_exactly_the_importers(root)
 
     subprocess.run(["git", "add", "-A"], cwd=root, check=True, capture_output=True)
     subprocess.run(["git", "commit", "-qm", "baseline run"], cwd=root, check=True, capture_output=True)
-    h1 = json.loads((root / paths.KDE_METRICS).read_text())["h"]
+    h1 = json.loads((root / fit_kde.METRICS).read_text())["h"]
 
     # the bandwidth scale re-runs what depends on it and nothing upstream
     exp = dvc(root, "exp", "run", "-S", "kde.bandwidth_scale=2")
     assert ran(exp) == ["fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine", *AFTER_REFINE], ran(exp)
-    assert json.loads((root / paths.KDE_METRICS).read_text())["h"] == pytest.approx(2 * h1)
+    assert json.loads((root / fit_kde.METRICS).read_text())["h"] == pytest.approx(2 * h1)
     diff = json.loads(dvc(root, "params", "diff", "--json").stdout)
     change = diff["params.yaml"]["kde.bandwidth_scale"]
     assert (change["old"], change["new"]) == (1.0, 2)
@@ -67,12 +71,91 @@ def test_failing_gate_stops_repro_and_override_continues(dvc_project):
     assert r.returncode != 0
     assert ran(r) == ["prepare", "fit_kde", "gate_kde"]
     assert "gate kde: NO-GO: loglik_gain_per_dim" in r.stdout + r.stderr
-    record = json.loads((root / paths.gate_record("kde")).read_text())
+    record = json.loads((root / gates.gate_record("kde")).read_text())
     assert record["decision"] == "NO-GO"
     assert [c["params_key"] for c in record["checks"] if not c["passed"]] == ["gates.kde.min_loglik_gain_per_dim"]
-    assert not (root / paths.KDE_SAMPLES).exists()
+    assert not (root / artifacts.KDE_SAMPLES).exists()
 
     set_param(root, "gates.kde.enforce", False)
     r = dvc(root, "repro")
     assert ran(r) == ["gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine", "reference", *AFTER_REFINE], ran(r)
-    assert json.loads((root / paths.gate_record("kde")).read_text())["decision"] == "NO-GO (overridden)"
+    assert json.loads((root / gates.gate_record("kde")).read_text())["decision"] == "NO-GO (overridden)"
+
+
+def _changed_stages(root) -> set[str]:
+    """Stage names `dvc status` reports as changed (code, params or data)."""
+    status = json.loads(dvc(root, "status", "--json").stdout or "{}")
+    return {name.split(":")[-1] for name in status}
+
+
+def assert_edits_mark_exactly_the_importers(root) -> None:
+    """Editing a shared helper marks as changed exactly the stages whose code imports it."""
+    from pipeline import dvcyaml, registry
+
+    for helper in ("dkgm/inception.py", "dkgm/sampler.py", "stages/common.py"):
+        importers = {s.name for s in registry.all_stages().values() if helper in dvcyaml.code_deps(s)}
+        path = root / helper
+        original = path.read_text()
+        path.write_text(original + "\n# an edit\n")
+        try:
+            assert _changed_stages(root) == importers, helper
+        finally:
+            path.write_text(original)
+    assert {"reference", "evaluate", "gate_eval", "report"} == {
+        s.name for s in registry.all_stages().values() if "dkgm/inception.py" in dvcyaml.code_deps(s)}
+
+
+TOY = '''"""A toy stage (test only): the number of prepared items times a factor."""
+
+from pathlib import Path
+
+from pydantic import Field
+
+from stages.artifacts import PREPARED, load_prepared
+from stages.common import staged_outputs, write_json
+from stages.contract import Out, Section, Stage
+
+COUNT = "reports/toy/metrics.json"
+
+
+class ToyParams(Section):
+    factor: int = Field(3, ge=1)  # what the item count is multiplied by
+
+
+def run(cfg: ToyParams, root: Path) -> dict:
+    n = len(load_prepared(Path(root)).data)
+    with staged_outputs(root, "toy") as out:
+        write_json(out.path(COUNT), {"items_times_factor": n * cfg.factor})
+    return {}
+
+
+STAGES = (Stage(name="toy", doc="count the prepared items", section="toy", params=ToyParams, deps=(PREPARED,),
+                outs=(Out(COUNT, "metrics"),), run=run),)
+'''
+
+
+def test_a_new_stage_is_one_module(dvc_project):
+    root = dvc_project
+    (root / "stages" / "toy.py").write_text(TOY)
+    r = subprocess.run([sys.executable, "-m", "pipeline", "dvc-yaml"], cwd=root, env=cli_env(), capture_output=True,
+                       text=True, check=True)
+    assert "added toy to" in r.stderr and "wrote" in r.stderr
+    changed = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+    assert sorted(line[3:] for line in changed.splitlines()) == ["dvc.yaml", "params.yaml", "stages/toy.py"]
+    stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["toy"]
+    assert stage["cmd"] == "python -m pipeline run toy" and stage["params"] == ["toy.factor"]
+    assert stage["deps"][0] == "data/prepared" and "stages/toy.py" in stage["deps"] and "dkgm/data.py" in stage["deps"]
+    assert stage["outs"] == [{"reports/toy/metrics.json": {"cache": False}}]
+    assert yaml.safe_load((root / "params.yaml").read_text())["toy"] == {"factor": 3}
+    top = yaml.safe_load((root / "dvc.yaml").read_text())
+    assert "reports/toy/metrics.json" in top["metrics"]
+    assert "reports/toy/metrics.json" in top["stages"]["report"]["deps"]  # the report shows every stage
+    check = subprocess.run([sys.executable, "-m", "pipeline", "dvc-yaml", "--check"], cwd=root, env=cli_env(),
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    assert ran(dvc(root, "repro", "toy")) == ["prepare", "toy"]
+    n = json.loads((root / "reports/prepare/metrics.json").read_text())["n_items"]
+    assert json.loads((root / "reports/toy/metrics.json").read_text()) == {"items_times_factor": 3 * n}
+    set_param(root, "toy.factor", 5)
+    assert ran(dvc(root, "repro", "toy")) == ["toy"]
+    assert json.loads((root / "reports/toy/metrics.json").read_text()) == {"items_times_factor": 5 * n}

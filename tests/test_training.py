@@ -15,9 +15,9 @@ from dkgm.debias import Denoiser, denoising_loss, denoising_mse, load_denoiser, 
 from dkgm.errors import DKGMError
 from dkgm.networks import NetworkConfig, build_network, count_parameters
 from dkgm.training import NonFiniteLoss, TrainConfig, list_states, train
-from pipeline import paths
-from pipeline.params import DebiaserParams
 from pipeline.runner import run_gate
+from stages import artifacts, gates, train_debiaser
+from stages.train_debiaser import DebiaserParams
 from tests.conftest import REPO, run_stages, write_params
 
 TINY_IMG = dict(channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,))
@@ -152,22 +152,22 @@ def test_swissroll_denoiser_beats_identity_and_mean():
 
 def test_train_stage_outputs_resume_and_gate(project):
     run_stages(project, "prepare", "fit_kde", "gate_kde", "train_debiaser")
-    m = json.loads((project / paths.TRAIN_METRICS).read_text())
+    m = json.loads((project / train_debiaser.METRICS).read_text())
     assert m["kimg"] == pytest.approx(0.64) and m["resumed_from_kimg"] == 0
     assert m["identity_mse_at_h"] == pytest.approx(m["h"] ** 2, rel=0.1)
-    den, meta = load_denoiser(project / paths.DEBIASER_SNAPSHOT)
+    den, meta = load_denoiser(project / artifacts.DEBIASER_SNAPSHOT)
     assert meta["h"] == m["h"] and meta["network"]["channels"] == 8 and "dkgm" in meta["code_version"]
     import pandas as pd
 
-    log = pd.read_parquet(project / paths.TRAIN_LOG)
+    log = pd.read_parquet(project / train_debiaser.LOG)
     assert {"step", "nimg", "loss", "lr", "images_per_second"} <= set(log.columns) and log["nimg"].is_monotonic_increasing
-    for png in (paths.TRAIN_LOSS_PLOT, paths.TRAIN_DENOISE_PLOT):
+    for png in (train_debiaser.LOSS_PLOT, train_debiaser.DENOISE_PLOT):
         assert (project / png).read_bytes()[:4] == b"\x89PNG"
-    first = torch.load(project / paths.DEBIASER_SNAPSHOT, weights_only=True)
+    first = torch.load(project / artifacts.DEBIASER_SNAPSHOT, weights_only=True)
 
     run_stages(project, "train_debiaser")  # same config: resumes from the final state, trains nothing
-    assert json.loads((project / paths.TRAIN_METRICS).read_text())["resumed_from_kimg"] == pytest.approx(0.64)
-    again = torch.load(project / paths.DEBIASER_SNAPSHOT, weights_only=True)
+    assert json.loads((project / train_debiaser.METRICS).read_text())["resumed_from_kimg"] == pytest.approx(0.64)
+    again = torch.load(project / artifacts.DEBIASER_SNAPSHOT, weights_only=True)
     assert again["ema"].keys() == first["ema"].keys()
     assert all(torch.equal(again["ema"][k], first["ema"][k]) for k in first["ema"])  # the same EMA weights
     assert again["code_version"] == first["code_version"]
@@ -177,7 +177,7 @@ def test_train_stage_outputs_resume_and_gate(project):
     write_params(project, {"gates": {"debiaser": {"max_error_ratio": 1e-6}}})
     result = run_gate("debiaser", project / "params.yaml", project)
     assert result.stops and [c.params_key for c in result.failures()] == ["gates.debiaser.max_error_ratio"]
-    assert not (project / paths.gate_token("debiaser")).exists()
+    assert not (project / gates.gate_token("debiaser")).exists()
 
 
 def test_train_stage_rejects_mismatched_architecture(project):

@@ -1,15 +1,20 @@
-"""Stage report: the review document, everything the earlier stages wrote on one page.
+"""The report: the review document, everything the stages wrote on one page (a pipeline-level stage).
 
-Writes reports/report.md (GitHub-flavoured markdown, images linked by paths relative to reports/)
-and reports/report.html (one self-contained file: images embedded as base64 data URIs, inline CSS,
-no script and no external address of any kind), both rendered from the same document model so
-that they always say the same thing.
+It is the one piece that must know every stage, so it lives with the orchestration: the registry
+hands it the stages (their metrics files, gate records, figures with titles and captions, key
+numbers and data artifacts, all declared in the stage modules), and it reads params.yaml through
+the assembled schema. It writes reports/report.md (GitHub-flavoured markdown, images linked by
+paths relative to reports/) and reports/report.html (one self-contained file: images embedded as
+base64 data URIs, inline CSS, no script and no external address of any kind), both rendered from
+the same document model by the Jinja2 templates in pipeline/templates/, so they always say the
+same thing.
 
 What it reads (every input is optional except params.yaml: a stage that did not run is shown as
-"not run" in every table, a missing figure as "not produced (stage X did not run)"):
-  params.yaml (validated and raw), reports/gates/<gate>.json, reports/<stage>/metrics.json,
-  reports/eval/per_sample.parquet, the figures under reports/, data/prepared/meta.json, dvc.lock,
-  and `git rev-parse HEAD` / `git status` in the project root.
+"not run" in every table, a missing figure as "not produced (stage X did not run)"): params.yaml
+(validated and raw: a params dependency of the whole file), every stage's metrics, gate records and
+figures, reports/eval/per_sample.parquet, data/prepared/meta.json (all DVC deps), and, as
+documented exceptions that cannot be DVC deps, dvc.lock (written after the stage by DVC itself)
+and `git rev-parse HEAD` / `git status` in the project root.
 
 The output is deterministic except for the date (SOURCE_DATE_EPOCH pins it) and the git fields.
 """
@@ -26,28 +31,36 @@ import struct
 import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cache
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
+from pydantic import BaseModel, Field
 
 from dkgm.errors import DKGMError
-from pipeline import paths
-from pipeline.params import Params, ReportParams, load_params
-from pipeline.registry import STAGES
+from pipeline.params import defaults, load_params
+from stages.artifacts import PREPARED
 from stages.common import read_json, read_parquet, staged_outputs
+from stages.contract import Out, Section, Stage
+from stages.gates import GO, NO_GO, OVERRIDDEN, gate_record
 
-OUTPUTS = [paths.REPORT_MD, paths.REPORT_HTML]
+REPORT_MD = "reports/report.md"
+REPORT_HTML = "reports/report.html"  # self-contained: images embedded as data URIs
+TEMPLATES = Path(__file__).with_name("templates")
+TEMPLATE_FILES = ("pipeline/templates/report.md.j2", "pipeline/templates/report.html.j2")
 
-GATE_NAMES = ("kde", "debiaser", "eval")
-GO, NO_GO, OVERRIDDEN = "GO", "NO-GO", "NO-GO (overridden)"  # the decisions pipeline/gates.py writes
 NOT_RUN = "not run"
 ABSENT = "—"  # a value the metrics file does not have (or that does not apply)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PACKAGES = ("torch", "numpy", "dvc", "prefect", "clean-fid")
-DATA_ARTIFACTS = (paths.PREPARED, paths.KDE_BANDWIDTH, paths.KDE_SAMPLES, paths.DEBIASER_SNAPSHOT, paths.REFINED,
-                  paths.REFERENCE)
 SETS = (("kde", "KDE (stage 1)"), ("refined", "refined (stage 2)"), ("real", "real held-out (floor)"))
+EVALUATE = "evaluate"  # the stage whose metrics fill the sample-quality table
+
+
+class ReportParams(Section):
+    title: str = "DKGM proof-of-concept review"  # heading of reports/report.md and report.html
+    nn_pairs: int = Field(8, ge=0)  # nearest-neighbour pairs listed in the report (0: none)
 
 
 # ----------------------------------------------------------------------------- document model
@@ -169,18 +182,21 @@ def _code(name: str) -> str:
 class Inputs:
     """Everything the report reads, each file once; a missing file is None."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, stages: list[Stage]):
         self.root = root
+        self.stages = {s.name: s for s in stages}
         self.metrics: dict[str, dict[str, Any] | None] = {}
-        for name, spec in STAGES.items():
-            if spec.gate or name == "report":
-                continue
-            rel = next((o for o in spec.outs if o.endswith("/metrics.json")), None)
-            if rel is not None:
-                self.metrics[name] = self._json(rel, f"{name} metrics")
-        self.gates = {g: self._gate(g) for g in GATE_NAMES}
-        prepared_meta = f"{paths.PREPARED}/meta.json"
-        self.prepared_meta = self._json(prepared_meta, "prepared dataset metadata")
+        for s in stages:
+            if not s.gate and s.metrics is not None:
+                self.metrics[s.name] = self._json(s.metrics, f"{s.name} metrics")
+        self.gate_names = [s.gate for s in stages if s.gate]
+        self.gates = {g: self._gate(g) for g in self.gate_names}
+        self.prepared_meta = self._json(f"{PREPARED}/meta.json", "prepared dataset metadata")
+
+    def table(self, stage: str) -> str | None:
+        """The (first) table a stage writes, e.g. evaluate's per-sample parquet."""
+        found = self.stages[stage].outs_of("table") if stage in self.stages else []
+        return found[0].path if found else None
 
     def _json(self, rel: str, what: str) -> dict[str, Any] | None:
         path = self.root / rel
@@ -192,19 +208,19 @@ class Inputs:
         return data
 
     def _gate(self, name: str) -> dict[str, Any] | None:
-        rec = self._json(paths.gate_record(name), f"gate {name} record")
+        rec = self._json(gate_record(name), f"gate {name} record")
         if rec is None:
             return None
         if not isinstance(rec.get("decision"), str) or not isinstance(rec.get("checks"), list) or not all(
             isinstance(c, dict) and {"metric", "value", "op", "threshold", "params_key"} <= set(c) for c in rec["checks"]
         ):
-            raise DKGMError(f"{paths.gate_record(name)} is not a gate record (needs decision and checks with metric, "
+            raise DKGMError(f"{gate_record(name)} is not a gate record (needs decision and checks with metric, "
                             f"value, op, threshold, params_key): re-run `python -m pipeline gate {name}`")
         return rec
 
     @property
     def eval(self) -> dict[str, Any] | None:
-        return self.metrics.get("evaluate")
+        return self.metrics.get(EVALUATE)
 
     @property
     def kind(self) -> str:
@@ -299,14 +315,14 @@ def report_date() -> str:
 # ----------------------------------------------------------------------------- sections
 
 
-def _gate_sections(doc: Document, inp: Inputs, params: Params) -> None:
+def _gate_sections(doc: Document, inp: Inputs, params: BaseModel) -> None:
     doc.add(Heading(2, "Gates", "gates"),
             Para("Each gate reads one stage's metrics and the thresholds in `params.yaml` (`gates.<name>`); an "
                  "enforced NO-GO stops `dvc repro`, `enforce: false` records NO-GO (overridden) and continues."))
     overview, checks = [], []
-    for name in GATE_NAMES:
+    for name in inp.gate_names:
         rec = inp.gates[name]
-        rel = paths.gate_record(name)
+        rel = gate_record(name)
         if rec is None:
             overview.append([_code(name), decision_cell(None), NOT_RUN, f"{_code(rel)} not found"])
             checks.append([_code(name), Cell(NOT_RUN, "notrun"), ABSENT, ABSENT, ABSENT, ABSENT, Cell(NOT_RUN, "notrun")])
@@ -329,7 +345,7 @@ def _gate_sections(doc: Document, inp: Inputs, params: Params) -> None:
             Table(["gate", "metric", "value", "operator", "threshold", "params key", "result"], checks))
 
 
-def _current_param(params: Params, dotted: str) -> Any:
+def _current_param(params: BaseModel, dotted: str) -> Any:
     node: Any = params
     for part in dotted.split("."):
         if not hasattr(node, part):
@@ -372,7 +388,8 @@ def _metrics_section(doc: Document, inp: Inputs) -> None:
     header = ["metric", *(label for _, label in SETS), "baseline", "meaning"]
     rows: list[list[CellLike]] = []
     if m is None:
-        doc.add(Para(f"Stage `evaluate` did not run (`{paths.EVAL_METRICS}` not found): every value is not run."))
+        rel = inp.stages[EVALUATE].metrics if EVALUATE in inp.stages else "reports/eval/metrics.json"
+        doc.add(Para(f"Stage `evaluate` did not run (`{rel}` not found): every value is not run."))
         count = ["samples evaluated", *([Cell(NOT_RUN, "notrun")] * 4), ""]
         rows.append(count)
         for label, _, what in metric_rows(inp.kind):
@@ -416,38 +433,10 @@ def _metrics_section(doc: Document, inp: Inputs) -> None:
                   [[label, fmt(m[key]), what] for label, key, what in derived if key in m]))
 
 
-STAGE_KEYS: dict[str, list[tuple[str, str]]] = {  # stage -> (key, label) shown when present
-    "prepare": [("n_items", "items"), ("n_train", "training items"), ("n_val", "validation items"),
-                ("n_test", "test items")],
-    "fit_kde": [("h", "bandwidth h (used)"), ("h_cv", "h, CV optimum"), ("h_scott", "h, Scott's rule"),
-                ("h_silverman", "h, Silverman's rule"), ("bandwidth_scale", "bandwidth scale"),
-                ("cv_loglik_per_dim", "CV held-out log-lik at h_cv (nats/dim)"),
-                ("loglik_per_dim", "held-out log-lik at h (nats/dim)"),
-                ("baseline_loglik_per_dim", "diagonal-Gaussian baseline (nats/dim)"),
-                ("loglik_gain_per_dim", "gain over the baseline (nats/dim)"),
-                ("cv_on_boundary", "optimum on the grid boundary"), ("truncation_bound_opt", "top-k truncation bound")],
-    "sample_kde": [("n_samples", "samples"), ("kernel", "kernel"), ("distinct_anchors", "distinct anchors"),
-                   ("samples_per_second", "samples/s")],
-    "train_debiaser": [("arch", "architecture"), ("parameters", "parameters"), ("kimg", "kimg trained"),
-                       ("final_loss", "final training loss"), ("val_mse_at_h", "held-out MSE at σ = h"),
-                       ("identity_mse_at_h", "identity map's MSE at σ = h"), ("error_ratio", "error ratio"),
-                       ("images_per_second", "images/s"), ("precision", "precision")],
-    "refine": [("steps", "steps K"), ("nfe", "NFE"), ("schedule", "schedule"), ("solver", "solver"), ("eta", "η"),
-               ("kde_rms_distance_to_anchor", "RMS distance to anchor at k = 0"),
-               ("rms_distance_to_anchor", "RMS distance to anchor at k = K"),
-               ("kde_mean_distance_to_manifold", "distance to manifold at k = 0"),
-               ("mean_distance_to_manifold", "distance to manifold at k = K"),
-               ("train_mean_distance_to_manifold", "training data's distance to manifold"),
-               ("samples_per_second", "samples/s"), ("precision", "precision")],
-    "reference": [("feature_network", "feature network"), ("n_train", "reference training items"),
-                  ("n_test", "held-out items"), ("inception_score_available", "IS available")],
-}
-
-
 def _stage_numbers_section(doc: Document, inp: Inputs) -> None:
     doc.add(Heading(2, "Key numbers per stage", "stages"))
     cards = []
-    for stage, keys in STAGE_KEYS.items():
+    for stage, keys in ((s.name, [(k, label) for k, label in s.summary]) for s in inp.stages.values() if s.summary):
         m = inp.metrics.get(stage)
         if m is None:
             rows: list[list[CellLike]] = [[Cell(NOT_RUN, "notrun"), Cell(NOT_RUN, "notrun")]]
@@ -478,45 +467,20 @@ def _time_section(doc: Document, inp: Inputs) -> None:
     doc.add(Table(["stage", "seconds", "field", "other timings", "device"], rows))
 
 
-FIGURES = [  # (title, path, stage, image grid?, caption for images, caption for points)
-    ("Training data", paths.PREPARE_PREVIEW, "prepare", True,
-     "a sample of the prepared training items", "the prepared training points"),
-    ("Bandwidth CV curve", paths.KDE_CV_PLOT, "fit_kde", False,
-     "held-out log-likelihood per dimension against the bandwidth h; the selected h marked",
-     "held-out log-likelihood per dimension against the bandwidth h; the selected h marked"),
-    ("KDE samples (stage 1)", paths.SAMPLE_KDE_GRID, "sample_kde", True,
-     "first-stage samples x = x_anchor + h·u beside their anchors", "first-stage samples"),
-    ("Debiaser training loss", paths.TRAIN_LOSS_PLOT, "train_debiaser", False,
-     "EDM loss against thousands of images seen, overall and per σ bucket",
-     "EDM loss against thousands of images seen, overall and per σ bucket"),
-    ("Denoising at σ = h", paths.TRAIN_DENOISE_PLOT, "train_debiaser", True,
-     "rows: clean held-out images, noisy at σ = h, denoised by the EMA network",
-     "noisy held-out points at σ = h and their denoised positions"),
-    ("Refined samples (stage 2)", paths.REFINE_GRID, "refine", True,
-     "the debiased samples", "the debiased points over the training data"),
-    ("Trajectory over k", paths.REFINE_TRAJECTORY, "refine", True,
-     "one row per sample: x_k at k = 0, K/4, K/2, 3K/4, K, then its anchor",
-     "the swiss-roll panels: KDE input, the iterates at several k, the ground truth"),
-    ("Refine progress", paths.REFINE_PROGRESS, "refine", False,
-     "mean RMS distance to the anchor at every step k, with the noise ladder σ_k",
-     "mean distance to the true spiral at every step k, with the noise ladder σ_k"),
-    ("Nearest-neighbour pairs", paths.EVAL_NEAREST, "evaluate", False,
-     "per row: KDE sample, its nearest training image, refined sample, its nearest, its KDE anchor",
-     "refined points joined to their nearest training points"),
-    ("Memorization histograms", paths.EVAL_MEMORIZATION, "evaluate", False,
-     "d1/d2 to the two nearest training items, and distance to the own anchor, against held-out real data",
-     "d1/d2 to the two nearest training items, and distance to the own anchor, against held-out real data"),
-]
+def figure_outs(stages: list[Stage]) -> list[tuple[str, Out]]:
+    """(stage, figure) for every figure a stage declares, in stage order: the report's figures."""
+    return [(s.name, o) for s in stages for o in s.outs_of("figure")]
 
 
-def read_figures(root: Path, kind: str) -> list[Figure]:
-    return [read_figure(root, i, title, cap_points if kind == "points" else cap_images, rel, stage, grid)
-            for i, (title, rel, stage, grid, cap_images, cap_points) in enumerate(FIGURES, start=1)]
+def read_figures(root: Path, stages: list[Stage], kind: str) -> list[Figure]:
+    return [read_figure(root, i, o.title or o.path, (o.caption_points or o.caption) if kind == "points" else o.caption,
+                        o.path, stage, o.grid)
+            for i, (stage, o) in enumerate(figure_outs(stages), start=1)]
 
 
 def _nn_section(doc: Document, inp: Inputs, cfg: ReportParams) -> None:
     doc.add(Heading(2, "Nearest training items of the refined samples", "nearest"))
-    rel = paths.EVAL_SAMPLES
+    rel = inp.table(EVALUATE) or "reports/eval/per_sample.parquet"
     if cfg.nn_pairs == 0:
         doc.add(Para("None listed (`report.nn_pairs` is 0)."))
         return
@@ -540,7 +504,7 @@ def _nn_section(doc: Document, inp: Inputs, cfg: ReportParams) -> None:
     doc.add(Table(["sample_id", "nearest training row", "d1", "d2", "d1/d2", "anchor row", "nearest is anchor"], rows))
 
 
-def _dataset_section(doc: Document, inp: Inputs, params: Params) -> None:
+def _dataset_section(doc: Document, inp: Inputs, params: BaseModel) -> None:
     meta = inp.prepared_meta or {}
     prep = inp.metrics.get("prepare") or {}
     counts = meta.get("counts") or {k: prep[f"n_{k}"] for k in ("train", "val", "test") if f"n_{k}" in prep}
@@ -564,24 +528,24 @@ def _flatten(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, node)]
 
 
-def _params_section(doc: Document, root: Path, params: Params) -> None:
+def _params_section(doc: Document, root: Path, params: BaseModel) -> None:
     doc.add(Heading(2, "Parameters", "params"),
             Para("Every key of `params.yaml` after validation, one table per section; the note says where a value "
-                 "differs from the schema default (`pipeline/params.py`) or is not spelled out in the file."))
+                 "differs from the schema default (the stage module's params model) or is not spelled out in the file."))
     try:
         raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:  # load_params read it already; this cannot normally fail
         raise DKGMError(f"{root / 'params.yaml'}: cannot read: {exc}".replace("\n", " ")) from None
     raw_keys = {k for k, _ in _flatten(raw)}
-    defaults = dict(_flatten(Params().model_dump(mode="json")))
+    schema_defaults = dict(_flatten(defaults().model_dump(mode="json")))
     groups: dict[str, list[list[CellLike]]] = {}
     for key, value in _flatten(params.model_dump(mode="json")):
         section, name = key.rsplit(".", 1)
         note = ""
         if key not in raw_keys:
             note = "schema default (not in the file)"
-        elif value != defaults.get(key):
-            note = f"default {param_str(defaults.get(key))}"
+        elif value != schema_defaults.get(key):
+            note = f"default {param_str(schema_defaults.get(key))}"
         groups.setdefault(section, []).append([_code(name), _code(param_str(value)), note])
     doc.add(Cards([(section, Table(["key", "value", "note"], rows)) for section, rows in groups.items()]))
 
@@ -599,7 +563,7 @@ def _environment_section(doc: Document) -> None:
             Table(["item", "version / value"], rows))
 
 
-def _provenance_section(doc: Document, root: Path, git: dict[str, str]) -> None:
+def _provenance_section(doc: Document, root: Path, git: dict[str, str], data_artifacts: list[str]) -> None:
     doc.add(Heading(2, "Provenance", "provenance"),
             Table(["item", "value"], [["git revision", _code(git["revision"]) if _is_sha(git["revision"]) else
                                        git["revision"]], ["work tree", git["tree"]]]))
@@ -622,14 +586,14 @@ def _provenance_section(doc: Document, root: Path, git: dict[str, str]) -> None:
         for role, store in (("outs", None), ("deps", read)):
             for item in (entry or {}).get(role) or []:
                 p = item.get("path") if isinstance(item, dict) else None
-                if p not in DATA_ARTIFACTS:
+                if p not in data_artifacts:
                     continue
                 if store is None:
                     written[p] = (stage, item)
                 else:
                     store.setdefault(p, []).append((stage, item))
     rows: list[list[CellLike]] = []
-    for art in DATA_ARTIFACTS:
+    for art in data_artifacts:
         if art in written:
             stage, item = written[art]
             md5 = item.get("md5", ABSENT)
@@ -647,18 +611,24 @@ def _provenance_section(doc: Document, root: Path, git: dict[str, str]) -> None:
             Table(["artifact", "written by", "md5", "size (bytes)", "read by"], rows))
 
 
-def build(cfg: ReportParams, root: Path, date: str | None = None, git: dict[str, str] | None = None) -> Document:
-    """The document model; `date` and `git` are the only fields that vary between identical runs."""
+def build(cfg: ReportParams, root: Path, stages: list[Stage] | None = None, date: str | None = None,
+          git: dict[str, str] | None = None) -> Document:
+    """The document model of the stages (default: every registered stage); `date` and `git` are the
+    only fields that vary between identical runs."""
     root = Path(root)
+    if stages is None:
+        from pipeline import registry
+
+        stages = list(registry.all_stages().values())
     params = load_params(root / "params.yaml")
-    inp = Inputs(root)
-    figures = read_figures(root, inp.kind)
+    inp = Inputs(root, stages)
+    figures = read_figures(root, stages, inp.kind)
     git = git if git is not None else git_state(root)
-    dataset = (inp.prepared_meta or {}).get("dataset", params.prepare.dataset)
+    dataset = (inp.prepared_meta or {}).get("dataset", params.prepare.dataset)  # type: ignore[attr-defined]
     rev = git["revision"]
     rev = f"git {rev[:12]} ({git['tree']})" if _is_sha(rev) else f"git: {git['tree']}"
     doc = Document(cfg.title, f"{date or report_date()} · dataset {dataset} ({inp.kind}) · {rev}")
-    doc.add(Badges([(f"gate {name}", decision_cell((inp.gates[name] or {}).get("decision"))) for name in GATE_NAMES]))
+    doc.add(Badges([(f"gate {name}", decision_cell((inp.gates[name] or {}).get("decision"))) for name in inp.gate_names]))
     not_run = [s for s, m in inp.metrics.items() if m is None]
     m = inp.eval or {}
     summary = [f"Dataset `{dataset}` ({inp.kind})."]
@@ -678,15 +648,15 @@ def build(cfg: ReportParams, root: Path, date: str | None = None, git: dict[str,
     _dataset_section(doc, inp, params)
     _params_section(doc, root, params)
     _environment_section(doc)
-    _provenance_section(doc, root, git)
+    _provenance_section(doc, root, git, [o.path for s in stages for o in s.outs_of("data")])
     return doc
 
 
-# ----------------------------------------------------------------------------- markdown
+# ----------------------------------------------------------------------------- rendering (pipeline/templates)
 
 
 def _md_inline(text: str, in_table: bool = False) -> str:
-    text = " ".join(text.split())
+    text = " ".join(str(text).split())
     return text.replace("|", "\\|") if in_table else text
 
 
@@ -702,39 +672,27 @@ def missing_text(fig: Figure) -> str:
 
 
 def _report_relative(rel: str) -> str:
-    prefix = Path(paths.REPORT_MD).parent.as_posix() + "/"
-    return rel[len(prefix):] if rel.startswith(prefix) else os.path.relpath(rel, Path(paths.REPORT_MD).parent)
+    prefix = Path(REPORT_MD).parent.as_posix() + "/"
+    return rel[len(prefix):] if rel.startswith(prefix) else os.path.relpath(rel, Path(REPORT_MD).parent)
 
 
-def _md_table(t: Table) -> list[str]:
-    return ["| " + " | ".join(_md_inline(h, True) for h in t.header) + " |",
-            "|" + "|".join(" --- " for _ in t.header) + "|",
-            *("| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows), ""]
+@cache
+def _templates():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=False, trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    env.filters.update(md=_md_inline, cell=_md_cell, relative=_report_relative, missing=missing_text, h=_h,
+                       td=_html_cell, attr=html.escape, display_size=figure_display_size,
+                       base64=lambda fig: base64.b64encode(fig.png).decode("ascii"))
+    env.tests.update(heading=lambda b: isinstance(b, Heading), para=lambda b: isinstance(b, Para),
+                     table=lambda b: isinstance(b, Table), cards=lambda b: isinstance(b, Cards),
+                     figures=lambda b: isinstance(b, Figures), badges=lambda b: isinstance(b, Badges))
+    return env
 
 
 def render_md(doc: Document) -> str:
-    out = [f"# {_md_inline(doc.title)}", "", f"_{doc.subtitle}_", ""]
-    for b in doc.blocks:
-        if isinstance(b, Heading):
-            out += ["#" * b.level + " " + _md_inline(b.text), ""]
-        elif isinstance(b, Para):
-            out += [_md_inline(b.text), ""]
-        elif isinstance(b, Badges):
-            out += [" · ".join(f"{label}: {_md_cell(cell)}" for label, cell in b.items), ""]
-        elif isinstance(b, Table):
-            out += _md_table(b)
-        elif isinstance(b, Cards):
-            for title, table in b.items:
-                out += [f"### {_md_inline(title)}", ""] + _md_table(table)
-        elif isinstance(b, Figures):
-            for fig in b.items:
-                label = f"Figure {fig.number}. {fig.title}"
-                if fig.png is None:
-                    out += [f"**{label}**: {missing_text(fig)}.", ""]
-                else:
-                    out += [f"**{label}** — {fig.caption} (`{fig.rel}`)", "",
-                            f"![{label}]({_report_relative(fig.rel)})", ""]
-    return "\n".join(out).rstrip() + "\n"
+    return _templates().get_template("report.md.j2").render(doc=doc).rstrip() + "\n"
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -818,52 +776,8 @@ def figure_display_size(fig: Figure) -> tuple[int, int]:
     return round(w * shrink), round(h * shrink)
 
 
-def _html_figure(fig: Figure) -> str:
-    label = f"Figure {fig.number}. {fig.title}"
-    if fig.png is None:
-        return (f'<figure class="missing"><figcaption><b>{_h(label)}</b>: {_h(missing_text(fig))}.</figcaption>'
-                "</figure>")
-    w, h = figure_display_size(fig)
-    data = base64.b64encode(fig.png).decode("ascii")
-    cls = ' class="pixels"' if fig.pixels else ""
-    return (f'<figure style="width: {min(w, MAX_FIGURE_WIDTH) + 26}px"><img{cls} src="data:image/png;base64,{data}" '
-            f'width="{w}" height="{h}" alt="{html.escape(label)}"><figcaption><b>{_h(label)}</b> — {_h(fig.caption)} '
-            f"(<code>{_h(fig.rel)}</code>)</figcaption></figure>")
-
-
-def _html_table(t: Table) -> str:
-    head = "".join(f"<th>{_h(h)}</th>" for h in t.header)
-    rows = "\n".join("<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in t.rows)
-    return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody></table></div>'
-
-
 def render_html(doc: Document) -> str:
-    anchors = [b for b in doc.blocks if isinstance(b, Heading) and b.level == 2 and b.anchor]
-    body = [f"<h1>{_h(doc.title)}</h1>", f'<p class="subtitle">{_h(doc.subtitle)}</p>',
-            "<nav>" + "".join(f'<a href="#{b.anchor}">{_h(b.text)}</a>' for b in anchors) + "</nav>"]
-    for b in doc.blocks:
-        if isinstance(b, Heading):
-            anchor = f' id="{b.anchor}"' if b.anchor else ""
-            body.append(f"<h{b.level}{anchor}>{_h(b.text)}</h{b.level}>")
-        elif isinstance(b, Para):
-            cls = f' class="{b.kind}"' if b.kind else ""
-            body.append(f"<p{cls}>{_h(b.text)}</p>")
-        elif isinstance(b, Badges):
-            body.append('<div class="badges">' + "".join(
-                f'<div class="badge">{_h(label)} <span class="{cell.kind}">{_h(cell.text)}</span></div>'
-                for label, cell in b.items) + "</div>")
-        elif isinstance(b, Table):
-            body.append(_html_table(b))
-        elif isinstance(b, Cards):
-            body.append('<div class="cards">\n' + "\n".join(
-                f'<div class="card"><h3>{_h(title)}</h3>{_html_table(table)}</div>' for title, table in b.items)
-                + "\n</div>")
-        elif isinstance(b, Figures):
-            body.append('<div class="figures">\n' + "\n".join(_html_figure(f) for f in b.items) + "\n</div>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{_h(doc.title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n"
-            + "\n".join(body) + "\n</main>\n</body>\n</html>\n")
+    return _templates().get_template("report.html.j2").render(doc=doc, css=CSS, max_width=MAX_FIGURE_WIDTH)
 
 
 # ----------------------------------------------------------------------------- stage
@@ -873,8 +787,8 @@ def run(cfg: ReportParams, root: Path) -> dict[str, Any]:
     root = Path(root)
     doc = build(cfg, root)
     with staged_outputs(root, "report") as out:
-        out.path(paths.REPORT_MD).write_text(render_md(doc), encoding="utf-8")
-        out.path(paths.REPORT_HTML).write_text(render_html(doc), encoding="utf-8")
+        out.path(REPORT_MD).write_text(render_md(doc), encoding="utf-8")
+        out.path(REPORT_HTML).write_text(render_html(doc), encoding="utf-8")
     figures = next(b for b in doc.blocks if isinstance(b, Figures)).items
     badges = next(b for b in doc.blocks if isinstance(b, Badges)).items
     return {
@@ -882,3 +796,16 @@ def run(cfg: ReportParams, root: Path) -> dict[str, Any]:
         "figures_embedded": sum(f.png is not None for f in figures),
         "figures_missing": sum(f.png is None for f in figures),
     }
+
+
+def stage(others: list[Stage]) -> Stage:
+    """The report as a stage: every small output of the other stages (metrics, figures, gate records,
+    tables) and the prepared data's metadata are its inputs; it depends on the whole of params.yaml."""
+    shown = [o.path for s in others for o in s.outs
+             if o.kind in ("metrics", "figure", "record") or (o.kind == "table" and s.name == EVALUATE)]
+    return Stage(name="report", doc="the review document: gates, metrics per stage vs the real floor, figures, "
+                 "timings, environment, provenance (reports/report.md and a self-contained report.html)",
+                 section="report", params=ReportParams, deps=(PREPARED, *shown),
+                 outs=(Out(REPORT_MD, "document"), Out(REPORT_HTML, "document")), run=run,
+                 require_deps=False,  # `python -m pipeline run report` after a NO-GO shows what did not run
+                 data_files=TEMPLATE_FILES, all_params=True)

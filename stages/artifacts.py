@@ -1,0 +1,128 @@
+"""The artifacts that stages hand to each other: where each lives and a validated reader for it.
+
+An artifact read by more than one stage is declared here, next to its reader, so that the stage
+that writes it and the stages that read it name the same path and check the same things. Outputs
+only their own stage (and the report) read, such as figures and metrics files, are declared in the
+stage module. Paths are relative to the project root.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dkgm.errors import DKGMError
+from stages.common import read_json, read_parquet
+
+PREPARED = "data/prepared"  # data.npy, manifest.parquet (index, label, split), meta.json
+BANDWIDTH = "data/kde/bandwidth.json"  # fit_kde's bandwidth record
+KDE_SAMPLES = "data/samples/kde"  # samples.npy (float32), manifest.parquet (sample_id, seed, anchor_index, ...), meta.json
+DEBIASER_SNAPSHOT = "models/debiaser/snapshot.pt"  # EMA weights + resolved config
+REFINED = "data/samples/refined"  # samples.npy (uint8 images / float32 points), manifest.parquet, meta.json
+REFERENCE = "data/reference"  # features.npz, meta.json: Inception features of the real data
+
+
+# ----------------------------------------------------------------------------- prepared data
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The prepare stage's artifact: items, manifest and metadata."""
+
+    data: np.ndarray  # uint8 (N, C, H, W) images or float32 (N, 2) points
+    manifest: Any  # pandas DataFrame: index, label, split
+    meta: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    def split(self, name: str) -> np.ndarray:
+        """Items of one split as float32 (images mapped to [-1, 1])."""
+        return self.items(self.split_rows(name))
+
+    def items(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of data/prepared as float32 (images mapped to [-1, 1])."""
+        from dkgm.data import to_float
+
+        items = self.data[rows]
+        return to_float(items) if self.kind == "images" else items.astype(np.float32)
+
+    def split_labels(self, name: str) -> np.ndarray:
+        return self.manifest["label"].to_numpy()[self.manifest["split"].to_numpy() == name]
+
+    def split_rows(self, name: str) -> np.ndarray:
+        """Rows of data/prepared that belong to a split."""
+        return self.manifest["index"].to_numpy()[self.manifest["split"].to_numpy() == name]
+
+    def manifold(self):
+        """The true manifold of point data (the swiss roll's spiral)."""
+        from dkgm.data import SwissRoll
+
+        return SwissRoll.from_dict(self.meta["manifold"])
+
+
+def load_prepared(root: Path) -> Prepared:
+    base = root / PREPARED
+    meta = read_json(base / "meta.json", "prepared dataset metadata")
+    manifest = read_parquet(base / "manifest.parquet", "prepared dataset manifest")
+    npy = base / "data.npy"
+    if not npy.is_file():
+        raise DKGMError(f"prepared data not found: {npy} (run the prepare stage first, or `dvc repro`)")
+    data = np.load(npy)
+    if len(data) != len(manifest):
+        raise DKGMError(f"{npy} has {len(data)} items but its manifest lists {len(manifest)}: re-run prepare")
+    return Prepared(data=data, manifest=manifest, meta=meta)
+
+
+# ----------------------------------------------------------------------------- bandwidth
+
+
+def load_bandwidth(root: Path, prepared: Prepared) -> dict[str, Any]:
+    """fit_kde's bandwidth record, checked against the prepared data it must belong to."""
+    bw = read_json(root / BANDWIDTH, "bandwidth (fit_kde output)")
+    n_train = int((prepared.manifest["split"].to_numpy() == "train").sum())
+    if bw.get("dataset") != prepared.meta["dataset"] or bw.get("n_train") != n_train:
+        raise DKGMError(
+            f"{BANDWIDTH} was fitted on {bw.get('dataset')} ({bw.get('n_train')} training items) "
+            f"but {PREPARED} holds {prepared.meta['dataset']} ({n_train}): re-run fit_kde"
+        )
+    return bw
+
+
+# ----------------------------------------------------------------------------- sample sets
+
+
+def load_samples(root: Path, rel: str, what: str) -> tuple[np.ndarray, Any, dict[str, Any]]:
+    """A sample set (data/samples/<name>): samples.npy, its manifest and meta."""
+    base = root / rel
+    meta = read_json(base / "meta.json", f"{what} metadata")
+    manifest = read_parquet(base / "manifest.parquet", f"{what} manifest")
+    npy = base / "samples.npy"
+    if not npy.is_file():
+        raise DKGMError(f"{what} not found: {npy} (run the stage that produces it first, or `dvc repro`)")
+    return np.load(npy), manifest, meta
+
+
+# ----------------------------------------------------------------------------- reference features
+
+
+def load_reference(root: Path, prepared: Prepared) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The reference artifact (arrays, meta), checked against the prepared data's split."""
+    meta = read_json(root / REFERENCE / "meta.json", "reference metadata")
+    if meta.get("dataset") != prepared.meta["dataset"] or meta.get("n_test") != len(prepared.split_rows("test")):
+        raise DKGMError(f"{REFERENCE} was computed for {meta.get('dataset')} but {PREPARED} holds "
+                        f"{prepared.meta['dataset']} with a different split: re-run reference (or `dvc repro`)")
+    path = root / REFERENCE / "features.npz"
+    if not path.is_file():
+        raise DKGMError(f"reference features not found: {path} (run the reference stage first, or `dvc repro`)")
+    with np.load(path) as z:
+        ref = {k: z[k] for k in z.files}
+    if not (np.array_equal(ref["test_rows"], prepared.split_rows("test"))
+            and np.isin(ref["train_rows"], prepared.split_rows("train")).all()):
+        raise DKGMError(f"{REFERENCE} was computed for another train/test split of {PREPARED}: "
+                        "re-run reference (or `dvc repro`)")
+    return ref, meta

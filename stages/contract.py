@@ -1,0 +1,106 @@
+"""The stage contract: what a stage module declares, once, for the rest of the project to derive from.
+
+A stage module (stages/<name>.py) ends with
+
+    STAGES = (Stage(name=..., doc=..., section=..., params=<its Section model>, deps=(...), outs=(...), run=run),)
+
+and nothing about the stage lives anywhere else: `pipeline/registry.py` discovers the modules,
+`pipeline/params.py` assembles the params.yaml schema from their sections, and `python -m pipeline
+dvc-yaml` writes dvc.yaml from the same declarations (code deps from each module's imports).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+# ----------------------------------------------------------------------------- params sections
+
+
+class Section(BaseModel):
+    """One params.yaml section: every key typed; unknown keys are an error; values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_device(v: str) -> str:
+    if v not in ("auto", "cpu", "cuda") and not (v.startswith("cuda:") and v[5:].isdigit()):
+        raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {v!r})")
+    return v
+
+
+Device = Annotated[str, AfterValidator(_check_device)]  # auto | cpu | cuda | cuda:N
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+OutKind = Literal["data", "metrics", "figure", "table", "record", "token", "document"]
+
+
+@dataclass(frozen=True)
+class Out:
+    """One output of a stage.
+
+    kind: `data` is DVC-cached (large, not in git); every other kind is small and committed with
+    the run (`cache: false`): `metrics` (flat JSON for `dvc metrics diff`), `figure` (PNG, a DVC
+    image plot), `table` (csv/parquet), `record` (a gate's record), `token` (a gate's decision),
+    `document` (the report)."""
+
+    path: str
+    kind: OutKind = "data"
+    title: str = ""  # figures: the title the report gives it
+    caption: str = ""  # figures: what it shows (image data)
+    caption_points: str = ""  # figures: what it shows for point data (default: caption)
+    grid: bool = False  # figures: an image grid (scaled by whole pixels, never smoothed)
+
+    @property
+    def cached(self) -> bool:
+        return self.kind == "data"
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage as DVC, the CLI, Prefect and the report see it."""
+
+    name: str  # the dvc.yaml stage name
+    doc: str  # one line: what it does (dvc.yaml comment, `python -m pipeline stages`)
+    section: str  # the params.yaml section it reads, and nothing else (dotted for gates: gates.kde)
+    params: type[Section]
+    deps: tuple[str, ...]  # artifacts it reads (paths relative to the project root)
+    outs: tuple[Out, ...]
+    run: Callable[..., Any]  # run(cfg, root) -> metrics (a gate's run returns its result)
+    summary: tuple[tuple[str, str], ...] = ()  # (metrics key, label): the report's key numbers of the stage
+    require_deps: bool = True  # False: runs with inputs missing and says what did not run (the report)
+    cmd: str = ""  # default: python -m pipeline run <name>
+    data_files: tuple[str, ...] = ()  # non-Python project files the stage's code reads (templates): code deps too
+    gate: str | None = None  # for gate stages: the gate's name (python -m pipeline gate <gate>)
+    all_params: bool = False  # depends on every key of params.yaml (the report, which shows them all)
+    code_module: str = ""  # the module whose import closure is the stage's code (default: run's module)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # stage-specific facts for the report
+
+    @property
+    def command(self) -> str:
+        return self.cmd or f"python -m pipeline run {self.name}"
+
+    @property
+    def module(self) -> str:
+        """The module that holds the stage's code (its import closure is the stage's code dependency)."""
+        return self.code_module or self.run.__module__
+
+    def outs_of(self, *kinds: str) -> list[Out]:
+        return [o for o in self.outs if o.kind in kinds]
+
+    @property
+    def metrics(self) -> str | None:
+        found = self.outs_of("metrics")
+        return found[0].path if found else None
+
+    @property
+    def out_paths(self) -> tuple[str, ...]:
+        return tuple(o.path for o in self.outs)
