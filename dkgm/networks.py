@@ -106,7 +106,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(emb)[:, :, None, None]
+        # SiLU before the per-block projection (as DDPM and EDM): without it this Linear and the
+        # embedding MLP's last Linear compose into one affine map of the same features
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         x = self.skip(x) + h
         return self.attn(x) if self.attn is not None else x

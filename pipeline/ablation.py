@@ -5,12 +5,12 @@
     python -m pipeline ablation --out abl/bw.md  # plots then go to abl/bw/*.png
     python -m pipeline ablation --out -          # print the markdown only; no file, no plots
 
-The sweeps themselves are queued with `dvc exp run --queue -S 'kde.bandwidth_scale=0.5,1,1.5,2,3'` and run with
+The sweeps themselves are queued with `dvc exp run --queue -S 'sample_kde.bandwidth_scale=0.5,1,1.5,2,3'` and run with
 `dvc queue start` (the commands, what each re-runs and how long it takes: docs/ablations.md).
 
 Where the values come from: one `dvc exp show --json --hide-workspace` (with `--all-commits` for every commit).
 Each experiment carries its full params.yaml and the metrics files listed under `metrics:` in dvc.yaml; names are
-those of `python -m pipeline compare` (`kde.bandwidth_scale` a param, `eval.refined_fid` the `refined_fid` of
+those of `python -m pipeline compare` (`sample_kde.bandwidth_scale` a param, `eval.refined_fid` the `refined_fid` of
 reports/eval/metrics.json, `refine.nfe`, `kde.h`).
 
 What the report holds:
@@ -71,22 +71,24 @@ KEY_METRICS: list[tuple[str, str]] = [
     ("eval.kde_fid", "FID of the KDE (stage 1) samples"),
     ("eval.debias_gain", "1 - refined / KDE of the primary distance"),
     ("eval.refined_copy_fraction", "refined samples that copy a training item (d1/d2 < copy_ratio)"),
+    ("eval.refined_zu_pixel", "data copying: pixel Z_U of the refined samples (<< 0 copies, about 0 like fresh data)"),
     ("eval.refined_anchor_fraction", "refined samples whose nearest training item is their own KDE anchor"),
     ("eval.refined_recall", "recall (diversity) of the refined samples"),
     ("refine.nfe", "network evaluations per refined sample"),
     ("kde.h", "KDE bandwidth used (per-pixel std)"),
 ]
 
-BANDWIDTH, STEPS, SCHEDULE, SOLVER = "kde.bandwidth_scale", "refine.steps", "refine.schedule", "refine.solver"
+BANDWIDTH, STEPS, SCHEDULE, SOLVER = "sample_kde.bandwidth_scale", "refine.steps", "refine.schedule", "refine.solver"
+LEGACY_BANDWIDTH = "kde.bandwidth_scale"  # where the scale lived before the operating point moved to sample_kde
 NFE, NFE_FALLBACK = "refine.nfe", "eval.nfe"
 
 # the sweep to queue for each plot's x (the full commands, with the gate overrides: docs/ablations.md)
 SWEEP_HINT = {
-    BANDWIDTH: "the bandwidth sweep: `dvc exp run --queue -S 'kde.bandwidth_scale=0.5,1,1.5,2,3'`",
+    BANDWIDTH: "the bandwidth sweep: `dvc exp run --queue -S 'sample_kde.bandwidth_scale=0.5,1,1.5,2,3'`",
     STEPS: "the steps sweep: `dvc exp run --queue -S 'refine.steps=1,2,5,10,20,40'` "
     "(per schedule: add `-S 'refine.schedule=geometric,karras,robbins_monro'`)",
 }
-QUEUE_HINT = (f"queue a sweep, e.g. `dvc exp run --queue -S 'kde.bandwidth_scale=0.5,1,1.5,2,3'`, "
+QUEUE_HINT = (f"queue a sweep, e.g. `dvc exp run --queue -S 'sample_kde.bandwidth_scale=0.5,1,1.5,2,3'`, "
               f"then `dvc queue start` ({DOCS} has every sweep, with the gate overrides)")
 
 
@@ -363,7 +365,12 @@ def _skip_if_empty(plot: Plot, x_name: str, metrics: list[str]) -> None:
 
 
 def _scale(r: Row) -> Any:
-    return r.param(BANDWIDTH)
+    """The scale an experiment sampled at: its pinned value, the resolved one when `auto`, or the
+    value of the key it had in experiments made before the move."""
+    value = r.param(BANDWIDTH)
+    if value == "auto":
+        return r.metric(BANDWIDTH)
+    return r.param(LEGACY_BANDWIDTH) if value is _ABSENT else value
 
 
 def _bandwidth_plot(plot: Plot, rows: list[Row], series: list[tuple[str, str, bool]]) -> Plot:
@@ -376,8 +383,8 @@ def _bandwidth_plot(plot: Plot, rows: list[Row], series: list[tuple[str, str, bo
 
 def plot_data(ab: Ablation) -> list[Plot]:
     """The three figures' data. The bandwidth plots use the experiments that change, among the swept params, only
-    kde.bandwidth_scale; the NFE plot those that change only refine.steps, refine.schedule or refine.solver."""
-    bw_rows = ab.rows_changing_only({BANDWIDTH})
+    sample_kde.bandwidth_scale (or kde.bandwidth_scale, its key before); the NFE plot those that change only refine.steps, refine.schedule or refine.solver."""
+    bw_rows = ab.rows_changing_only({BANDWIDTH, LEGACY_BANDWIDTH})
     fid_bw = _bandwidth_plot(Plot("fid_vs_bandwidth.png", "FID against the KDE bandwidth scale", BANDWIDTH, "FID"),
                              bw_rows,
                              [("eval.kde_fid", "KDE (stage 1)", False),
@@ -389,7 +396,8 @@ def plot_data(ab: Ablation) -> list[Plot]:
                              bw_rows,
                              [("eval.refined_recall", "recall (diversity)", False),
                               ("eval.refined_copy_fraction", "copy fraction (d1/d2 < copy_ratio)", False),
-                              ("eval.refined_anchor_fraction", "anchor fraction (nearest = own KDE anchor)", False)])
+                              ("eval.refined_anchor_fraction", "anchor fraction (nearest = own KDE anchor)", False),
+                              ("eval.refined_authenticity_pixel", "authenticity (pixel)", False)])
 
     rows = ab.rows_changing_only({STEPS, SCHEDULE, SOLVER})
     nfe = Plot("fid_vs_nfe.png", "Refined FID against the number of network evaluations", f"NFE (`{NFE}`)", "FID",

@@ -21,6 +21,8 @@ from pipeline import registry
 from stages.contract import Section
 
 PARAMS_FILE = "params.yaml"
+# keys that moved: an old params.yaml gets told where they went, not only that they are unknown
+MOVED = {"kde.bandwidth_scale": "sample_kde.bandwidth_scale (auto: calibrate's operating point, or a number)"}
 
 
 class ParamsError(DKGMError):
@@ -65,6 +67,8 @@ def _describe(err: dict[str, Any]) -> str:
     parts = [str(p) for p in err["loc"] if not str(p).startswith(("literal[", "float", "union[", "function-"))]
     key = ".".join(parts)
     kind = err["type"]
+    if kind == "extra_forbidden" and key in MOVED:
+        return f"{key}: moved to {MOVED[key]}"
     if kind == "extra_forbidden":
         known = _known_keys(params_model(), parts)
         close = get_close_matches(parts[-1], known, n=1)

@@ -334,9 +334,10 @@ def _gate_sections(doc: Document, inp: Inputs, params: BaseModel) -> None:
         for c in rec["checks"]:
             threshold = fmt(c["threshold"], 6)
             current = _current_param(params, c["params_key"])
+            recorded = c.get("params_value", c["threshold"])  # the key's value when the gate ran
             if (isinstance(current, (int, float)) and not isinstance(current, bool)
-                    and isinstance(c["threshold"], (int, float)) and not isinstance(c["threshold"], bool)
-                    and float(current) != float(c["threshold"])):
+                    and isinstance(recorded, (int, float)) and not isinstance(recorded, bool)
+                    and float(current) != float(recorded)):
                 threshold += f" (params.yaml now {fmt(current, 6)}: re-run the gate)"
             checks.append([_code(name), _code(c["metric"]), fmt(c["value"], 6), c["op"], threshold,
                            _code(c["params_key"]), Cell("pass", "pass") if c.get("passed") else Cell("FAIL", "fail")])
@@ -360,9 +361,17 @@ IMAGE_ROWS = [  # (label, key suffix, what it is)
     ("IS", "inception_score", "Inception Score (needs the full network's classifier)"),
     ("precision", "precision", "fraction of samples inside the real k-NN manifold (Inception space)"),
     ("recall", "recall", "fraction of real items inside the samples' k-NN manifold"),
+    ("Z_U (pixel)", "zu_pixel", "data copying: Mann–Whitney z of nearest-training distances against held-out "
+     "images (≪ 0 copies, ≈ 0 like fresh data; real: a second held-out set)"),
+    ("Z_U (Inception)", "zu_inception", "the same in Inception space, against the reference training features"),
+    ("C_T (pixel)", "ct_pixel", "Z_U per k-means cell of the training data, weighted by the held-out mass"),
+    ("C_T (Inception)", "ct_inception", "the same in Inception space"),
+    ("authenticity (pixel)", "authenticity_pixel", "fraction farther from their nearest training image than "
+     "it is from its own nearest neighbour"),
+    ("authenticity (Inception)", "authenticity_inception", "the same in Inception space"),
     ("copy fraction (pixel)", "copy_fraction", "d1/d2 < copy_ratio against every training image"),
     ("copy fraction (Inception)", "copy_fraction_inception", "d1/d2 < copy_ratio in Inception space"),
-    ("nearest is own anchor", "anchor_fraction", "fraction whose nearest training item is its KDE anchor"),
+    ("nearest is own anchor", "anchor_fraction", "descriptive: ≈ 1 even for raw KDE samples in high dimension"),
     ("anchor distance", "anchor_distance", "median RMS distance per pixel to the own anchor"),
     ("nearest-training distance", "nn_distance", "median RMS distance per pixel to the nearest training item"),
     ("sharpness", "sharpness", "Laplacian energy relative to real held-out images (1 = as sharp)"),
@@ -371,8 +380,12 @@ POINT_ROWS = [
     ("distance to manifold", "mean_distance_to_manifold", "mean distance to the true spiral (lower is better)"),
     ("MMD", "mmd", "maximum mean discrepancy to held-out points, Gaussian kernel"),
     ("sliced Wasserstein", "sliced_wasserstein", "sliced Wasserstein distance to held-out points"),
+    ("Z_U", "zu_pixel", "data copying: Mann–Whitney z of nearest-training distances against held-out points"),
+    ("C_T", "ct_pixel", "Z_U per k-means cell of the training data, weighted by the held-out mass"),
+    ("authenticity", "authenticity_pixel", "fraction farther from their nearest training point than it is from "
+     "its own nearest neighbour"),
     ("copy fraction", "copy_fraction", "d1/d2 < copy_ratio against every training point"),
-    ("nearest is own anchor", "anchor_fraction", "fraction whose nearest training item is its KDE anchor"),
+    ("nearest is own anchor", "anchor_fraction", "descriptive: fraction whose nearest training item is its anchor"),
     ("anchor distance", "anchor_distance", "median RMS distance per coordinate to the own anchor"),
     ("nearest-training distance", "nn_distance", "median RMS distance per coordinate to the nearest training item"),
 ]

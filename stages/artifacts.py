@@ -23,6 +23,7 @@ KDE_SAMPLES = "data/samples/kde"  # samples.npy (float32), manifest.parquet (sam
 DEBIASER_SNAPSHOT = "models/debiaser/snapshot.pt"  # EMA weights + resolved config
 REFINED = "data/samples/refined"  # samples.npy (uint8 images / float32 points), manifest.parquet, meta.json
 REFERENCE = "data/reference"  # features.npz, meta.json: Inception features of the real data
+OPERATING_POINT = "data/calibrate/point.json"  # the bandwidth scale and eta chosen for novelty (stage calibrate)
 
 
 # ----------------------------------------------------------------------------- prepared data
@@ -93,6 +94,34 @@ def load_bandwidth(root: Path, prepared: Prepared) -> dict[str, Any]:
     return bw
 
 
+# ----------------------------------------------------------------------------- operating point
+
+
+def load_point(root: Path) -> dict[str, Any]:
+    """calibrate's operating point: {"scale", "eta", "steps", "passed", ...}."""
+    point = read_json(root / OPERATING_POINT, "operating point (calibrate output)")
+    for key in ("scale", "eta"):
+        if not isinstance(point.get(key), (int, float)):
+            raise DKGMError(f"{OPERATING_POINT} has no numeric {key!r}: re-run calibrate (or `dvc repro`)")
+    return point
+
+
+def resolve_value(pinned: float | str, point: dict[str, Any], key: str, params_key: str) -> tuple[float, str]:
+    """A value of the operating point: pinned in params.yaml, or calibrate's choice when `auto`.
+    Returns (value, where it came from)."""
+    if pinned != "auto":
+        return float(pinned), f"pinned ({params_key})"
+    return float(point[key]), "calibrate"
+
+
+def check_noise_range(snapshot: dict[str, Any], sigma0: float, params_key: str) -> None:
+    """The debiaser must have been trained up to the level the sampler starts at."""
+    top = float(snapshot.get("sigma_max", float("inf")))
+    if sigma0 > top * (1 + 1e-6):
+        raise DKGMError(f"the sampler starts at sigma = {sigma0:.4g} but the debiaser was trained only up to "
+                        f"sigma_max = {top:.4g}: lower {params_key}, or raise debiaser.sigma_max_factor and re-train")
+
+
 # ----------------------------------------------------------------------------- sample sets
 
 
@@ -122,6 +151,7 @@ def load_reference(root: Path, prepared: Prepared) -> tuple[dict[str, np.ndarray
     with np.load(path) as z:
         ref = {k: z[k] for k in z.files}
     if not (np.array_equal(ref["test_rows"], prepared.split_rows("test"))
+            and np.array_equal(ref.get("val_rows", prepared.split_rows("val")), prepared.split_rows("val"))
             and np.isin(ref["train_rows"], prepared.split_rows("train")).all()):
         raise DKGMError(f"{REFERENCE} was computed for another train/test split of {PREPARED}: "
                         "re-run reference (or `dvc repro`)")

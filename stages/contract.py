@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+import math
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
@@ -33,6 +34,18 @@ def _check_device(v: str) -> str:
 
 
 Device = Annotated[str, AfterValidator(_check_device)]  # auto | cpu | cuda | cuda:N
+AutoOr = Union[Literal["auto"], float]  # a value chosen by an earlier stage (auto), or pinned by hand
+
+
+def auto_or_number(v: Any, lo: float, hi: float | None = None, lo_open: bool = False) -> Any:
+    """Validate an `auto | number` key: the number in [lo, hi] ((lo, hi] with lo_open)."""
+    if v == "auto":
+        return v
+    ok_type = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok_type and (v > lo if lo_open else v >= lo) and (hi is None or v <= hi):
+        return float(v)
+    bounds = f"{'above' if lo_open else 'at least'} {lo:g}" + (f" and at most {hi:g}" if hi is not None else "")
+    raise ValueError(f"must be auto or a number {bounds} (got {v!r})")
 
 
 # ----------------------------------------------------------------------------- artifacts

@@ -29,7 +29,8 @@ import numpy as np
 from pydantic import Field
 
 from dkgm import data as ds
-from dkgm import inception, metrics as mt
+from dkgm import inception, novelty
+from dkgm import metrics as mt
 from dkgm.devices import resolve_device
 from dkgm.errors import DKGMError
 from stages.artifacts import (
@@ -64,6 +65,8 @@ class EvaluateParams(Section):
     is_splits: int = Field(10, ge=1)  # Inception Score splits (full network only)
     seed: int = Field(0, ge=0)  # KID subsets and precision/recall reference subset
     nn_rows: int = Field(8, ge=1)  # rows of reports/eval/nearest.png
+    ct_cells: int = Field(10, ge=1)  # C_T: k-means cells fitted on the training data
+    ct_tau: float = Field(0.02, ge=0.0, lt=1.0)  # C_T: cells holding at most this fraction of the samples are left out
 
 
 def _as_float(x: np.ndarray, kind: str) -> np.ndarray:
@@ -143,9 +146,13 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
                          ("anchor_distance", ad)):
             per_sample[key].extend(col)
     m["anchor_distance_ratio"] = m["refined_anchor_distance"] / max(m["real_nn_distance"], 1e-12)
+    # a second held-out set (validation split, as many as the samples): the data-copying floor
+    val_rows = prepared.split_rows("val")
+    second_pick = np.sort(np.random.default_rng(cfg.seed + 1).permutation(len(val_rows))[:n])
+    copying(m, "pixel", train, real, prepared.items(val_rows[second_pick]) if len(val_rows) > 1 else None, sets, cfg)
 
     if kind == "images":
-        _image_metrics(cfg, m, sets, real, real_pick, ref, weights)
+        _image_metrics(cfg, m, sets, real, real_pick, ref, weights, second_pick)
         primary = "fid"
     else:
         _point_metrics(cfg, m, sets, real, train, prepared)
@@ -163,15 +170,41 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
             _nearest_points(outs.path(NEAREST), sets["refined"], per_sample, prepared, n)
         _memorization_plot(outs.path(MEMORIZATION), ratios, anchor_d, d1r / scale, cfg.copy_ratio)
         write_json(outs.path(METRICS), m)
-    log.info("evaluate: n=%d, %s KDE %.4g -> refined %.4g (real %.4g); copies KDE %.1f%% refined %.1f%% real %.1f%%; "
-             "nearest = own anchor %.1f%%", n, primary, kde_p, ref_p, m.get(f"real_{primary}") or float("nan"),
-             100 * m["kde_copy_fraction"], 100 * m["refined_copy_fraction"], 100 * m["real_copy_fraction"],
-             100 * m["refined_anchor_fraction"])
+    log.info("evaluate: n=%d, %s KDE %.4g -> refined %.4g (real %.4g); pixel Z_U KDE %.1f refined %.1f (real %.1f); "
+             "copies KDE %.1f%% refined %.1f%% real %.1f%%", n, primary, kde_p, ref_p,
+             m.get(f"real_{primary}") or float("nan"), m["kde_zu_pixel"], m["refined_zu_pixel"],
+             m.get("real_zu_pixel", float("nan")), 100 * m["kde_copy_fraction"], 100 * m["refined_copy_fraction"],
+             100 * m["real_copy_fraction"])
     return m
 
 
+def copying(m: dict, space: str, train: np.ndarray, heldout: np.ndarray, second: np.ndarray | None,
+            sets: dict[str, np.ndarray], cfg: EvaluateParams) -> None:
+    """Z_U, C_T and authenticity of every set in one space (`pixel`: data space against every
+    training item; `inception`: features against the reference subset). `real_*` is a second
+    held-out set scored the same way: its Z_U and C_T should read about 0."""
+    _, own, _ = mt.nearest_two(train, train)  # each training item's nearest other training item
+    held_nn, _, held_idx = mt.nearest_two(heldout, train)
+    centres = novelty.kmeans(train, min(cfg.ct_cells, len(train)), seed=cfg.seed)
+    m[f"real_authenticity_{space}"] = novelty.authenticity(held_nn, held_idx, own)
+    scored = {**sets, **({"real": second} if second is not None and len(second) > 1 else {})}
+    for name, x in scored.items():
+        d1, _, idx = mt.nearest_two(x, train)
+        m[f"{name}_zu_{space}"] = novelty.z_u(d1, held_nn)
+        if name != "real":
+            m[f"{name}_authenticity_{space}"] = novelty.authenticity(d1, idx, own)
+        try:
+            cells = novelty.c_t(train, heldout, x, centres, tau=cfg.ct_tau)
+        except DKGMError as exc:  # too few points for the partition: say why instead of a number
+            m[f"{name}_ct_{space}"], m[f"ct_{space}_note"] = None, str(exc)
+            continue
+        m[f"{name}_ct_{space}"] = cells.c_t
+        m[f"{name}_ct_{space}_cells"] = cells.kept
+    m[f"ct_{space}_cells"] = len(centres)
+
+
 def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], real: np.ndarray,
-                   real_pick: np.ndarray, ref: dict, weights: dict | None) -> None:
+                   real_pick: np.ndarray, ref: dict, weights: dict | None, second_pick: np.ndarray) -> None:
     if not weights:
         raise DKGMError(f"{REFERENCE} holds no Inception features: re-run reference")
     w = inception.Weights(**weights)
@@ -228,6 +261,8 @@ def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], re
                                      "in place (or name it in reference.weights) for IS")
     m["fid_gain"] = m["kde_fid"] - m["refined_fid"]
     m["kid_gain"] = m["kde_kid"] - m["refined_kid"]
+    second = ref["val_features"][second_pick] if "val_features" in ref else None
+    copying(m, "inception", tr, feats["real"], second, {k: feats[k] for k in sets}, cfg)
 
 
 def _point_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], real: np.ndarray, train: np.ndarray,
@@ -316,27 +351,33 @@ def _memorization_plot(path: Path, ratios: dict[str, np.ndarray], anchor_d: dict
 
 
 class EvalGateParams(EnforcedSection):
-    enforce: bool = False  # the default run memorizes: recorded as NO-GO (overridden) until a setting passes
     max_fid: float = Field(100.0, gt=0.0)  # FID of the refined samples (images only)
     min_debias_gain: float = 0.0  # 1 - refined / KDE of the primary distance (FID; points: distance to the manifold)
-    max_copy_fraction: float = Field(0.1, ge=0.0, le=1.0)  # refined samples with d1/d2 < copy_ratio (pixel space)
-    max_anchor_fraction: float = Field(0.5, ge=0.0, le=1.0)  # refined samples whose nearest training item is their anchor
+    min_zu_pixel: float = -3.0  # Z_U of the refined samples in pixel (data) space: < 0 closer to training data than fresh data
+    min_zu_inception: float = -3.0  # the same in Inception space (images only)
+    copy_floor_factor: float = Field(2.0, ge=0.0)  # copy fraction <= max(factor x held-out floor, allowance)
+    copy_allowance: float = Field(0.01, ge=0.0, le=1.0)
+    max_authenticity_drop: float = Field(0.1, ge=0.0, le=1.0)  # pixel authenticity >= held-out's - this
 
 
 def eval_checks(metrics: dict[str, Any], cfg: EvalGateParams) -> list[Check]:
     key = "gates.eval"
+    copy_limit = max(cfg.copy_floor_factor * metrics.get("real_copy_fraction", 0.0), cfg.copy_allowance)
     checks = [
         check(metrics, "debias_gain", ">=", cfg.min_debias_gain, f"{key}.min_debias_gain"),
-        check(metrics, "refined_copy_fraction", "<=", cfg.max_copy_fraction, f"{key}.max_copy_fraction"),
-        check(metrics, "refined_anchor_fraction", "<=", cfg.max_anchor_fraction, f"{key}.max_anchor_fraction"),
+        check(metrics, "refined_zu_pixel", ">=", cfg.min_zu_pixel, f"{key}.min_zu_pixel"),
+        check(metrics, "refined_copy_fraction", "<=", copy_limit, f"{key}.copy_allowance", cfg.copy_allowance),
+        check(metrics, "refined_authenticity_pixel", ">=", metrics.get("real_authenticity_pixel", 0.0)
+              - cfg.max_authenticity_drop, f"{key}.max_authenticity_drop", cfg.max_authenticity_drop),
     ]
-    if metrics.get("kind") == "images":  # FID has no meaning for point data
+    if metrics.get("kind") == "images":  # FID and Inception features have no meaning for point data
         checks.insert(0, check(metrics, "refined_fid", "<=", cfg.max_fid, f"{key}.max_fid"))
+        checks.insert(2, check(metrics, "refined_zu_inception", ">=", cfg.min_zu_inception, f"{key}.min_zu_inception"))
     return checks
 
 
 GATE = Gate("eval", METRICS, EvalGateParams, eval_checks,
-            doc="go/no-go on the samples: FID, debiasing gain and memorization of the refined samples")
+            doc="go/no-go on the samples: FID, debiasing gain and data copying (Z_U, copies, authenticity) of the refined samples")
 
 STAGES = (
     Stage(

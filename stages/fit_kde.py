@@ -33,7 +33,6 @@ Bandwidth = Union[Literal["cv", "scott", "silverman"], float]
 
 class KDEParams(Section):
     bandwidth: Bandwidth = "cv"  # cv (held-out likelihood) | scott | silverman | a number (per-pixel std)
-    bandwidth_scale: float = Field(1.0, gt=0.0)  # multiplier on the chosen bandwidth (diversity ablation)
     topk: int = Field(128, ge=1)  # nearest training points kept per validation point
     grid_min: float | Literal["auto"] = "auto"  # smallest bandwidth of the search grid (auto: from NN distances)
     grid_max: float | Literal["auto"] = "auto"  # largest bandwidth of the search grid (auto: 2 x data std)
@@ -112,8 +111,8 @@ def run(cfg: KDEParams, root: Path) -> dict[str, Any]:
     if search.on_boundary:
         log.warning("fit_kde: the CV optimum %.4g is on the grid boundary [%.4g, %.4g]: widen the grid", search.h_opt, lo, hi)
 
-    h_selected = choose(cfg, search.h_opt, h_scott, h_silverman)
-    h = h_selected * cfg.bandwidth_scale
+    # the density bandwidth; generation multiplies it by the operating point's scale (stage calibrate)
+    h = choose(cfg, search.h_opt, h_scott, h_silverman)
     named = {"cv": search.h_opt, "used": h, "scott": h_scott, "silverman": h_silverman}
     exact = dict(zip(named, kde.exact_loglik(val, train, list(named.values()), device=device)))
     baseline = kde.diag_gaussian_loglik(train, val, extra_var=h * h)
@@ -122,12 +121,10 @@ def run(cfg: KDEParams, root: Path) -> dict[str, Any]:
 
     metrics = {
         "h": h,
-        "h_selected": h_selected,
         "h_cv": search.h_opt,
         "h_scott": h_scott,
         "h_silverman": h_silverman,
         "sigma_hat": sigma,
-        "bandwidth_scale": cfg.bandwidth_scale,
         "cv_on_boundary": bool(search.on_boundary),
         "grid_min": lo,
         "grid_max": hi,
@@ -151,8 +148,6 @@ def run(cfg: KDEParams, root: Path) -> dict[str, Any]:
     bandwidth = {
         "h": h,
         "method": cfg.bandwidth if isinstance(cfg.bandwidth, str) else "fixed",
-        "h_selected": h_selected,
-        "bandwidth_scale": cfg.bandwidth_scale,
         "h_cv": search.h_opt,
         "h_scott": h_scott,
         "h_silverman": h_silverman,
@@ -175,8 +170,8 @@ def run(cfg: KDEParams, root: Path) -> dict[str, Any]:
         _plot_curve(out.path(CV_PLOT), search, d, baselines, named, exact)
         write_json(out.path(METRICS), metrics)
     log.info(
-        "fit_kde: h=%.4g (%s x %.3g); CV optimum %.4g; Scott %.4g; held-out log-lik %.4f nats/dim vs %.4f baseline",
-        h, bandwidth["method"], cfg.bandwidth_scale, search.h_opt, h_scott, exact["used"] / d, baseline / d,
+        "fit_kde: h=%.4g (%s); CV optimum %.4g; Scott %.4g; held-out log-lik %.4f nats/dim vs %.4f baseline",
+        h, bandwidth["method"], search.h_opt, h_scott, exact["used"] / d, baseline / d,
     )
     return metrics
 
@@ -195,7 +190,7 @@ def _plot_curve(path, search, d, baselines, named, exact) -> None:
     ax.plot(search.grid, ll, "o-", ms=3, label="KDE held-out log-lik (top-k lower bound)")
     ax.fill_between(search.grid, ll, finite_up, alpha=0.2, label="truncation bound")
     ax.plot(search.grid, baselines, "--", color="grey", label="diagonal Gaussian, same smoothing")
-    styles = {"cv": ("C3", "CV optimum"), "used": ("k", "used (x scale)"), "scott": ("C2", "Scott"), "silverman": ("C4", "Silverman")}
+    styles = {"cv": ("C3", "CV optimum"), "used": ("k", "selected"), "scott": ("C2", "Scott"), "silverman": ("C4", "Silverman")}
     for key, (color, label) in styles.items():
         ax.axvline(named[key], color=color, ls=":", lw=1.2, label=f"{label} h={named[key]:.3g}: {exact[key] / d:.3f}")
     ax.set_xscale("log")
@@ -247,8 +242,8 @@ STAGES = (
             Out(METRICS, "metrics"),
         ),
         run=run,
-        summary=(("h", "bandwidth h (used)"), ("h_cv", "h, CV optimum"), ("h_scott", "h, Scott's rule"),
-                 ("h_silverman", "h, Silverman's rule"), ("bandwidth_scale", "bandwidth scale"),
+        summary=(("h", "density bandwidth h (selected)"), ("h_cv", "h, CV optimum"), ("h_scott", "h, Scott's rule"),
+                 ("h_silverman", "h, Silverman's rule"),
                  ("cv_loglik_per_dim", "CV held-out log-lik at h_cv (nats/dim)"),
                  ("loglik_per_dim", "held-out log-lik at h (nats/dim)"),
                  ("baseline_loglik_per_dim", "diagonal-Gaussian baseline (nats/dim)"),

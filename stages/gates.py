@@ -45,6 +45,7 @@ class Check:
     threshold: Any
     params_key: str
     passed: bool
+    params_value: Any = None  # the params key's value when the threshold is derived from it (else the threshold)
 
     def line(self) -> str:
         return f"{self.metric} = {_fmt(self.value)}, needs {self.op} {_fmt(self.threshold)} ({self.params_key})"
@@ -54,13 +55,15 @@ def _fmt(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def check(metrics: dict[str, Any], metric: str, op: str, threshold: Any, params_key: str) -> Check:
-    """One check; a missing metric is an error, a null value (non-finite) fails."""
+def check(metrics: dict[str, Any], metric: str, op: str, threshold: Any, params_key: str,
+          params_value: Any = None) -> Check:
+    """One check; a missing metric is an error, a null value (non-finite) fails. `params_value`: the
+    params key's value when the threshold is computed from it (a floor minus a margin)."""
     if metric not in metrics:
         raise DKGMError(f"gate input has no metric {metric!r}: re-run the stage that writes it")
     value = metrics[metric]
     passed = value is not None and bool(_OPS[op](value, threshold))
-    return Check(metric, value, op, threshold, params_key, passed)
+    return Check(metric, value, op, threshold, params_key, passed, threshold if params_value is None else params_value)
 
 
 @dataclass(frozen=True)

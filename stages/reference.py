@@ -2,8 +2,9 @@
 network (DESIGN 2.5). Evaluation compares every run's samples against this artifact.
 
 Holds the features of a seeded subset of the training split (FID/KID/precision-recall reference,
-Inception-space nearest neighbours) and of the whole held-out test split (the floor every
-statistic is read against), the training mean and covariance, and the identity of the weights
+Inception-space nearest neighbours), of the whole held-out test split (the floor every
+statistic is read against) and of the validation split (a second held-out set: the floor of the
+data-copying statistics, which compare two held-out sets), the training mean and covariance, and the identity of the weights
 (file, SHA-256). Saved with np.savez, not clean-fid's make_custom_stats (which writes into
 site-packages). Point data (the swiss roll) needs no feature network: the artifact then only
 records which rows are which.
@@ -83,33 +84,36 @@ def reference_subset(train_rows: np.ndarray, n: int | None, seed: int) -> np.nda
 def run(cfg: ReferenceParams, root: Path) -> dict[str, Any]:
     prepared = load_prepared(root)
     train_rows = reference_subset(prepared.split_rows("train"), cfg.train_images, cfg.seed)
-    test_rows = prepared.split_rows("test")
+    test_rows, val_rows = prepared.split_rows("test"), prepared.split_rows("val")
     meta: dict[str, Any] = {"dataset": prepared.meta["dataset"], "kind": prepared.kind,
-                            "n_train": len(train_rows), "n_test": len(test_rows)}
-    arrays: dict[str, np.ndarray] = {"train_rows": train_rows, "test_rows": test_rows}
-    metrics: dict[str, Any] = {"n_train": len(train_rows), "n_test": len(test_rows)}
+                            "n_train": len(train_rows), "n_test": len(test_rows), "n_val": len(val_rows)}
+    arrays: dict[str, np.ndarray] = {"train_rows": train_rows, "test_rows": test_rows, "val_rows": val_rows}
+    metrics: dict[str, Any] = {"n_train": len(train_rows), "n_test": len(test_rows), "n_val": len(val_rows)}
     if prepared.kind == "images":
         weights = resolve(cfg)
         device = resolve_device(cfg.device)
         net = inception.InceptionFeatures(weights, device, resize=cleanfid_resizer())
-        rows = np.concatenate([train_rows, test_rows])
+        rows = np.concatenate([train_rows, test_rows, val_rows])
         bar = Progress("reference features", len(rows))
         t0 = time.perf_counter()
         out = net(prepared.data[rows], cfg.batch_size, progress=bar)
         bar.close()
         seconds = time.perf_counter() - t0
-        n_tr = len(train_rows)
+        n_tr, n_te = len(train_rows), len(test_rows)
         train_f = out.features[:n_tr].astype(np.float64)
         mu, sigma = train_f.mean(axis=0), np.cov(train_f, rowvar=False)
-        arrays.update(train_features=out.features[:n_tr], test_features=out.features[n_tr:], mu=mu, sigma=sigma)
+        # the validation split's features: a second held-out set, the floor of the data-copying statistics
+        arrays.update(train_features=out.features[:n_tr], test_features=out.features[n_tr : n_tr + n_te],
+                      val_features=out.features[n_tr + n_te :], mu=mu, sigma=sigma)
         if out.probs is not None:
-            arrays["test_probs"] = out.probs[n_tr:]
+            arrays["test_probs"] = out.probs[n_tr : n_tr + n_te]
         meta.update(weights=weights.to_dict(), feature_dim=inception.FEATURE_DIM,
                     resize="clean-fid mode=clean (PIL bicubic, float32, 299 x 299)")
         metrics.update(feature_network=weights.name, weights_sha256=weights.sha256, weights_source=weights.source,
                        inception_score_available=weights.has_logits, device=str(device), seconds=seconds,
                        images_per_second=len(rows) / max(seconds, 1e-9))
-        log.info("reference: %d training + %d test images through %s (%s), %.1f images/s", n_tr, len(test_rows),
+        log.info("reference: %d training + %d test + %d validation images through %s (%s), %.1f images/s", n_tr, n_te,
+                 len(val_rows),
                  weights.name, weights.source, metrics["images_per_second"])
     else:
         meta["feature_network"] = None  # points are compared directly
@@ -126,7 +130,7 @@ def run(cfg: ReferenceParams, root: Path) -> dict[str, Any]:
 STAGES = (
     Stage(
         name="reference",
-        doc="Inception features of the real data (a training subset and the held-out test split), once per dataset",
+        doc="Inception features of the real data (a training subset, the test and validation splits), once per dataset",
         section="reference",
         params=ReferenceParams,
         deps=(PREPARED,),

@@ -11,16 +11,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dkgm import data as ds
 from dkgm.debias import load_denoiser
 from dkgm.devices import resolve_device, resolve_precision
 from dkgm.errors import DKGMError
-from dkgm.rng import randn_per_sample, sample_generators
-from dkgm.sampler import debias, make_ladder
-from stages.artifacts import DEBIASER_SNAPSHOT, KDE_SAMPLES, PREPARED, REFINED, load_prepared, load_samples
+from dkgm.sampler import make_ladder
+from stages.artifacts import (
+    DEBIASER_SNAPSHOT,
+    KDE_SAMPLES,
+    OPERATING_POINT,
+    PREPARED,
+    REFINED,
+    check_noise_range,
+    load_point,
+    load_prepared,
+    load_samples,
+    resolve_value,
+)
 from stages.common import (
     Progress,
     image_grid,
@@ -32,7 +41,8 @@ from stages.common import (
     write_parquet,
     write_png,
 )
-from stages.contract import Device, Out, Section, Stage
+from stages.contract import AutoOr, Device, Out, Section, Stage, auto_or_number
+from stages.sampling import debias_batch, denoise_fn
 from stages.gates import gate_token
 
 GRID = "reports/refine/grid.png"
@@ -44,7 +54,9 @@ METRICS = "reports/refine/metrics.json"
 class RefineParams(Section):
     schedule: Literal["geometric", "karras", "robbins_monro"] = "geometric"  # noise ladder from sigma_0 = h
     steps: int = Field(10, ge=1)  # K: ladder steps (network evaluations per sample with euler)
-    eta: float = Field(0.0, ge=0.0, le=1.0)  # debiasing noise level: 0 = probability-flow ODE, 1 = ancestral
+    eta: AutoOr = "auto"  # debiasing noise level in [0, 1] (0: probability-flow ODE, 1: ancestral); auto: calibrate's
+
+    _eta = field_validator("eta", mode="before")(classmethod(lambda cls, v: auto_or_number(v, 0.0, 1.0)))
     solver: Literal["euler", "heun"] = "euler"
     sigma_min: float = Field(0.002, gt=0.0)  # last non-zero level (geometric, karras)
     rho: float = Field(7.0, gt=0.0)  # karras ladder exponent
@@ -74,10 +86,13 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
             f"{tuple(x_kde.shape[1:])}: re-run train_debiaser (or `dvc repro`)"
         )
     h = float(kde_meta["h"])
-    if abs(float(snap.get("h", h)) - h) > 1e-6 * h:
-        raise DKGMError(f"the debiaser was trained for h = {snap['h']:.6g} but the KDE samples were drawn at h = {h:.6g}: "
-                        "re-run train_debiaser (or `dvc repro`)")
-    ladder = make_ladder(h, cfg.steps, cfg.schedule, cfg.eta, cfg.sigma_min, cfg.rho, cfg.a0, cfg.gamma)
+    check_noise_range(snap, h, "sample_kde.bandwidth_scale")
+    point = load_point(root)
+    eta, eta_source = resolve_value(cfg.eta, point, "eta", "refine.eta")
+    if point.get("steps") not in (None, cfg.steps):
+        log.warning("refine: refine.steps = %d but the operating point was calibrated at K = %d "
+                    "(calibrate.steps): its novelty may differ at this K", cfg.steps, point["steps"])
+    ladder = make_ladder(h, cfg.steps, cfg.schedule, eta, cfg.sigma_min, cfg.rho, cfg.a0, cfg.gamma)
     nfe = ladder.nfe(cfg.solver)
 
     n = len(x_kde)
@@ -93,30 +108,22 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
     seeds = manifest["seed"].to_numpy()
 
     precision = resolve_precision(cfg.precision, device)
-
-    def fn(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            return denoiser(x, sigma)
+    fn = denoise_fn(denoiser, device, precision)
 
     t0 = time.perf_counter()
     bar = Progress("refine", n)
-    with torch.inference_mode():
-        for s in range(0, n, cfg.batch_size):
-            rows = slice(s, s + cfg.batch_size)
-            gens = sample_generators(seeds[rows].tolist(), "refine")
-            x0 = torch.from_numpy(x_kde[rows]).to(device)
-            x, kept = debias(fn, x0, ladder, solver=cfg.solver, keep=all_k,
-                             noise=lambda k, shp: randn_per_sample(gens, shp[1:]).to(device))
-            out[rows] = x.float().cpu().numpy()
-            for j, k in enumerate(all_k):
-                xk = kept[k].float().cpu().numpy()
-                if points:
-                    per_k[j, rows] = roll.distance(xk)
-                else:
-                    per_k[j, rows] = np.sqrt(((xk - anchors[rows]) ** 2).reshape(len(xk), -1).mean(1))
-                if k in traj and (points or s < cfg.trajectory_samples):
-                    traj[k].append(xk if points else xk[: cfg.trajectory_samples - s])
-            bar(min(s + cfg.batch_size, n))
+    for s in range(0, n, cfg.batch_size):
+        rows = slice(s, s + cfg.batch_size)
+        out[rows], kept = debias_batch(fn, x_kde[rows], seeds[rows], ladder, cfg.solver, device, keep=all_k)
+        for j, k in enumerate(all_k):
+            xk = kept[k]
+            if points:
+                per_k[j, rows] = roll.distance(xk)
+            else:
+                per_k[j, rows] = np.sqrt(((xk - anchors[rows]) ** 2).reshape(len(xk), -1).mean(1))
+            if k in traj and (points or s < cfg.trajectory_samples):
+                traj[k].append(xk if points else xk[: cfg.trajectory_samples - s])
+        bar(min(s + cfg.batch_size, n))
     bar.close()
     seconds = time.perf_counter() - t0
 
@@ -126,7 +133,9 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
         "nfe": nfe,
         "schedule": cfg.schedule,
         "solver": cfg.solver,
-        "eta": cfg.eta,
+        "eta": eta,
+        "eta_source": eta_source,
+        "bandwidth_scale": float(kde_meta.get("bandwidth_scale", 1.0)),
         "h": h,
         "samples_per_second": n / max(seconds, 1e-9),
         "seconds": seconds,
@@ -150,7 +159,8 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
             "anchor_index": manifest["anchor_index"].to_numpy(), "nfe": np.full(n, nfe, dtype=np.int64)})
         write_json(base / "meta.json", {"kind": prepared.kind, "shape": list(shape), "n": n, "h": h, "nfe": nfe,
                                         "storage": "float32" if points else "uint8 [0, 255]", "ladder": ladder.sigmas,
-                                        "schedule": cfg.schedule, "solver": cfg.solver, "eta": cfg.eta})
+                                        "schedule": cfg.schedule, "solver": cfg.solver, "eta": eta,
+                                        "bandwidth_scale": kde_meta.get("bandwidth_scale")})
         stacked = {k: np.concatenate(v) for k, v in traj.items()}
         if points:
             _grid_points(outs.path(GRID), out, prepared.split("train"))
@@ -162,8 +172,8 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
         _progress_plot(outs.path(PROGRESS), ladder.sigmas, curve, points,
                        metrics.get("train_mean_distance_to_manifold"))
         write_json(outs.path(METRICS), metrics)
-    log.info("refine: %d samples, K=%d %s/%s eta=%.2f, NFE %d, %.1f samples/s", n, cfg.steps, cfg.schedule,
-             cfg.solver, cfg.eta, nfe, metrics["samples_per_second"])
+    log.info("refine: %d samples, K=%d %s/%s eta=%.2f (%s), NFE %d, %.1f samples/s", n, cfg.steps, cfg.schedule,
+             cfg.solver, eta, eta_source, nfe, metrics["samples_per_second"])
     return metrics
 
 
@@ -230,7 +240,7 @@ STAGES = (
         doc="debias the stage-1 KDE samples with the trained debiaser (the iterative update on a noise ladder from h)",
         section="refine",
         params=RefineParams,
-        deps=(PREPARED, KDE_SAMPLES, DEBIASER_SNAPSHOT, gate_token("debiaser")),
+        deps=(PREPARED, KDE_SAMPLES, DEBIASER_SNAPSHOT, OPERATING_POINT, gate_token("debiaser")),
         outs=(
             Out(REFINED),
             Out(GRID, "figure", "Refined samples (stage 2)", "the debiased samples",
@@ -245,6 +255,7 @@ STAGES = (
         ),
         run=run,
         summary=(("steps", "steps K"), ("nfe", "NFE"), ("schedule", "schedule"), ("solver", "solver"), ("eta", "η"),
+                 ("eta_source", "η from"),
                  ("kde_rms_distance_to_anchor", "RMS distance to anchor at k = 0"),
                  ("rms_distance_to_anchor", "RMS distance to anchor at k = K"),
                  ("kde_mean_distance_to_manifold", "distance to manifold at k = 0"),

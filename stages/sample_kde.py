@@ -1,4 +1,6 @@
-"""Stage sample_kde: draw the first-stage samples x = x_anchor + h * u (DESIGN 2.1).
+"""Stage sample_kde: draw the first-stage samples x = x_anchor + h * u (DESIGN 2.1), at the
+generation bandwidth h = s * h_kde: the density bandwidth of fit_kde times the operating point's
+scale s (chosen by calibrate, or pinned with sample_kde.bandwidth_scale).
 
 Sample s uses seed + s for its anchor and its kernel noise, so any sample can be regenerated
 alone and the result does not depend on the batch size.
@@ -12,11 +14,20 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dkgm import data as ds
 from dkgm import kde
-from stages.artifacts import BANDWIDTH, KDE_SAMPLES, PREPARED, load_bandwidth, load_prepared
+from stages.artifacts import (
+    BANDWIDTH,
+    KDE_SAMPLES,
+    OPERATING_POINT,
+    PREPARED,
+    load_bandwidth,
+    load_point,
+    load_prepared,
+    resolve_value,
+)
 from stages.common import (
     Progress,
     image_grid,
@@ -28,7 +39,7 @@ from stages.common import (
     write_parquet,
     write_png,
 )
-from stages.contract import Out, Section, Stage
+from stages.contract import AutoOr, Out, Section, Stage, auto_or_number
 from stages.gates import gate_token
 
 GRID = "reports/sample_kde/grid.png"
@@ -36,18 +47,23 @@ METRICS = "reports/sample_kde/metrics.json"
 
 
 class SampleKDEParams(Section):
-    n_samples: int = Field(2000, ge=1)  # number of first-stage samples
+    bandwidth_scale: AutoOr = "auto"  # s: samples are drawn at h = s x the density bandwidth; auto: calibrate's choice
+    n_samples: int = Field(1000, ge=1)  # number of first-stage samples (evaluate scores the first evaluate.n_samples)
     kernel: Literal["gaussian", "epanechnikov"] = "gaussian"  # kernel shape (unit per-coordinate variance)
     seed: int = Field(1_000_000, ge=0)  # sample s uses seed + s for its anchor and its noise
     batch_size: int = Field(500, ge=1)  # samples per batch (speed only: results do not depend on it)
     grid_samples: int = Field(32, ge=1)  # samples shown in the grid figure
 
+    _scale = field_validator("bandwidth_scale", mode="before")(
+        classmethod(lambda cls, v: auto_or_number(v, 0.0, lo_open=True)))
+
 
 def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
     prepared = load_prepared(root)
     bw = load_bandwidth(root, prepared)
+    scale, scale_source = resolve_value(cfg.bandwidth_scale, load_point(root), "scale", "sample_kde.bandwidth_scale")
     train = prepared.split("train")
-    h = float(bw["h"])
+    h = scale * float(bw["h"])
     train_t = torch.from_numpy(train)
     train_rows = prepared.split_rows("train")
     train_labels = prepared.split_labels("train")
@@ -70,6 +86,9 @@ def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "n_samples": cfg.n_samples,
         "h": h,
+        "h_kde": float(bw["h"]),
+        "bandwidth_scale": scale,
+        "bandwidth_scale_source": scale_source,
         "kernel": cfg.kernel,
         "rms_offset_over_h": float(np.sqrt((offset**2).mean()) / h),
         "distinct_anchors": int(len(np.unique(anchors))),
@@ -96,11 +115,12 @@ def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
                 "anchor_label": train_labels[anchors],
             },
         )
-        write_json(base / "meta.json", {"h": h, "kernel": cfg.kernel, "n": cfg.n_samples, "shape": list(train.shape[1:]),
+        write_json(base / "meta.json", {"h": h, "h_kde": float(bw["h"]), "bandwidth_scale": scale, "kernel": cfg.kernel, "n": cfg.n_samples, "shape": list(train.shape[1:]),
                                         "seed": cfg.seed, "dataset": prepared.meta["dataset"], "dim": d})
         _figure(out.path(GRID), prepared.kind, samples, train, anchors, cfg, h)
         write_json(out.path(METRICS), metrics)
-    log.info("sample_kde: %d %s samples at h=%.4g (%.0f samples/s)", cfg.n_samples, cfg.kernel, h, metrics["samples_per_second"])
+    log.info("sample_kde: %d %s samples at h=%.4g (scale %.3g, %s; %.0f samples/s)", cfg.n_samples, cfg.kernel, h, scale,
+             scale_source, metrics["samples_per_second"])
     return metrics
 
 
@@ -130,7 +150,7 @@ STAGES = (
         doc="draw the first-stage samples x = x_anchor + h * u, one seed per sample",
         section="sample_kde",
         params=SampleKDEParams,
-        deps=(PREPARED, BANDWIDTH, gate_token("kde")),
+        deps=(PREPARED, BANDWIDTH, OPERATING_POINT, gate_token("calibrate")),
         outs=(
             Out(KDE_SAMPLES),
             Out(GRID, "figure", "KDE samples (stage 1)", "first-stage samples x = x_anchor + h·u beside their anchors",
@@ -138,7 +158,8 @@ STAGES = (
             Out(METRICS, "metrics"),
         ),
         run=run,
-        summary=(("n_samples", "samples"), ("kernel", "kernel"), ("distinct_anchors", "distinct anchors"),
+        summary=(("bandwidth_scale", "bandwidth scale s"), ("bandwidth_scale_source", "s from"), ("h", "h = s x h_kde"),
+                 ("n_samples", "samples"), ("kernel", "kernel"), ("distinct_anchors", "distinct anchors"),
                  ("samples_per_second", "samples/s")),
     ),
 )

@@ -40,6 +40,7 @@ from stages.common import (
 from stages.contract import Device, Out, Section, Stage
 from stages.gates import Check, EnforcedSection, Gate, check, gate_token
 
+SIGMA_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0)  # held-out error at sigma = multiple x h (metrics val_mse_<m>h)
 STATES = "checkpoints/debiaser"  # resumable training states, outside DVC (one folder per config)
 LOG = "reports/train/log.parquet"
 LOSS_PLOT = "reports/train/loss.png"
@@ -56,7 +57,7 @@ class DebiaserParams(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     embedding: Literal["positional", "fourier"] = "positional"  # noise-level embedding
     sigma_min: float = Field(0.002, gt=0.0)  # smallest training noise level
-    sigma_max_factor: float = Field(1.5, gt=0.0)  # sigma_max = factor x the KDE bandwidth h
+    sigma_max_factor: float = Field(6.0, gt=0.0)  # sigma_max = factor x the KDE bandwidth h (1.5 x the largest calibrate scale)
     batch_size: int = Field(64, ge=1)  # global batch
     total_kimg: float = Field(40.0, gt=0.0)  # training length, thousands of images seen
     lr: float = Field(1e-3, gt=0.0)
@@ -111,6 +112,11 @@ def configs(cfg: DebiaserParams, h: float, shape: tuple[int, ...], device: torch
         compile=cfg.compile,
     )
     return net, train_cfg
+
+
+def _tag(mult: float) -> str:
+    """0.25 -> "0p25h": a metrics key without dots (dvc would read a dot as nesting)."""
+    return f"{mult:g}".replace(".", "p") + "h"
 
 
 def state_dir(root: Path, net: NetworkConfig, train_cfg: TrainConfig, data_key: dict[str, Any]) -> Path:
@@ -187,6 +193,13 @@ def run(cfg: DebiaserParams, root: Path) -> dict[str, Any]:
     mse = denoising_mse(ema, val, h, gen)
     identity = denoising_mse(lambda x, sigma: x, val, h, torch.Generator().manual_seed(12345), device="cpu")
     mean_pred = float(((val - data.mean(0)) ** 2).mean())
+    by_sigma = {}  # the same error over the trained range: does a wide range cost accuracy at small sigma?
+    for mult in SIGMA_MULTIPLES:
+        sigma = mult * h
+        if train_cfg.sigma_min <= sigma <= train_cfg.sigma_max:
+            err = denoising_mse(ema, val, sigma, torch.Generator().manual_seed(12345))
+            by_sigma[f"val_mse_{_tag(mult)}"] = err
+            by_sigma[f"val_ratio_{_tag(mult)}"] = err / (sigma * sigma)
     log_rows = result.log
     metrics = {
         "val_mse_at_h": mse,
@@ -206,6 +219,7 @@ def run(cfg: DebiaserParams, root: Path) -> dict[str, Any]:
         "device": str(device),
         "world_size": world,
         "arch": cfg.arch,
+        **by_sigma,
     }
     snapshot = make_snapshot(
         ema,
@@ -308,6 +322,8 @@ STAGES = (
         summary=(("arch", "architecture"), ("parameters", "parameters"), ("kimg", "kimg trained"),
                  ("final_loss", "final training loss"), ("val_mse_at_h", "held-out MSE at σ = h"),
                  ("identity_mse_at_h", "identity map's MSE at σ = h"), ("error_ratio", "error ratio"),
+                 ("sigma_max", "σ_max trained"),
+                 *((f"val_ratio_{_tag(m)}", f"error ratio at σ = {m:g} h") for m in SIGMA_MULTIPLES),
                  ("images_per_second", "images/s"), ("precision", "precision")),
     ),
     GATE.stage,

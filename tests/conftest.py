@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -21,11 +22,15 @@ TINY = {
     # a random 800 digits are too few for the KDE to beat its diagonal-Gaussian baseline
     # (-0.05 nats/dim; the full 4,000 give +0.006): the tiny project accepts a small loss
     "gates": {"kde": {"min_loglik_gain_per_dim": -0.2}, "debiaser": {"max_error_ratio": 0.99, "max_val_mse": 1.0},
-              # a 0.6-kimg debiaser scored on 20 samples: the tiny project records the gate, never stops at it
-              "eval": {"max_fid": 1e6, "min_debias_gain": -1e6, "max_copy_fraction": 1.0, "max_anchor_fraction": 1.0}},
+              # a 0.6-kimg debiaser scored on 20 samples: the tiny project records the gates, never stops at them
+              "calibrate": {"enforce": False},
+              "eval": {"max_fid": 1e6, "min_debias_gain": -1e6, "min_zu_pixel": -1e6, "min_zu_inception": -1e6,
+                       "copy_allowance": 1.0, "max_authenticity_drop": 1.0}},
+    # two scales x two noise levels on a 16-sample probe: seconds
+    "calibrate": {"scales": [1.0, 2.0], "etas": [0.0, 1.0], "probe_samples": 16, "eval_samples": 20, "pca_dims": 8},
     # Inception features run at ~8 images/s on 2 cores: 40 reference + 80 test + 2 x 20 samples
     "reference": {"train_images": 40},
-    "evaluate": {"n_samples": 20, "kid_subsets": 10},
+    "evaluate": {"n_samples": 20, "kid_subsets": 10, "ct_cells": 2},
     "sample_kde": {"n_samples": 40, "batch_size": 16, "grid_samples": 8},
     "refine": {"precision": "fp32"},
     # a 0.1M-parameter U-Net for 0.64 kimg: seconds, and it already denoises a little
@@ -54,6 +59,22 @@ def project(tmp_path: Path) -> Path:
     """A project root with a tiny params.yaml (no git, no DVC): for calling stages directly."""
     write_params(tmp_path)
     return tmp_path
+
+
+FULL_CHAIN = ("prepare", "fit_kde", "gate_kde", "train_debiaser", "gate_debiaser", "calibrate", "gate_calibrate",
+              "sample_kde", "refine")
+
+
+def pin_point(root: Path, scale: float = 1.0, eta: float = 0.0) -> None:
+    """An operating point written by hand, as calibrate would leave it (with its gate's token): for
+    tests of sample_kde and what follows that need no trained debiaser."""
+    from stages.artifacts import OPERATING_POINT
+    from stages.gates import gate_token
+
+    for rel, text in ((OPERATING_POINT, json.dumps({"scale": scale, "eta": eta, "steps": 10, "passed": True})),
+                      (gate_token("calibrate"), "GO\n")):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
 
 
 def run_stages(root: Path, *stages: str) -> None:

@@ -720,6 +720,25 @@ def test_a_grid_is_one_table_per_param_with_the_other_crossed():
     assert lines["KDE (stage 1, before debiasing)"] == [(1.0, 80.0), (40.0, 80.0)]
 
 
+def test_bandwidth_plot_reads_the_scale_under_its_new_and_its_old_key():
+    """Experiments made before the operating point moved to sample_kde swept kde.bandwidth_scale; newer
+    ones pin sample_kde.bandwidth_scale, or leave it `auto` and record the scale calibrate chose."""
+    entries = empty_show()
+    add_exp(entries, "old", {"kde.bandwidth_scale": 3}, full_run(3.0, refined_fid=40.0))
+    base = entries[0]["data"]["params"]["params.yaml"]["data"]
+    base["sample_kde"]["bandwidth_scale"] = "auto"
+    for name, scale, fid in (("pinned-2", 2, 30.0), ("pinned-4", 4, 50.0)):
+        add_exp(entries, name, {"sample_kde.bandwidth_scale": scale}, full_run(scale, refined_fid=fid))
+    chosen = full_run(2.5, refined_fid=35.0)
+    chosen["sample_kde"] = {"bandwidth_scale": 2.5}  # auto: what calibrate chose
+    add_exp(entries, "auto", {"refine.steps": 10}, chosen)
+    _, plots, _ = report(entries)
+    fid = next(p for p in plots if p.filename == "fid_vs_bandwidth.png")
+    refined = next(s for s in fid.series if s.label.startswith("refined"))
+    # "auto" changes no swept param (it is the reference point): drawn at the scale calibrate chose
+    assert refined.points == [(2.0, 30.0), (2.5, 35.0), (3.0, 40.0), (4.0, 50.0)]
+
+
 # ----------------------------------------------------------------------------- plots
 
 
@@ -789,13 +808,13 @@ def test_plots_skipped_when_their_x_never_varies():
     assert all(p.skipped for p in plots)
     lines = [ln for ln in sections(md)["Plots"].splitlines() if ln.startswith("- ")]
     assert len(lines) == 3
-    assert "`kde.bandwidth_scale` does not vary" in lines[0]
-    assert "`dvc exp run --queue -S 'kde.bandwidth_scale=0.5,1,1.5,2,3'`" in lines[0] and "docs/ablations.md" in lines[0]
+    assert "`sample_kde.bandwidth_scale` does not vary" in lines[0]
+    assert "`dvc exp run --queue -S 'sample_kde.bandwidth_scale=0.5,1,1.5,2,3'`" in lines[0] and "docs/ablations.md" in lines[0]
     assert "`dvc exp run --queue -S 'refine.steps=1,2,5,10,20,40'`" in lines[2]
 
     # x varies, but the experiments stopped before evaluate: said so
     _, plots, _ = report(copy.deepcopy(EXP_SHOW))
-    assert "no completed experiment of the `kde.bandwidth_scale` sweep has `eval.kde_fid`" in plots[0].skipped
+    assert "no completed experiment of the `sample_kde.bandwidth_scale` sweep has `eval.kde_fid`" in plots[0].skipped
 
 
 def test_print_only_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -821,7 +840,7 @@ def test_no_experiments_prints_how_to_queue_them_and_writes_nothing(tmp_path, mo
     out = capsys.readouterr().out
     assert out.splitlines() == [out.strip()]
     assert out.startswith("ablation: no experiments on baseline `master`; queue a sweep, e.g. "
-                          "`dvc exp run --queue -S 'kde.bandwidth_scale=0.5,1,1.5,2,3'`, then `dvc queue start`")
+                          "`dvc exp run --queue -S 'sample_kde.bandwidth_scale=0.5,1,1.5,2,3'`, then `dvc queue start`")
     assert "docs/ablations.md" in out and "Nothing written." in out
     assert list(tmp_path.iterdir()) == []
     assert A.run_ablation("reports/ablations.md", all_commits=True, cwd=tmp_path) == 0

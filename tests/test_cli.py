@@ -16,10 +16,10 @@ def test_help_everywhere(project):
 
 
 def test_dry_run_prints_resolved_params_and_outputs_and_writes_nothing(project):
-    write_params(project, {"kde": {"bandwidth_scale": 1.5}})
+    write_params(project, {"kde": {"topk": 64}})
     r = run_cli(["run", "fit_kde", "--dry-run"], project)
     assert r.returncode == 0, r.stderr
-    assert "kde.bandwidth_scale: 1.5" in r.stdout and artifacts.BANDWIDTH in r.stdout
+    assert "kde.topk: 64" in r.stdout and artifacts.BANDWIDTH in r.stdout
     assert not (project / "data").exists() and not (project / "reports").exists()
     g = run_cli(["gate", "kde", "--dry-run"], project)
     assert "gates.kde.min_loglik_gain_per_dim" in g.stdout

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from stages import artifacts, fit_kde, gates
+from stages import artifacts, fit_kde, gates, sample_kde
 from tests.conftest import VENV_BIN, cli_env, set_param
 
 pytestmark = pytest.mark.slow
@@ -28,8 +28,8 @@ def ran(result: subprocess.CompletedProcess) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", result.stdout + result.stderr)
 
 
-ALL = ["prepare", "fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine", "reference",
-       "evaluate", "gate_eval", "report"]
+ALL = ["prepare", "fit_kde", "gate_kde", "train_debiaser", "gate_debiaser", "calibrate", "gate_calibrate", "sample_kde",
+       "refine", "reference", "evaluate", "gate_eval", "report"]
 AFTER_REFINE = ["evaluate", "gate_eval", "report"]
 
 
@@ -44,15 +44,17 @@ def test_repro_noop_and_partial_rerun(dvc_project):
 
     subprocess.run(["git", "add", "-A"], cwd=root, check=True, capture_output=True)
     subprocess.run(["git", "commit", "-qm", "baseline run"], cwd=root, check=True, capture_output=True)
-    h1 = json.loads((root / fit_kde.METRICS).read_text())["h"]
+    h_kde = json.loads((root / fit_kde.METRICS).read_text())["h"]
 
-    # the bandwidth scale re-runs what depends on it and nothing upstream
-    exp = dvc(root, "exp", "run", "-S", "kde.bandwidth_scale=2")
-    assert ran(exp) == ["fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine", *AFTER_REFINE], ran(exp)
-    assert json.loads((root / fit_kde.METRICS).read_text())["h"] == pytest.approx(2 * h1)
+    # a pinned operating point re-runs the sampling and what follows: not the bandwidth search,
+    # the training, the calibration or the reference
+    exp = dvc(root, "exp", "run", "-S", "sample_kde.bandwidth_scale=2")
+    assert ran(exp) == ["sample_kde", "refine", *AFTER_REFINE], ran(exp)
+    sampled = json.loads((root / sample_kde.METRICS).read_text())
+    assert sampled["h"] == pytest.approx(2 * h_kde) and sampled["bandwidth_scale_source"].startswith("pinned")
     diff = json.loads(dvc(root, "params", "diff", "--json").stdout)
-    change = diff["params.yaml"]["kde.bandwidth_scale"]
-    assert (change["old"], change["new"]) == (1.0, 2)
+    change = diff["params.yaml"]["sample_kde.bandwidth_scale"]
+    assert (change["old"], change["new"]) == ("auto", 2)
 
     # a gate threshold that keeps the decision re-runs the gate (and the report that shows it), not the sampler
     subprocess.run(["git", "checkout", "-q", "--", "."], cwd=root, check=True)
@@ -78,7 +80,7 @@ def test_failing_gate_stops_repro_and_override_continues(dvc_project):
 
     set_param(root, "gates.kde.enforce", False)
     r = dvc(root, "repro")
-    assert ran(r) == ["gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine", "reference", *AFTER_REFINE], ran(r)
+    assert ran(r) == ["gate_kde", *ALL[3:]], ran(r)
     assert json.loads((root / gates.gate_record("kde")).read_text())["decision"] == "NO-GO (overridden)"
 
 

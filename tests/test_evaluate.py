@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from dkgm.errors import DKGMError
-from stages import artifacts, evaluate, fit_kde, gates
+from stages import artifacts, evaluate, gates, sample_kde
 from stages.gates import NO_GO
-from tests.conftest import run_stages, write_params
+from tests.conftest import FULL_CHAIN, pin_point, run_stages, write_params
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def evaluated(tmp_path_factory):
     write_params(root)
     with pytest.MonkeyPatch.context() as mp:  # the same weights on every machine: never clean-fid's /tmp copy
         mp.setattr(inception, "cleanfid_full_path", lambda: root / "absent" / inception.FULL_NAME)
-        run_stages(root, "prepare", "fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine",
+        run_stages(root, *FULL_CHAIN,
                    "reference", "evaluate")
     return root
 
@@ -55,9 +55,13 @@ def test_metrics_file_names_the_network_and_scores_both_stages(evaluated):
     assert m["fid_gain"] == pytest.approx(m["kde_fid"] - m["refined_fid"])
     # a KDE sample is its anchor plus N(0, h^2) per pixel, then clipped to [-1, 1] and quantized
     # (what is scored): the clipping on the black background takes part of the noise away
-    h = json.loads((evaluated / fit_kde.METRICS).read_text())["h"]
-    assert 0.5 * h < m["kde_anchor_distance"] < h
+    h = json.loads((evaluated / sample_kde.METRICS).read_text())["h"]  # the operating point's s x h_kde
+    assert 0.5 * min(h, 1) < m["kde_anchor_distance"] < h
     assert m["real_copy_fraction"] == 0.0
+    for space in ("pixel", "inception"):  # the data-copying statistics of every set, and their floor
+        assert {f"{s}_zu_{space}" for s in ("kde", "refined", "real")} <= set(m)
+        assert all(0 <= m[f"{s}_authenticity_{space}"] <= 1 for s in ("kde", "refined", "real"))
+    assert abs(m["real_zu_pixel"]) < 4  # two held-out sets: no copying either way
     per = pd.read_parquet(evaluated / evaluate.PER_SAMPLE)
     assert len(per) == 40 and set(per["set"]) == {"kde", "refined"}
     assert (evaluated / evaluate.NEAREST).stat().st_size > 1000
@@ -72,11 +76,15 @@ def test_exact_copies_are_flagged_and_stop_the_gate(project_copy):
     m = metrics(root)
     assert m["refined_anchor_fraction"] == 1.0 and m["refined_copy_fraction"] == 1.0
     assert m["refined_anchor_distance"] == 0.0 and m["anchor_distance_ratio"] == 0.0
-    write_params(root, {"gates": {"eval": {"max_copy_fraction": 0.1, "enforce": True}}})
+    # every data-copying statistic says so, against a floor that does not
+    assert m["refined_zu_pixel"] < -5 < -abs(m["real_zu_pixel"]) and m["refined_authenticity_pixel"] == 0.0
+    assert m["real_authenticity_pixel"] > 0.2
+    write_params(root, {"gates": {"eval": {"min_zu_pixel": -3.0, "copy_allowance": 0.01, "max_authenticity_drop": 0.1}}})
     run_stages(root, "gate_eval")
     record = json.loads((root / gates.gate_record("eval")).read_text())
     failed = {c["params_key"] for c in record["checks"] if not c["passed"]}
-    assert record["decision"] == NO_GO and failed == {"gates.eval.max_copy_fraction"}
+    assert record["decision"] == NO_GO and failed == {"gates.eval.min_zu_pixel", "gates.eval.copy_allowance",
+                                                      "gates.eval.max_authenticity_drop"}
     assert not (root / gates.gate_token("eval")).exists()
 
 
@@ -161,9 +169,10 @@ def test_swissroll_evaluation_known_good_refined_set(tmp_path):
     large debiasing gain, and the KDE samples a worse distribution distance than real points."""
     root = tmp_path
     write_params(root, {"prepare": {"dataset": "swissroll", "swissroll_points": 1500, "limit": None},
-                        "kde": {"bandwidth_scale": 4.0}, "sample_kde": {"n_samples": 300, "batch_size": 100},
-                        "evaluate": {"n_samples": 300}})
-    run_stages(root, "prepare", "fit_kde", "gate_kde", "sample_kde", "reference")
+                        "sample_kde": {"n_samples": 300, "batch_size": 100}, "evaluate": {"n_samples": 300}})
+    run_stages(root, "prepare", "fit_kde", "gate_kde")
+    pin_point(root, scale=4.0)
+    run_stages(root, "sample_kde", "reference")
     from stages.artifacts import load_prepared
     from stages.common import write_json, write_parquet
 

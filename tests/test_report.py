@@ -25,7 +25,7 @@ from dkgm.errors import DKGMError
 from pipeline import registry, report
 from pipeline.params import load_params
 from pipeline.runner import run_gate, run_stage_direct
-from stages import artifacts, common, evaluate, fit_kde, gates, prepare, reference, refine, sample_kde, train_debiaser
+from stages import artifacts, calibrate, common, evaluate, fit_kde, gates, prepare, reference, refine, sample_kde, train_debiaser
 from stages.common import write_parquet
 from tests.conftest import REPO, deep_update, write_params
 
@@ -37,8 +37,9 @@ BASE_PARAMS = {"prepare": {"limit": 800}, "report": {"title": TITLE},
                "gates": {"kde": {"enforce": True, "require_interior_optimum": True, "min_loglik_gain_per_dim": -0.2,
                                  "max_truncation_bound": 1e-3},
                          "debiaser": {"enforce": True, "max_error_ratio": 0.99, "max_val_mse": 1.0},
-                         "eval": {"enforce": True, "max_fid": 100.0, "min_debias_gain": 0.0, "max_copy_fraction": 0.1,
-                                  "max_anchor_fraction": 1.0}}}
+                         "calibrate": {"enforce": True},
+                         "eval": {"enforce": True, "max_fid": 100.0, "min_debias_gain": 0.0, "min_zu_pixel": -3.0,
+                                  "min_zu_inception": -1e6, "copy_allowance": 0.01, "max_authenticity_drop": 0.1}}}
 
 KDE_METRICS = {"bandwidth_scale": 1.0, "baseline_loglik_per_dim": -0.3602, "cv_loglik_per_dim": -0.41205031666,
                "cv_on_boundary": False, "device": "cpu", "dim": 1024, "distance_pass_seconds": 0.0565,
@@ -68,15 +69,22 @@ EVAL_IMAGES = {"anchor_distance_ratio": 0.78285, "copy_ratio": 1 / 3, "debias_ga
                "refined_copy_fraction": 0.0, "refined_copy_fraction_inception": 0.0, "refined_fid": 305.46285646464736,
                "refined_inception_score": None, "refined_kid": 0.3118677001840333,
                "refined_nn_distance": 0.2789734001197776, "refined_precision": 0.25, "refined_recall": 0.125,
-               "refined_sharpness": 2.148126161649634}
+               "refined_sharpness": 2.148126161649634,
+               **{f"{s}_{k}_{space}": v for s, v0 in (("kde", -1.2), ("refined", 0.8), ("real", 0.1))
+                  for space in ("pixel", "inception") for k, v in (("zu", v0), ("ct", v0 / 2), ("authenticity", 0.6))}}
 EVAL_POINTS = {"kind": "points", "n_samples": N_EVAL, "n_real": 100, "primary_metric": "mean_distance_to_manifold",
                "debias_gain": 0.6311, "copy_ratio": 1 / 3, "mmd_bandwidth": 1.23, "seconds": 0.5,
                **{f"{s}_{k}": v * (i + 1) for i, s in enumerate(("kde", "refined", "real"))
                   for k, v in (("mean_distance_to_manifold", 0.0451), ("mmd", 0.00123), ("sliced_wasserstein", 0.0317),
                                ("copy_fraction", 0.01), ("nn_distance", 0.0042))},
                **{f"{s}_{k}": v for s in ("kde", "refined") for k, v in (("anchor_fraction", 0.5),
-                                                                          ("anchor_distance", 0.021))}}
+                                                                          ("anchor_distance", 0.021))},
+               **{f"{s}_{k}_pixel": v for s in ("kde", "refined", "real") for k, v in (("zu", -0.5), ("ct", -0.2),
+                                                                                      ("authenticity", 0.55))}}
+CALIBRATE_METRICS = {"passed": True, "scale": 2.0, "eta": 1.0, "passing": 3, "zu_pixel_at_eval": 0.4,
+                     "copy_fraction": 0.0, "authenticity": 0.58, "hcv_zu_pixel_at_eval": -20.0, "seconds": 12.5}
 OTHER_METRICS = {
+    calibrate.METRICS: CALIBRATE_METRICS,
     prepare.METRICS: {"n_items": 800, "n_test": 80, "n_train": 640, "n_val": 80},
     sample_kde.METRICS: {"h": 0.363, "kernel": "gaussian", "n_samples": 40, "samples_per_second": 12238.8,
                                "seconds": 0.0032682839992048685},
@@ -88,7 +96,8 @@ FIGURE_FILES = {prepare.PREVIEW: (140, 140, True), fit_kde.CV_PLOT: (500, 300, F
                 sample_kde.GRID: (140, 36, True), train_debiaser.LOSS_PLOT: (480, 280, False),
                 train_debiaser.DENOISE_PLOT: (140, 54, True), refine.GRID: (140, 72, True),
                 refine.TRAJECTORY: (106, 140, True), refine.PROGRESS: (420, 260, False),
-                evaluate.NEAREST: (300, 1200, False), evaluate.MEMORIZATION: (1200, 300, False)}
+                evaluate.NEAREST: (300, 1200, False), evaluate.MEMORIZATION: (1200, 300, False),
+                calibrate.TRADEOFF: (600, 380, False), calibrate.PROBE: (140, 106, True)}
 
 
 def _png(path: Path, width: int, height: int, grid: bool, seed: int) -> None:
@@ -249,7 +258,7 @@ def test_every_gate_check_and_decision_appears_in_md_and_html(full):
                 want = [name, c["metric"], report.fmt(c["value"], 6), c["op"], report.fmt(c["threshold"], 6),
                         c["params_key"], "pass" if c["passed"] else "FAIL"]
                 assert want in fmt_rows, want
-    assert decisions == {"kde": "GO", "debiaser": "GO", "eval": "NO-GO"}
+    assert decisions == {"kde": "GO", "debiaser": "GO", "calibrate": "GO", "eval": "NO-GO"}
     assert '<span class="go">GO</span>' in page and '<span class="nogo">NO-GO</span>' in page
     assert "gate eval: **NO-GO**" in md
 
@@ -317,7 +326,8 @@ def test_metric_table_equals_the_eval_metrics(full):
         derived = {r[0]: r[1] for r in table_with_header(tables, ["quantity", "value", "meaning"])}
         assert derived["debias gain"] == report.fmt(m["debias_gain"]) and derived["FID gain"] == report.fmt(m["fid_gain"])
         stage = {r[0]: r[1] for t in tables if t[0] == ["quantity", "value"] for r in t[1:]}
-        assert stage["bandwidth h (used)"] == report.fmt(KDE_METRICS["h"])
+        assert stage["density bandwidth h (selected)"] == report.fmt(KDE_METRICS["h"])
+        assert stage["chosen scale s"] == "2" and stage["pixel Z_U at s = 1, η = 0"] == "-20"
         assert stage["CV held-out log-lik at h_cv (nats/dim)"] == report.fmt(KDE_METRICS["cv_loglik_per_dim"])
         assert stage["held-out MSE at σ = h"] == report.fmt(TRAIN_METRICS["val_mse_at_h"])
         assert stage["error ratio"] == report.fmt(TRAIN_METRICS["error_ratio"])

@@ -14,6 +14,7 @@ from dkgm.errors import DKGMError
 from dkgm.networks import NetworkConfig, build_network
 from dkgm.sampler import SCHEDULES, debias, make_ladder
 from dkgm.training import TrainConfig, train
+from tests.conftest import FULL_CHAIN
 
 MU, S, H = 0.3, 0.5, 1.0
 RM = dict(a0=0.3, gamma=0.55)
@@ -160,7 +161,7 @@ def test_refine_stage_outputs_and_batch_invariance(project):
     from tests.conftest import run_stages, write_params
 
     write_params(project, {"refine": {"steps": 4, "eta": 0.5, "solver": "heun", "batch_size": 16}})
-    run_stages(project, "prepare", "fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser", "refine")
+    run_stages(project, *FULL_CHAIN)
     m = json.loads((project / refine.METRICS).read_text())
     assert m["nfe"] == 7 and m["n_samples"] == 40
     assert m["rms_distance_to_anchor"] < m["kde_rms_distance_to_anchor"]  # debiasing moves samples towards the data
@@ -186,15 +187,15 @@ def test_refine_rejects_stale_artifacts(project):
     from stages import artifacts
     from tests.conftest import run_stages
 
-    run_stages(project, "prepare", "fit_kde", "gate_kde", "sample_kde", "train_debiaser", "gate_debiaser")
+    run_stages(project, *FULL_CHAIN[:-1])
     meta_path = project / artifacts.KDE_SAMPLES / "meta.json"
     meta = json.loads(meta_path.read_text())
-    meta["h"] *= 2  # samples drawn at another bandwidth than the debiaser was trained for
+    meta["h"] *= 10  # samples drawn at a bandwidth beyond the noise range the debiaser was trained on
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(DKGMError, match="re-run train_debiaser"):
+    with pytest.raises(DKGMError, match="trained only up to sigma_max .*raise debiaser.sigma_max_factor"):
         run_stages(project, "refine")
     assert not (project / artifacts.REFINED).exists()
-    meta["h"] /= 2
+    meta["h"] /= 10
     meta_path.write_text(json.dumps(meta))
     # a snapshot whose network was built for another data shape
     import torch

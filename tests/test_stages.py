@@ -14,11 +14,13 @@ from dkgm import kde
 from dkgm.errors import DKGMError
 from pipeline.runner import run_gate
 from stages import artifacts, common, fit_kde, gates, prepare, sample_kde
-from tests.conftest import run_stages, write_params
+from tests.conftest import pin_point, run_stages, write_params
 
 
 def test_stage_one_end_to_end(project):
-    run_stages(project, "prepare", "fit_kde", "gate_kde", "sample_kde")
+    run_stages(project, "prepare", "fit_kde", "gate_kde")
+    pin_point(project)
+    run_stages(project, "sample_kde")
     meta = json.loads((project / artifacts.PREPARED / "meta.json").read_text())
     manifest = pd.read_parquet(project / artifacts.PREPARED / "manifest.parquet")
     assert meta["shape"] == [1, 32, 32] and meta["n"] == 800 == len(manifest)
@@ -54,7 +56,9 @@ def test_stage_one_end_to_end(project):
 
 
 def test_samples_do_not_depend_on_batch_size(project, tmp_path):
-    run_stages(project, "prepare", "fit_kde", "gate_kde", "sample_kde")
+    run_stages(project, "prepare", "fit_kde", "gate_kde")
+    pin_point(project)
+    run_stages(project, "sample_kde")
     first = np.load(project / artifacts.KDE_SAMPLES / "samples.npy")
     write_params(project, {"sample_kde": {"batch_size": 7}})
     run_stages(project, "sample_kde")
@@ -63,13 +67,16 @@ def test_samples_do_not_depend_on_batch_size(project, tmp_path):
 
 def test_swissroll_pipeline_and_bandwidth_scale(tmp_path):
     write_params(tmp_path, {"prepare": {"dataset": "swissroll", "swissroll_points": 1500, "limit": None},
-                            "kde": {"bandwidth_scale": 2.0}, "sample_kde": {"kernel": "epanechnikov"}})
-    run_stages(tmp_path, "prepare", "fit_kde", "gate_kde", "sample_kde")
+                            "sample_kde": {"kernel": "epanechnikov"}})
+    run_stages(tmp_path, "prepare", "fit_kde", "gate_kde")
+    pin_point(tmp_path, scale=2.0)  # the operating point's scale multiplies the density bandwidth
+    run_stages(tmp_path, "sample_kde")
     m = json.loads((tmp_path / fit_kde.METRICS).read_text())
-    assert m["h"] == pytest.approx(2.0 * m["h_cv"]) and m["dim"] == 2
+    assert m["h"] == m["h_cv"] and m["dim"] == 2
     # the data is a thin spiral (noise std 0.02): CV finds the thickness, Scott the global spread
     assert 0.01 < m["h_cv"] < 0.06 and m["h_scott"] > 5 * m["h_cv"]
     s = json.loads((tmp_path / sample_kde.METRICS).read_text())
+    assert s["h"] == pytest.approx(2.0 * m["h_cv"]) and s["bandwidth_scale_source"] == "calibrate"
     assert s["rms_offset_over_h"] == pytest.approx(1.0, abs=0.1)
     assert s["mean_distance_to_manifold"] > s["train_mean_distance_to_manifold"]  # KDE oversmooths
 
@@ -90,7 +97,7 @@ def test_crash_mid_stage_keeps_previous_outputs_whole(project, monkeypatch):
         raise RuntimeError("simulated crash after some outputs were written")
 
     monkeypatch.setattr(stage, "_plot_curve", boom)  # runs after bandwidth.json is staged
-    write_params(project, {"kde": {"bandwidth_scale": 3.0}})
+    write_params(project, {"kde": {"topk": 64}})
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_stages(project, "fit_kde")
     assert {p: (project / p).read_bytes() for p in before} == before
@@ -101,6 +108,7 @@ def test_stage_inputs_are_checked(project):
     with pytest.raises(DKGMError, match="input not found: data/prepared"):
         run_stages(project, "fit_kde")
     run_stages(project, "prepare", "fit_kde", "gate_kde")
+    pin_point(project)
     write_params(project, {"prepare": {"limit": 300}})
     run_stages(project, "prepare")  # the bandwidth now belongs to another training set
     with pytest.raises(DKGMError, match="re-run fit_kde"):

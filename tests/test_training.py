@@ -43,6 +43,26 @@ def test_dae_has_no_skip_connections_and_fewer_parameters():
     assert not dae.skips and count_parameters(dae) < count_parameters(unet)
 
 
+def test_noise_embedding_reaches_every_block_through_a_nonlinearity():
+    """The embedding MLP ends in a Linear; each block's projection must see SiLU of it (DDPM, EDM),
+    else the two Linears collapse into one affine map of the sinusoidal features."""
+    from dkgm.networks import ResBlock
+
+    net = build_network(NetworkConfig(arch="unet", shape=(1, 16, 16), **TINY_IMG))
+    seen = []
+    blocks = [m for m in net.modules() if isinstance(m, ResBlock)]
+    hooks = [b.emb.register_forward_hook(lambda mod, inp, out: seen.append(inp[0])) for b in blocks]
+    c_noise = torch.tensor([-1.0, 0.3])
+    net(torch.zeros(2, 1, 16, 16), c_noise)
+    for h in hooks:
+        h.remove()
+    emb = net.embed(c_noise)
+    assert len(seen) == len(blocks) > 0
+    for got in seen:
+        torch.testing.assert_close(got, torch.nn.functional.silu(emb))
+    assert (emb < 0).any()  # SiLU changes these: the assertion above is not vacuous
+
+
 def test_ddpm_cifar10_configuration_is_expressible():
     from stages.train_debiaser import configs
 

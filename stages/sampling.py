@@ -1,0 +1,38 @@
+"""Running the debiasing update on a batch of samples, as every sampling stage does it.
+
+refine (DKGM's stage 2), calibrate (its probe) and the diffusion baseline share this: the
+denoiser in the resolved precision, and each sample's noise xi_k drawn from its own seed's
+stream, so sample s is the same whatever the batch it falls in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from dkgm.debias import Denoiser
+from dkgm.rng import randn_per_sample, sample_generators
+from dkgm.sampler import DenoiseFn, Ladder, debias
+
+
+def denoise_fn(denoiser: Denoiser, device: torch.device, precision: str) -> DenoiseFn:
+    """D(x; sigma) under bf16 autocast when `precision` is bf16 (preconditioning stays float32)."""
+
+    def fn(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return denoiser(x, sigma)
+
+    return fn
+
+
+def debias_batch(fn: DenoiseFn, x0: np.ndarray, seeds: Sequence[int], ladder: Ladder, solver: str,
+                 device: torch.device, keep: Sequence[int] = (), stream: str = "refine"
+                 ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """The ladder from x0 (float32, one row per seed); the final samples and the kept iterates."""
+    gens = sample_generators([int(s) for s in seeds], stream)
+    with torch.inference_mode():
+        x, kept = debias(fn, torch.from_numpy(np.ascontiguousarray(x0)).to(device), ladder, solver=solver, keep=keep,
+                         noise=lambda k, shape: randn_per_sample(gens, shape[1:]).to(device))
+    return x.float().cpu().numpy(), {k: v.float().cpu().numpy() for k, v in kept.items()}
