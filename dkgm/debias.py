@@ -44,12 +44,21 @@ class Denoiser(nn.Module):
         return c_skip.view(view) * x + c_out.view(view) * f.to(torch.float32)
 
 
-def sample_sigmas(n: int, sigma_min: float, sigma_max: float, generator: torch.Generator) -> torch.Tensor:
-    """Training noise levels, log-uniform on [sigma_min, sigma_max] (CPU, float32)."""
+def sample_sigmas(n: int, sigma_min: float, sigma_max: float, generator: torch.Generator,
+                  dist: str = "loguniform", p_mean: float = -1.2, p_std: float = 1.2) -> torch.Tensor:
+    """Training noise levels (CPU, float32). `loguniform` on [sigma_min, sigma_max] (DKGM: a range
+    up to a few KDE bandwidths); `lognormal`: ln sigma ~ N(p_mean, p_std^2) clipped to the range
+    (EDM's training distribution, for the diffusion baseline; with sigma_max = 80 the clip moves
+    about 2e-6 of the draws)."""
     if not 0 < sigma_min <= sigma_max:
         raise DKGMError(f"need 0 < sigma_min <= sigma_max, got {sigma_min}, {sigma_max}")
-    u = torch.rand(n, generator=generator)
-    return torch.exp(math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min)))
+    if dist == "loguniform":
+        u = torch.rand(n, generator=generator)
+        return torch.exp(math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min)))
+    if dist == "lognormal":
+        z = torch.randn(n, generator=generator)
+        return torch.exp(p_mean + p_std * z).clamp(sigma_min, sigma_max)
+    raise DKGMError(f"unknown sigma distribution {dist!r}: expected loguniform or lognormal")
 
 
 def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

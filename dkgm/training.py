@@ -46,6 +46,9 @@ class TrainConfig:
     ema_rampup_ratio: float | None = 0.1  # half-life at most this fraction of images seen (None = off)
     sigma_min: float = 0.002
     sigma_max: float = 1.0
+    sigma_dist: str = "loguniform"  # loguniform (DKGM) | lognormal (EDM: ln sigma ~ N(p_mean, p_std^2))
+    p_mean: float = -1.2
+    p_std: float = 1.2
     seed: int = 0
     log_every: int = 20  # steps between log rows
     state_every_kimg: float = 10.0  # thousands of images between training states
@@ -66,6 +69,9 @@ class TrainConfig:
         d = self.to_dict()
         for k in ("total_kimg", "log_every", "state_every_kimg", "keep_states"):
             d.pop(k)
+        if self.sigma_dist == "loguniform":  # fields added later: at their default, states made before still resume
+            for k in ("sigma_dist", "p_mean", "p_std"):
+                d.pop(k)
         return d
 
 
@@ -217,7 +223,7 @@ def train(
     denoiser.train()
     while nimg < stop_at:
         idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
-        sigma = sample_sigmas(cfg.batch_size, cfg.sigma_min, cfg.sigma_max, gen)
+        sigma = sample_sigmas(cfg.batch_size, cfg.sigma_min, cfg.sigma_max, gen, cfg.sigma_dist, cfg.p_mean, cfg.p_std)
         noise = torch.randn((cfg.batch_size, *data.shape[1:]), generator=gen)
         mine = slice(rank * local, (rank + 1) * local)
         x0 = data[idx[mine]].to(device, non_blocking=True)

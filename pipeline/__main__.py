@@ -83,12 +83,16 @@ def _dry_run(stage_name: str, params_path: str, root: Path) -> None:
     from pipeline.params import load_params, section
 
     spec = registry.get(stage_name)
-    cfg = section(load_params(params_path), spec.section)
+    params = load_params(params_path)
     print(f"stage {spec.name}: {spec.command}")
     print(f"  {spec.doc}")
-    print(f"params ({spec.section}):")
-    for key, value in cfg.model_dump(mode="json").items():
-        print(f"  {spec.section}.{key}: {json.dumps(value)}")
+    print(f"params ({spec.section or 'no section of its own'}):")
+    if spec.section:
+        for key, value in section(params, spec.section).model_dump(mode="json").items():
+            print(f"  {spec.section}.{key}: {json.dumps(value)}")
+    for key in spec.reads:
+        value = section(params, key)
+        print(f"  {key}: {json.dumps(value.model_dump(mode='json') if hasattr(value, 'model_dump') else value)}")
     print("inputs:")
     for d in spec.deps:
         print(f"  {d}{'' if (root / d).exists() else '  (missing)'}")

@@ -128,7 +128,9 @@ def leaf_keys(model: type[BaseModel], prefix: str) -> list[str]:
 
 
 def params_keys(stage: Stage) -> list[str]:
-    return leaf_keys(stage.params, stage.section)
+    """Its own section's keys, then the keys of other sections it reads."""
+    own = leaf_keys(stage.params, stage.section) if stage.section and stage.params else []
+    return [*own, *stage.reads]
 
 
 # ----------------------------------------------------------------------------- rendering

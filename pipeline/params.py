@@ -36,6 +36,8 @@ def params_model() -> type[BaseModel]:
     tree: dict[str, Any] = {}
     # plain sections first, nested ones (gates.<name>) after them, as params.yaml orders them
     for stage in sorted(registry.all_stages().values(), key=lambda s: "." in s.section):
+        if not stage.section:
+            continue
         *parents, leaf = stage.section.split(".")
         node = tree
         for part in parents:
@@ -117,21 +119,9 @@ def defaults() -> BaseModel:
     return params_model()()
 
 
-def section(params: BaseModel, dotted: str) -> Section:
-    """The sub-model at a dotted section name, e.g. 'gates.kde'."""
+def section(params: BaseModel, dotted: str) -> Any:
+    """The sub-model (or value) at a dotted name, e.g. 'gates.kde' or 'debiaser.channels'."""
     node: Any = params
     for part in dotted.split("."):
         node = getattr(node, part)
     return node
-
-
-def leaf_keys(model: type[BaseModel], prefix: str) -> list[str]:
-    """Dotted names of every scalar key of a section model (what dvc.yaml must list)."""
-    keys = []
-    for name, info in model.model_fields.items():
-        ann = info.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += leaf_keys(ann, f"{prefix}.{name}")
-        else:
-            keys.append(f"{prefix}.{name}")
-    return keys

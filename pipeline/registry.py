@@ -33,7 +33,7 @@ def discover(package=stages_pkg) -> list[Stage]:
 def order(found: list[Stage]) -> list[Stage]:
     """A topological order of the stages by their artifacts. Among the stages that can come next,
     the one that reads the most recently placed stage's output goes first (a chain stays together:
-    a gate right after its stage), then the alphabetical one."""
+    a gate right after its stage), then the one that needs fewer stages, then the alphabetical one."""
     producer: dict[str, str] = {}
     for s in found:
         for path in s.out_paths:
@@ -50,7 +50,7 @@ def order(found: list[Stage]) -> list[Stage]:
         if not ready:
             cycle = sorted(n for n in by_name if n not in placed)
             raise DKGMError(f"the stages {', '.join(cycle)} read each other's outputs in a cycle")
-        ready.sort(key=lambda n: (-max((placed[d] for d in needs[n]), default=-1), n))
+        ready.sort(key=lambda n: (-max((placed[d] for d in needs[n]), default=-1), len(needs[n]), n))
         placed[ready[0]] = len(placed)
     return [by_name[n] for n in sorted(placed, key=placed.get)]
 

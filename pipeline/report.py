@@ -56,6 +56,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PACKAGES = ("torch", "numpy", "dvc", "prefect", "clean-fid")
 SETS = (("kde", "KDE (stage 1)"), ("refined", "refined (stage 2)"), ("real", "real held-out (floor)"))
 EVALUATE = "evaluate"  # the stage whose metrics fill the sample-quality table
+EVALUATE_BASELINE = "evaluate_baseline"  # its baseline column
+COMPARISON = "comparison"  # DKGM against the baseline over NFE: its table
 
 
 class ReportParams(Section):
@@ -409,18 +411,25 @@ def _metrics_section(doc: Document, inp: Inputs) -> None:
             rows.append([label, *([Cell(NOT_RUN, "notrun")] * 4), what])
         doc.add(Table(header, rows))
         return
+    b = inp.metrics.get(EVALUATE_BASELINE)
+    skipped = bool(b and b.get("skipped"))
+    absent: CellLike = Cell("skipped" if skipped else NOT_RUN, "notrun")
     doc.add(Para(f"Scored by stage `evaluate` on the first {fmt(m.get('n_samples', ABSENT))} samples of each stage "
                  "(sample s of both stages has the same seed), against the reference features; the real column is "
-                 "held-out data scored the same way, the floor at this sample size. No baseline stage exists yet."))
+                 "held-out data scored the same way, the floor at this sample size; the baseline column is the "
+                 "diffusion baseline scored by the same code (stage `evaluate_baseline`"
+                 + (", skipped: `baseline.enabled` is false)." if skipped else ").")))
     rows.append(["samples evaluated", fmt(m.get("n_samples", ABSENT)), fmt(m.get("n_samples", ABSENT)),
-                 fmt(m.get("n_real", ABSENT)), Cell(NOT_RUN, "notrun"), "items per column"])
+                 fmt(m.get("n_real", ABSENT)), fmt(b["n_samples"]) if b and "n_samples" in b else absent,
+                 "items per column"])
     for label, suffix, what in metric_rows(inp.kind):
         cells: list[CellLike] = [label]
         for name, _ in SETS:
             key = f"{name}_{suffix}"
             cells.append(fmt(m[key]) if key in m else ABSENT)
-        base = f"baseline_{suffix}"  # no baseline stage yet: its column says so until one writes these keys
-        rows.append([*cells, fmt(m[base]) if base in m else Cell(NOT_RUN, "notrun"), what])
+        base = f"baseline_{suffix}"
+        value: CellLike = absent if not b or skipped else (fmt(b[base]) if base in b else ABSENT)
+        rows.append([*cells, value, what])
     doc.add(Table(header, rows))
     notes = []
     if inp.kind == "images" and "real_laplacian_energy" in m:
@@ -444,6 +453,43 @@ def _metrics_section(doc: Document, inp: Inputs) -> None:
     doc.add(Heading(3, "Derived"),
             Table(["quantity", "value", "meaning"],
                   [[label, fmt(m[key]), what] for label, key, what in derived if key in m]))
+
+
+COMPARISON_COLUMNS = [("method", "method"), ("start", "start"), ("solver", "solver"), ("steps", "K"), ("nfe", "NFE"),
+                      ("fid", "FID"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"),
+                      ("zu_pixel", "Z_U (pixel)"), ("copy_fraction", "copies"), ("train_kimg", "train kimg"),
+                      ("train_seconds", "train s"), ("samples_per_second", "samples/s")]
+
+
+def _comparison_section(doc: Document, inp: Inputs) -> None:
+    doc.add(Heading(2, "DKGM against the diffusion baseline", "baseline"))
+    rel = inp.table(COMPARISON)
+    if rel is None or not (inp.root / rel).is_file():
+        doc.add(Para(f"Stage `comparison` did not run (`{rel or 'reports/comparison/table.csv'}` not found)."))
+        return
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(inp.root / rel)
+    except (OSError, ValueError) as exc:
+        raise DKGMError(f"{rel} is not a readable table ({exc}): re-run comparison") from None
+    missing = [c for c, _ in COMPARISON_COLUMNS if c not in df.columns]
+    if missing:
+        raise DKGMError(f"{rel} lacks columns {', '.join(missing)}: re-run comparison")
+    cm = inp.metrics.get(COMPARISON) or {}
+    doc.add(Para(f"Every row at the same {fmt(cm.get('n_samples', ABSENT))} samples and seeds, scored together by "
+                 "the evaluation's code (FID at this n is biased upwards: read it against the floor row, or KID). "
+                 "The two controls separate DKGM's two differences from diffusion: its start (a KDE sample at "
+                 "σ_0 = h) and its training range (only up to a few h)."))
+
+    def cell(v: Any) -> CellLike:
+        if v is None or (isinstance(v, float) and v != v):
+            return ABSENT
+        return fmt(int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 1e6 else v)
+
+    rows = [[cell(r.get(c)) if c not in ("method", "start", "solver") else str(r.get(c)) for c, _ in COMPARISON_COLUMNS]
+            for r in df.to_dict("records")]
+    doc.add(Table([label for _, label in COMPARISON_COLUMNS], rows))
 
 
 def _stage_numbers_section(doc: Document, inp: Inputs) -> None:
@@ -654,6 +700,7 @@ def build(cfg: ReportParams, root: Path, stages: list[Stage] | None = None, date
     doc.add(Para(" ".join(summary)))
     _gate_sections(doc, inp, params)
     _metrics_section(doc, inp)
+    _comparison_section(doc, inp)
     _stage_numbers_section(doc, inp)
     doc.add(Heading(2, "Figures", "figures"), Figures(figures))
     _nn_section(doc, inp, cfg)
@@ -815,7 +862,7 @@ def stage(others: list[Stage]) -> Stage:
     """The report as a stage: every small output of the other stages (metrics, figures, gate records,
     tables) and the prepared data's metadata are its inputs; it depends on the whole of params.yaml."""
     shown = [o.path for s in others for o in s.outs
-             if o.kind in ("metrics", "figure", "record") or (o.kind == "table" and s.name == EVALUATE)]
+             if o.kind in ("metrics", "figure", "record") or (o.kind == "table" and s.name in (EVALUATE, COMPARISON))]
     return Stage(name="report", doc="the review document: gates, metrics per stage vs the real floor, figures, "
                  "timings, environment, provenance (reports/report.md and a self-contained report.html)",
                  section="report", params=ReportParams, deps=(PREPARED, *shown),

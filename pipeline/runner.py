@@ -41,10 +41,13 @@ def run_stage_direct(name: str, params_path: str | Path, root: str | Path) -> An
     root = Path(root)
     stage = registry.get(name)
     params = load_params(params_path)
-    cfg = section(params, stage.section)
+    cfg = section(params, stage.section) if stage.section else None
     check_inputs(stage, root)
     t0 = time.perf_counter()
-    result = stage.run(cfg, root)
+    if stage.reads:
+        result = stage.run(cfg, root, {key: section(params, key) for key in stage.reads})
+    else:
+        result = stage.run(cfg, root)
     if stage.gate:
         return result
     metrics = dict(result or {})

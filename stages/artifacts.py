@@ -23,6 +23,8 @@ KDE_SAMPLES = "data/samples/kde"  # samples.npy (float32), manifest.parquet (sam
 DEBIASER_SNAPSHOT = "models/debiaser/snapshot.pt"  # EMA weights + resolved config
 REFINED = "data/samples/refined"  # samples.npy (uint8 images / float32 points), manifest.parquet, meta.json
 REFERENCE = "data/reference"  # features.npz, meta.json: Inception features of the real data
+BASELINE_SNAPSHOT = "models/baseline/snapshot.pt"  # the diffusion baseline's EMA weights + config
+BASELINE_SAMPLES = "data/samples/baseline"  # samples.npy (uint8 images / float32 points), manifest.parquet, meta.json
 OPERATING_POINT = "data/calibrate/point.json"  # the bandwidth scale and eta chosen for novelty (stage calibrate)
 
 

@@ -9,8 +9,10 @@ noise and xi_k for every candidate (they differ only in the point), and measures
 - novelty, against the validation split as the held-out reference (the test split stays for the
   evaluation): pixel-space Z_U of the nearest-training-image distances, the copy fraction
   (d1/d2 < 1/3) and authenticity;
-- fidelity: the Frechet distance to the validation images in the space of the training set's top
-  principal components (a cheap proxy for FID: no feature network).
+- fidelity, for the candidates that pass only: Inception FID of their probe against the reference
+  statistics (`fidelity: inception`, the default; `pixel`: the Frechet distance to the validation
+  images in the training set's top principal components, no feature network: measured to rank
+  candidates poorly, see docs/design.md).
 
 The rule (params `min_zu`, `margin`, `copy_*`, `max_authenticity_drop`) keeps the candidates that
 would pass the evaluation gate: Z_U grows with the square root of the sample sizes at a fixed
@@ -42,6 +44,7 @@ from stages.artifacts import (
     DEBIASER_SNAPSHOT,
     OPERATING_POINT,
     PREPARED,
+    REFERENCE,
     Prepared,
     load_bandwidth,
     load_prepared,
@@ -68,8 +71,8 @@ METRICS = "reports/calibrate/metrics.json"
 
 
 class CalibrateParams(Section):
-    scales: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0)  # candidate bandwidth scales s (h = s x h_kde)
-    etas: tuple[float, ...] = (0.0, 0.5, 1.0)  # candidate debiasing noise levels
+    scales: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)  # candidate scales s (h = s x h_kde)
+    etas: tuple[float, ...] = (0.0, 1.0)  # candidate debiasing noise levels
     steps: int = Field(10, ge=1)  # K of the probe's geometric Euler ladder (keep refine.steps equal)
     probe_samples: int = Field(256, ge=8)  # samples refined per candidate
     seed: int = Field(2_000_000, ge=0)  # probe sample s uses seed + s (anchor, kernel noise, xi)
@@ -79,7 +82,9 @@ class CalibrateParams(Section):
     copy_floor_factor: float = Field(2.0, ge=0.0)  # copy fraction <= max(factor x held-out floor, allowance)
     copy_allowance: float = Field(0.01, ge=0.0, le=1.0)
     max_authenticity_drop: float = Field(0.1, ge=0.0, le=1.0)  # authenticity >= held-out's - this
-    pca_dims: int = Field(64, ge=1)  # fidelity proxy: Frechet distance in this many principal components
+    fidelity: Literal["inception", "pixel"] = "inception"  # rank the passing candidates by Inception FID | pixel-PCA FD
+    fid_samples: int = Field(128, ge=4)  # inception: probe samples per passing candidate scored (FID at this n)
+    pca_dims: int = Field(64, ge=1)  # pixel: Frechet distance in this many principal components
     copy_ratio: float = Field(1 / 3, gt=0.0, lt=1.0)  # a copy: d1/d2 < copy_ratio (evaluate.copy_ratio)
     batch_size: int = Field(256, ge=1)  # speed only
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -185,6 +190,7 @@ def run(cfg: CalibrateParams, root: Path) -> dict[str, Any]:
     sigma_max = float(snap["sigma_max"])
     rows: list[dict[str, Any]] = []
     shown: dict[float, np.ndarray] = {}
+    kept: dict[tuple[float, float], np.ndarray] = {}  # the passing candidates' probe, for their FID
     t0 = time.perf_counter()
     bar = Progress("calibrate (candidates)", len(grid))
     for i, (s, eta) in enumerate(grid):
@@ -204,6 +210,8 @@ def run(cfg: CalibrateParams, root: Path) -> dict[str, Any]:
         ok, why = passes(row, ref, cfg)
         row.update(passed=ok, why="; ".join(why) or "passes")
         rows.append(row)
+        if ok:
+            kept[(s, eta)] = out[: cfg.fid_samples]
         if eta == max(cfg.etas) and prepared.kind == "images":
             shown[s] = out[: cfg.figure_samples]
         bar(i + 1)
@@ -215,10 +223,15 @@ def run(cfg: CalibrateParams, root: Path) -> dict[str, Any]:
         raise DKGMError(f"calibrate: every candidate scale starts above the debiaser's sigma_max = {sigma_max:.3g}: "
                         "lower calibrate.scales or raise debiaser.sigma_max_factor")
     passing = [r for r in scored if r["passed"]]
+    fidelity, floor_fid = "fidelity_fd", None
+    if passing and cfg.fidelity == "inception" and prepared.kind == "images":
+        floor_fid = _inception_fids(root, prepared, passing, kept, cfg)
+        fidelity = "fid"
     if passing:
-        best = min(passing, key=lambda r: r["fidelity_fd"])
-        reason = (f"best fidelity (pixel-PCA Frechet distance {best['fidelity_fd']:.4g}) among the {len(passing)} of "
-                  f"{len(scored)} candidates that pass the novelty rule")
+        best = min(passing, key=lambda r: r[fidelity])
+        what = (f"Inception FID {best['fid']:.4g} at n = {min(cfg.fid_samples, cfg.probe_samples)}" if fidelity == "fid"
+                else f"pixel-PCA Frechet distance {best['fidelity_fd']:.4g}")
+        reason = f"best fidelity ({what}) among the {len(passing)} of {len(scored)} candidates that pass the novelty rule"
     else:
         best = max(scored, key=lambda r: r["zu_pixel_at_eval"])
         reason = (f"no candidate passes the novelty rule: the best Z_U at {cfg.eval_samples} samples is "
@@ -233,7 +246,8 @@ def run(cfg: CalibrateParams, root: Path) -> dict[str, Any]:
         "candidates": len(grid), "passing": len(passing), "probe_samples": cfg.probe_samples,
         "zu_pixel": best["zu_pixel"], "zu_pixel_at_eval": best["zu_pixel_at_eval"],
         "copy_fraction": best["copy_fraction"], "authenticity": best["authenticity"],
-        "fidelity_fd": best["fidelity_fd"], "floor_copy_fraction": ref.floor_copy,
+        "fidelity_fd": best["fidelity_fd"], "fid": best.get("fid"), "floor_fid": floor_fid,
+        "floor_copy_fraction": ref.floor_copy,
         "floor_authenticity": ref.floor_authenticity, "seconds": seconds, "device": str(device),
         **({f"hcv_{k}": at_cv[k] for k in ("zu_pixel", "zu_pixel_at_eval", "copy_fraction", "authenticity",
                                           "fidelity_fd")} if at_cv else {}),
@@ -241,13 +255,32 @@ def run(cfg: CalibrateParams, root: Path) -> dict[str, Any]:
     with staged_outputs(root, "calibrate") as outs:
         write_json(outs.path(OPERATING_POINT), point)
         write_parquet(outs.path(CANDIDATES), {k: [r.get(k) for r in rows] for k in _columns(rows)})
-        _tradeoff_figure(outs.path(TRADEOFF), rows, best, cfg)
+        _tradeoff_figure(outs.path(TRADEOFF), rows, best, cfg, floor_fid)
         _probe_figure(outs.path(PROBE), x_anchor[: cfg.figure_samples], shown, best, max(cfg.etas), prepared.kind)
         write_json(outs.path(METRICS), metrics)
     log.info("calibrate: s = %g, eta = %g (%s); Z_U %.2f at %d samples, copies %.1f%%, authenticity %.2f (floor %.2f)",
              best["scale"], best["eta"], "passes" if passing else "NO candidate passes", best["zu_pixel_at_eval"],
              cfg.eval_samples, 100 * best["copy_fraction"], best["authenticity"], ref.floor_authenticity)
     return metrics
+
+
+def _inception_fids(root: Path, prepared: Prepared, passing: list[dict[str, Any]],
+                    kept: dict[tuple[float, float], np.ndarray], cfg: CalibrateParams) -> float:
+    """FID (against the reference's training statistics) of each passing candidate's probe, in
+    place; returns the held-out floor at the same n."""
+    from stages.artifacts import load_reference
+    from stages.evaluate import feature_network
+
+    ref, meta = load_reference(root, prepared)
+    net = feature_network(meta.get("weights"), cfg.device)
+    n = min(cfg.fid_samples, cfg.probe_samples)
+    bar = Progress("calibrate (FID of the passing candidates)", len(passing))
+    for i, r in enumerate(passing):
+        feats = net(ds.to_uint8(kept[(r["scale"], r["eta"])][:n]), 50).features
+        r["fid"] = mt.fid_to_reference(feats, ref["mu"], ref["sigma"])
+        bar(i + 1)
+    bar.close()
+    return mt.fid_to_reference(ref["test_features"][:n], ref["mu"], ref["sigma"])
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -257,30 +290,47 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
     return list(cols)
 
 
-def _tradeoff_figure(path: Path, rows: list[dict[str, Any]], best: dict[str, Any], cfg: CalibrateParams) -> None:
-    """Fidelity proxy against Z_U, one marker per candidate (colour: eta), the rule's line, the choice."""
-    fig, ax = new_figure(7, 4.4)
+def _tradeoff_figure(path: Path, rows: list[dict[str, Any]], best: dict[str, Any], cfg: CalibrateParams,
+                     floor_fid: float | None) -> None:
+    """Left: novelty (pixel Z_U carried to the evaluation's n) against the scale, one line per eta,
+    with the gate's line and the rule's; right: fidelity of the candidates that pass, the choice ringed."""
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     etas = sorted({r["eta"] for r in rows})
+    fid_key = "fid" if any(r.get("fid") is not None for r in rows) else "fidelity_fd"
     for j, eta in enumerate(etas):
         pts = sorted((r for r in rows if r["trained"] and r["eta"] == eta), key=lambda r: r["scale"])
         if not pts:
             continue
-        xs, ys = [r["zu_pixel_at_eval"] for r in pts], [r["fidelity_fd"] for r in pts]
-        ax.plot(xs, ys, "-", color=f"C{j}", lw=0.8, alpha=0.6)
+        a1.plot([r["scale"] for r in pts], [r["zu_pixel_at_eval"] for r in pts], "-", color=f"C{j}", lw=1, label=f"η = {eta:g}")
         for r in pts:
-            ax.scatter(r["zu_pixel_at_eval"], r["fidelity_fd"], color=f"C{j}", marker="o" if r["passed"] else "x", s=28,
-                       label=f"η = {eta:g}" if r is pts[0] else None, zorder=3)
-            ax.annotate(f"s={r['scale']:g}", (r["zu_pixel_at_eval"], r["fidelity_fd"]), fontsize=6,
-                        textcoords="offset points", xytext=(3, 3))
-    ax.axvline(cfg.min_zu, color="r", ls="--", lw=1, label=f"gate: Z_U ≥ {cfg.min_zu:g}")
-    ax.axvline(cfg.min_zu + cfg.margin, color="r", ls=":", lw=1, label=f"rule: + margin {cfg.margin:g}")
-    ax.axvline(0.0, color="grey", lw=0.8, alpha=0.6)
-    ax.scatter(best["zu_pixel_at_eval"], best["fidelity_fd"], s=160, facecolors="none", edgecolors="k", lw=1.5,
-               label=f"chosen: s = {best['scale']:g}, η = {best['eta']:g}", zorder=4)
-    ax.set_xlabel(f"pixel Z_U at {cfg.eval_samples} samples (< 0: closer to training data than held-out data)")
-    ax.set_ylabel("fidelity proxy: pixel-PCA Fréchet distance (lower is better)")
-    ax.set_title("operating point: fidelity against novelty (o passes the rule, x fails)", fontsize=10)
-    ax.legend(fontsize=7)
+            a1.scatter(r["scale"], r["zu_pixel_at_eval"], color=f"C{j}", marker="o" if r["passed"] else "x", s=24, zorder=3)
+        ok = [r for r in pts if r["passed"] and r.get(fid_key) is not None]
+        if ok:
+            a2.plot([r["scale"] for r in ok], [r[fid_key] for r in ok], "o-", color=f"C{j}", ms=4, label=f"η = {eta:g}")
+    a1.axhline(cfg.min_zu, color="r", ls="--", lw=1, label=f"gate: Z_U ≥ {cfg.min_zu:g}")
+    a1.axhline(cfg.min_zu + cfg.margin, color="r", ls=":", lw=1, label=f"rule: + margin {cfg.margin:g}")
+    a1.axhline(0.0, color="grey", lw=0.8, alpha=0.6)
+    a1.scatter(best["scale"], best["zu_pixel_at_eval"], s=150, facecolors="none", edgecolors="k", lw=1.5, zorder=4,
+               label=f"chosen: s = {best['scale']:g}, η = {best['eta']:g}")
+    a1.set_xlabel("bandwidth scale s (h = s × h_kde)")
+    a1.set_ylabel(f"pixel Z_U at {cfg.eval_samples} samples")
+    a1.set_title("novelty (< 0: closer to the training data than held-out data; x fails the rule)", fontsize=9)
+    a1.legend(fontsize=7)
+    if best.get(fid_key) is not None and best["passed"]:
+        a2.scatter(best["scale"], best[fid_key], s=150, facecolors="none", edgecolors="k", lw=1.5, zorder=4,
+                   label="chosen")
+    if floor_fid is not None:
+        a2.axhline(floor_fid, color="k", ls=":", lw=1, label="held-out images at the same n")
+    a2.set_xlabel("bandwidth scale s")
+    a2.set_ylabel(f"Inception FID at n = {min(cfg.fid_samples, cfg.probe_samples)}" if fid_key == "fid"
+                  else "pixel-PCA Fréchet distance")
+    a2.set_title("fidelity of the candidates that pass (lower is better)", fontsize=9)
+    if a2.get_legend_handles_labels()[0]:
+        a2.legend(fontsize=7)
+    else:
+        a2.text(0.5, 0.5, "no candidate passes the rule", ha="center", va="center", transform=a2.transAxes)
     save_figure(fig, path)
 
 
@@ -318,13 +368,13 @@ STAGES = (
             "among the points that pass the data-copying rule",
         section="calibrate",
         params=CalibrateParams,
-        deps=(PREPARED, BANDWIDTH, DEBIASER_SNAPSHOT, gate_token("debiaser")),
+        deps=(PREPARED, BANDWIDTH, REFERENCE, DEBIASER_SNAPSHOT, gate_token("debiaser")),
         outs=(
             Out(OPERATING_POINT),
             Out(CANDIDATES, "table"),
-            Out(TRADEOFF, "figure", "Operating point: fidelity against novelty",
-                "every candidate (s, η): pixel Z_U carried to the evaluation's sample size against the fidelity "
-                "proxy; the gate's line, the rule's margin and the chosen point"),
+            Out(TRADEOFF, "figure", "Operating point: novelty and fidelity against the bandwidth scale",
+                "left: every candidate's pixel Z_U carried to the evaluation's sample size, with the gate's line "
+                "and the rule's margin; right: the FID of the candidates that pass; the chosen point ringed"),
             Out(PROBE, "figure", "Probe samples per bandwidth scale",
                 "first row: the anchors; then the refined probe at each scale s (largest η): copies on top, "
                 "new digits lower down", "not drawn for point data", grid=True),
@@ -332,6 +382,7 @@ STAGES = (
         ),
         run=run,
         summary=(("scale", "chosen scale s"), ("eta", "chosen η"), ("passed", "a candidate passes"),
+                 ("fid", "probe FID of the choice"), ("floor_fid", "held-out FID at the probe's n"),
                  ("passing", "candidates passing"), ("zu_pixel_at_eval", "pixel Z_U (at eval n)"),
                  ("copy_fraction", "copy fraction"), ("authenticity", "authenticity"),
                  ("hcv_zu_pixel_at_eval", "pixel Z_U at s = 1, η = 0"), ("seconds", "seconds")),

@@ -83,8 +83,8 @@ class Stage:
 
     name: str  # the dvc.yaml stage name
     doc: str  # one line: what it does (dvc.yaml comment, `python -m pipeline stages`)
-    section: str  # the params.yaml section it reads, and nothing else (dotted for gates: gates.kde)
-    params: type[Section]
+    section: str  # the params.yaml section it owns and reads (dotted for gates: gates.kde; "" for none)
+    params: type[Section] | None
     deps: tuple[str, ...]  # artifacts it reads (paths relative to the project root)
     outs: tuple[Out, ...]
     run: Callable[..., Any]  # run(cfg, root) -> metrics (a gate's run returns its result)
@@ -94,6 +94,9 @@ class Stage:
     data_files: tuple[str, ...] = ()  # non-Python project files the stage's code reads (templates): code deps too
     gate: str | None = None  # for gate stages: the gate's name (python -m pipeline gate <gate>)
     all_params: bool = False  # depends on every key of params.yaml (the report, which shows them all)
+    # keys of other sections it reads as well, named one by one (a shared setting, such as the network both
+    # training stages use): run(cfg, root, shared) then gets {key: value} for exactly these keys
+    reads: tuple[str, ...] = ()
     code_module: str = ""  # the module whose import closure is the stage's code (default: run's module)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # stage-specific facts for the report
 

@@ -95,50 +95,85 @@ def _check_counts(cfg: EvaluateParams, kind: str, n: int, n_ref: int, n_real: in
                             "or the dataset's test_fraction)")
 
 
+class Scorer:
+    """Everything that scoring a sample set needs, loaded once: the prepared data, the reference
+    features and weights, the held-out floor at the samples' n (a seeded subset of the test split:
+    FID's bias and the k-NN radii of precision/recall depend on the set size) and a second held-out
+    set (validation split) for the data-copying floor. `score` gives every statistic of any named
+    sets, with flat keys `<set>_<metric>` and the floor's `real_<metric>`: the same evaluation for
+    DKGM's stages, the diffusion baseline and the comparison's sweeps."""
+
+    def __init__(self, cfg: EvaluateParams, root: Path, n: int):
+        self.cfg, self.n = cfg, n
+        self.prepared = prepared = load_prepared(root)
+        self.ref, self.ref_meta = load_reference(root, prepared)
+        self.kind = prepared.kind
+        self.weights = self.ref_meta.get("weights")
+        _check_counts(cfg, self.kind, n, len(self.ref["train_rows"]), len(self.ref["test_rows"]),
+                      bool(self.weights and self.weights["has_logits"]))
+        self.train = prepared.split("train")
+        self.train_rows = prepared.split_rows("train")
+        self.real_pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(self.ref["test_rows"]))[:n])
+        self.real = prepared.items(self.ref["test_rows"][self.real_pick])
+        val_rows = prepared.split_rows("val")
+        self.second_pick = np.sort(np.random.default_rng(cfg.seed + 1).permutation(len(val_rows))[:n])
+        self.second = prepared.items(val_rows[self.second_pick]) if len(val_rows) > 1 else None
+        self.scale = np.sqrt(np.prod(self.train.shape[1:]))  # distances as RMS per coordinate
+        self.real_d1, self.real_d2, _ = mt.nearest_two(self.real, self.train)
+        self.net = None
+
+    def as_float(self, x: np.ndarray) -> np.ndarray:
+        return _as_float(x[: self.n], self.kind)
+
+    def score(self, sets: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, tuple]]:
+        """(metrics, {set: (d1, d2, nearest training index)} in data space) of float sample sets."""
+        cfg, m = self.cfg, {}
+        m["real_copy_fraction"] = mt.copy_fraction(self.real_d1, self.real_d2, cfg.copy_ratio)
+        m["real_nn_distance"] = float(np.median(self.real_d1) / self.scale)
+        near = {}
+        for name, x in sets.items():  # memorization in data space, against every training item (one GEMM pass)
+            d1, d2, nn = near[name] = mt.nearest_two(x, self.train)
+            m[f"{name}_copy_fraction"] = mt.copy_fraction(d1, d2, cfg.copy_ratio)
+            m[f"{name}_nn_distance"] = float(np.median(d1) / self.scale)
+        copying(m, "pixel", self.train, self.real, self.second, sets, cfg)
+        if self.kind == "images":
+            if self.net is None:
+                self.net = feature_network(self.weights, cfg.device)
+            _image_metrics(cfg, m, sets, self.real, self.real_pick, self.ref, self.net, self.second_pick)
+        else:
+            _point_metrics(cfg, m, sets, self.real, self.train, self.prepared)
+        return m, near
+
+
 def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
-    prepared = load_prepared(root)
-    ref, ref_meta = load_reference(root, prepared)
     kde_x, kde_man, _ = load_samples(root, KDE_SAMPLES, "KDE samples")
     ref_x, ref_man, ref_smeta = load_samples(root, REFINED, "refined samples")
     n = min(cfg.n_samples, len(kde_x), len(ref_x))
     if not np.array_equal(kde_man["seed"].to_numpy()[:n], ref_man["seed"].to_numpy()[:n]):
         raise DKGMError(f"{REFINED} does not hold the debiased {KDE_SAMPLES} (seeds differ): re-run refine")
-    kind = prepared.kind
-    weights = ref_meta.get("weights")
-    _check_counts(cfg, kind, n, len(ref["train_rows"]), len(ref["test_rows"]), bool(weights and weights["has_logits"]))
-
-    train_rows = prepared.split_rows("train")
-    sets = {"kde": _as_float(kde_x[:n], kind), "refined": _as_float(ref_x[:n], kind)}
+    scorer = Scorer(cfg, root, n)
+    prepared, kind = scorer.prepared, scorer.kind
+    sets = {"kde": scorer.as_float(kde_x), "refined": scorer.as_float(ref_x)}
     anchors = kde_man["anchor_index"].to_numpy()[:n]
-    # the held-out floor is scored at the same n as the samples (FID's bias and the k-NN radii of
-    # precision/recall depend on the set size): a seeded subset when the test split is larger
-    real_pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(ref["test_rows"]))[:n])
-    real = prepared.items(ref["test_rows"][real_pick])
-    train = prepared.split("train")
 
     t0 = time.perf_counter()
-    m: dict[str, Any] = {"kind": kind, "n_samples": n, "n_reference": len(ref["train_rows"]), "n_real": len(real),
-                         "n_train": len(train), "weights": "ema", "nfe": int(ref_smeta.get("nfe", 0)),
-                         "copy_ratio": cfg.copy_ratio}
+    m: dict[str, Any] = {"kind": kind, "n_samples": n, "n_reference": len(scorer.ref["train_rows"]),
+                         "n_real": len(scorer.real), "n_train": len(scorer.train), "weights": "ema",
+                         "nfe": int(ref_smeta.get("nfe", 0)), "copy_ratio": cfg.copy_ratio}
+    scored, near = scorer.score(sets)
+    m.update(scored)
     per_sample: dict[str, list] = {k: [] for k in ("set", "sample_id", "nn_row", "d1", "d2", "anchor_row", "anchor_match",
                                                    "anchor_distance")}
-
-    # memorization in data space, against every training item (cheap: one GEMM pass)
-    scale = np.sqrt(np.prod(train.shape[1:]))  # distances as RMS per coordinate
-    d1r, d2r, _ = mt.nearest_two(real, train)
-    m["real_copy_fraction"] = mt.copy_fraction(d1r, d2r, cfg.copy_ratio)
-    m["real_nn_distance"] = float(np.median(d1r) / scale)
-    ratios = {"real": d1r / np.maximum(d2r, 1e-12)}
+    scale = scorer.scale
+    ratios = {"real": scorer.real_d1 / np.maximum(scorer.real_d2, 1e-12)}
     anchor_d: dict[str, np.ndarray] = {}
-    for name, x in sets.items():
-        d1, d2, nn = mt.nearest_two(x, train)
-        nn_row = train_rows[nn]
+    for name, x in sets.items():  # descriptive: the own KDE anchor (in high dimension nearly always the nearest)
+        d1, d2, nn = near[name]
+        nn_row = scorer.train_rows[nn]
         match = nn_row == anchors
         ad = np.sqrt(((x - prepared.items(anchors)) ** 2).reshape(n, -1).mean(1))
         anchor_d[name] = ad
         ratios[name] = d1 / np.maximum(d2, 1e-12)
-        m[f"{name}_copy_fraction"] = mt.copy_fraction(d1, d2, cfg.copy_ratio)
-        m[f"{name}_nn_distance"] = float(np.median(d1) / scale)
         m[f"{name}_anchor_fraction"] = float(match.mean())
         m[f"{name}_anchor_distance"] = float(np.median(ad))
         for key, col in (("set", [name] * n), ("sample_id", kde_man["sample_id"].to_numpy()[:n]), ("nn_row", nn_row),
@@ -146,20 +181,13 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
                          ("anchor_distance", ad)):
             per_sample[key].extend(col)
     m["anchor_distance_ratio"] = m["refined_anchor_distance"] / max(m["real_nn_distance"], 1e-12)
-    # a second held-out set (validation split, as many as the samples): the data-copying floor
-    val_rows = prepared.split_rows("val")
-    second_pick = np.sort(np.random.default_rng(cfg.seed + 1).permutation(len(val_rows))[:n])
-    copying(m, "pixel", train, real, prepared.items(val_rows[second_pick]) if len(val_rows) > 1 else None, sets, cfg)
-
-    if kind == "images":
-        _image_metrics(cfg, m, sets, real, real_pick, ref, weights, second_pick)
-        primary = "fid"
-    else:
-        _point_metrics(cfg, m, sets, real, train, prepared)
-        primary = "mean_distance_to_manifold"
+    primary = "fid" if kind == "images" else "mean_distance_to_manifold"
     kde_p, ref_p = m[f"kde_{primary}"], m[f"refined_{primary}"]
     m["primary_metric"] = primary
     m["debias_gain"] = (1.0 - ref_p / kde_p) if kde_p and kde_p > 0 else None
+    if kind == "images":
+        m["fid_gain"] = m["kde_fid"] - m["refined_fid"]
+        m["kid_gain"] = m["kde_kid"] - m["refined_kid"]
     m["seconds"] = time.perf_counter() - t0
 
     with staged_outputs(root, "evaluate") as outs:
@@ -168,7 +196,7 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
             _nearest_images(outs.path(NEAREST), sets, per_sample, prepared, n, cfg.nn_rows)
         else:
             _nearest_points(outs.path(NEAREST), sets["refined"], per_sample, prepared, n)
-        _memorization_plot(outs.path(MEMORIZATION), ratios, anchor_d, d1r / scale, cfg.copy_ratio)
+        _memorization_plot(outs.path(MEMORIZATION), ratios, anchor_d, scorer.real_d1 / scale, cfg.copy_ratio)
         write_json(outs.path(METRICS), m)
     log.info("evaluate: n=%d, %s KDE %.4g -> refined %.4g (real %.4g); pixel Z_U KDE %.1f refined %.1f (real %.1f); "
              "copies KDE %.1f%% refined %.1f%% real %.1f%%", n, primary, kde_p, ref_p,
@@ -203,8 +231,8 @@ def copying(m: dict, space: str, train: np.ndarray, heldout: np.ndarray, second:
     m[f"ct_{space}_cells"] = len(centres)
 
 
-def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], real: np.ndarray,
-                   real_pick: np.ndarray, ref: dict, weights: dict | None, second_pick: np.ndarray) -> None:
+def feature_network(weights: dict | None, device: str) -> inception.InceptionFeatures:
+    """The reference's feature network, checked to be the same file (SHA-256) the reference used."""
     if not weights:
         raise DKGMError(f"{REFERENCE} holds no Inception features: re-run reference")
     w = inception.Weights(**weights)
@@ -223,9 +251,13 @@ def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], re
                         f"(SHA-256 {digest}, reference {w.sha256}): re-run reference")
     from stages.reference import cleanfid_resizer
 
+    return inception.InceptionFeatures(w, resolve_device(device), resize=cleanfid_resizer())
+
+
+def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], real: np.ndarray,
+                   real_pick: np.ndarray, ref: dict, net: inception.InceptionFeatures, second_pick: np.ndarray) -> None:
+    w = net.weights
     m.update(feature_network=w.name, weights_sha256=w.sha256, weights_source=w.source)
-    device = resolve_device(cfg.device)
-    net = inception.InceptionFeatures(w, device, resize=cleanfid_resizer())
     total = sum(len(x) for x in sets.values())
     bar = Progress("evaluate features", total)
     t0 = time.perf_counter()
@@ -256,11 +288,9 @@ def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], re
             m[f"{name}_inception_score"] = None
         if name != "real":
             m[f"{name}_sharpness"] = mt.laplacian_energy(sets[name]) / max(energy_real, 1e-12)
-    if probs["kde"] is None:
+    if probs["real"] is None:
         m["inception_score_note"] = (f"null: {w.name} has no classifier layer; put clean-fid's {inception.FULL_NAME} "
                                      "in place (or name it in reference.weights) for IS")
-    m["fid_gain"] = m["kde_fid"] - m["refined_fid"]
-    m["kid_gain"] = m["kde_kid"] - m["refined_kid"]
     second = ref["val_features"][second_pick] if "val_features" in ref else None
     copying(m, "inception", tr, feats["real"], second, {k: feats[k] for k in sets}, cfg)
 

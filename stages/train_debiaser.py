@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,7 @@ from dkgm.devices import resolve_device, resolve_precision
 from dkgm.errors import DKGMError
 from dkgm.networks import NetworkConfig, build_network, count_parameters
 from dkgm.training import TrainConfig, train
-from stages.artifacts import BANDWIDTH, DEBIASER_SNAPSHOT, PREPARED, load_bandwidth, load_prepared
+from stages.artifacts import BANDWIDTH, DEBIASER_SNAPSHOT, PREPARED, Prepared, load_bandwidth, load_prepared
 from stages.common import (
     Progress,
     image_grid,
@@ -57,7 +58,7 @@ class DebiaserParams(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     embedding: Literal["positional", "fourier"] = "positional"  # noise-level embedding
     sigma_min: float = Field(0.002, gt=0.0)  # smallest training noise level
-    sigma_max_factor: float = Field(6.0, gt=0.0)  # sigma_max = factor x the KDE bandwidth h (1.5 x the largest calibrate scale)
+    sigma_max_factor: float = Field(12.0, gt=0.0)  # sigma_max = factor x the KDE bandwidth h (1.5 x the largest calibrate scale)
     batch_size: int = Field(64, ge=1)  # global batch
     total_kimg: float = Field(40.0, gt=0.0)  # training length, thousands of images seen
     lr: float = Field(1e-3, gt=0.0)
@@ -76,7 +77,12 @@ class DebiaserParams(Section):
     eval_images: int = Field(500, ge=1)  # held-out images for the denoising error at sigma = h
 
 
-def configs(cfg: DebiaserParams, h: float, shape: tuple[int, ...], device: torch.device) -> tuple[NetworkConfig, TrainConfig]:
+def configs(cfg: DebiaserParams, h: float, shape: tuple[int, ...], device: torch.device, *,
+            sigma_max: float | None = None, sigma_dist: str = "loguniform", p_mean: float = -1.2,
+            p_std: float = 1.2) -> tuple[NetworkConfig, TrainConfig]:
+    """The network and the trainer of a debiaser section. The noise range is DKGM's (up to
+    sigma_max_factor x h, log-uniform) unless given: the diffusion baseline trains the same network
+    with the same trainer over EDM's range and distribution."""
     net = NetworkConfig(
         arch=cfg.arch,
         channels=cfg.channels,
@@ -87,11 +93,11 @@ def configs(cfg: DebiaserParams, h: float, shape: tuple[int, ...], device: torch
         embedding=cfg.embedding,
         shape=tuple(shape),
     )
-    sigma_max = cfg.sigma_max_factor * h
-    if cfg.sigma_min >= sigma_max:
-        raise DKGMError(
-            f"debiaser.sigma_min ({cfg.sigma_min}) must be below sigma_max = debiaser.sigma_max_factor x h = {sigma_max:.4g}"
-        )
+    if sigma_max is None:
+        sigma_max = cfg.sigma_max_factor * h
+        if cfg.sigma_min >= sigma_max:
+            raise DKGMError(f"debiaser.sigma_min ({cfg.sigma_min}) must be below sigma_max = "
+                            f"debiaser.sigma_max_factor x h = {sigma_max:.4g}")
     train_cfg = TrainConfig(
         batch_size=cfg.batch_size,
         total_kimg=cfg.total_kimg,
@@ -103,6 +109,9 @@ def configs(cfg: DebiaserParams, h: float, shape: tuple[int, ...], device: torch
         ema_rampup_ratio=cfg.ema_rampup_ratio,
         sigma_min=cfg.sigma_min,
         sigma_max=sigma_max,
+        sigma_dist=sigma_dist,
+        p_mean=p_mean,
+        p_std=p_std,
         seed=cfg.seed,
         log_every=cfg.log_every,
         state_every_kimg=cfg.state_every_kimg,
@@ -114,14 +123,20 @@ def configs(cfg: DebiaserParams, h: float, shape: tuple[int, ...], device: torch
     return net, train_cfg
 
 
+# the keys that define the network, the trainer and the budget: the diffusion baseline reads these
+# (stages/baseline.py), so both branches train the same network the same way; sigma_max_factor is DKGM's own
+SHARED_KEYS = tuple(k for k in DebiaserParams.model_fields if k != "sigma_max_factor")
+
+
 def _tag(mult: float) -> str:
     """0.25 -> "0p25h": a metrics key without dots (dvc would read a dot as nesting)."""
     return f"{mult:g}".replace(".", "p") + "h"
 
 
-def state_dir(root: Path, net: NetworkConfig, train_cfg: TrainConfig, data_key: dict[str, Any]) -> Path:
+def state_dir(root: Path, net: NetworkConfig, train_cfg: TrainConfig, data_key: dict[str, Any],
+              states: str = STATES) -> Path:
     key = json.dumps({"net": net.to_dict(), "train": train_cfg.trajectory_key(), "data": data_key}, sort_keys=True)
-    return root / STATES / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return root / states / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def code_version() -> str:
@@ -150,39 +165,63 @@ def _init_distributed(device_choice: str) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def run(cfg: DebiaserParams, root: Path) -> dict[str, Any]:
-    prepared = load_prepared(root)
-    bw = load_bandwidth(root, prepared)
-    train_np = prepared.split("train")
+@dataclass
+class Fitted:
+    rank: int
+    world: int
+    device: torch.device
+    net_cfg: NetworkConfig
+    train_cfg: TrainConfig
+    result: Any  # dkgm.training.TrainResult
+    data: torch.Tensor
+    sigma_data: float
+    denoiser: Denoiser
+
+
+def fit(cfg: DebiaserParams, prepared: Prepared, root: Path, *, h: float, data_extra: dict[str, Any], label: str,
+        states: str = STATES, **noise_range: Any) -> Fitted | None:
+    """Build and train (or resume) the network of a debiaser section on the training split; None on
+    ranks other than 0 under torchrun. `noise_range` (sigma_max, sigma_dist, p_mean, p_std) replaces
+    DKGM's range: the baseline's way of training the same network with the same trainer."""
     if (cfg.arch == "mlp") != (prepared.kind == "points"):
         want = "mlp" if prepared.kind == "points" else "unet or dae"
         raise DKGMError(f"debiaser.arch {cfg.arch} does not fit {prepared.meta['dataset']} ({prepared.kind}): use {want}")
-    h = float(bw["h"])
+    train_np = prepared.split("train")
     rank, world, device = _init_distributed(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
     shape = tuple(train_np.shape[1:])
-    net_cfg, train_cfg = configs(cfg, h, shape, device)
+    net_cfg, train_cfg = configs(cfg, h, shape, device, **noise_range)
     data = torch.from_numpy(train_np)
     sigma_data = float(data.std())
     torch.manual_seed(cfg.seed)  # network initialisation
     denoiser = Denoiser(build_network(net_cfg), sigma_data)
-    data_key = {"dataset": prepared.meta["dataset"], "n_train": len(train_np), "h": h, "sigma_data": sigma_data,
+    data_key = {"dataset": prepared.meta["dataset"], "n_train": len(train_np), **data_extra, "sigma_data": sigma_data,
                 "source": prepared.meta.get("source_sha256", prepared.meta.get("manifold"))}
-    states = state_dir(root, net_cfg, train_cfg, data_key)
-    log.info("train_debiaser: %s, %.2fM parameters, %s on %s, states in %s",
-             cfg.arch, count_parameters(denoiser) / 1e6, train_cfg.precision, device, states.relative_to(root))
-
-    bar = Progress("train_debiaser (images)", int(train_cfg.total_kimg * 1000))
-    result = train(denoiser, data, train_cfg, state_dir=states, device=device,
+    where = state_dir(root, net_cfg, train_cfg, data_key, states)
+    log.info("%s: %s, %.2fM parameters, %s on %s, states in %s", label, cfg.arch, count_parameters(denoiser) / 1e6,
+             train_cfg.precision, device, where.relative_to(root))
+    bar = Progress(f"{label} (images)", int(train_cfg.total_kimg * 1000))
+    result = train(denoiser, data, train_cfg, state_dir=where, device=device,
                    progress=lambda nimg, total, row: bar(nimg, total, f"loss {row['loss']:.4f}"))
     bar.close()
     if rank != 0:
-        return {}
+        return None
     if result.resumed_from is not None:
-        log.info("train_debiaser: resumed from a state at %d images", result.resumed_from)
+        log.info("%s: resumed from a state at %d images", label, result.resumed_from)
+    return Fitted(rank, world, device, net_cfg, train_cfg, result, data, sigma_data, denoiser)
+
+
+def run(cfg: DebiaserParams, root: Path) -> dict[str, Any]:
+    prepared = load_prepared(root)
+    bw = load_bandwidth(root, prepared)
+    h = float(bw["h"])
+    fitted = fit(cfg, prepared, root, h=h, data_extra={"h": h}, label="train_debiaser")
+    if fitted is None:
+        return {}
+    world, device, net_cfg, train_cfg = fitted.world, fitted.device, fitted.net_cfg, fitted.train_cfg
+    result, data, sigma_data, denoiser = fitted.result, fitted.data, fitted.sigma_data, fitted.denoiser
 
     # held-out denoising error at sigma = h, against the identity and the data-mean predictor
     val = torch.from_numpy(prepared.split("val")[: cfg.eval_images])
@@ -236,7 +275,7 @@ def run(cfg: DebiaserParams, root: Path) -> dict[str, Any]:
         torch.save(snapshot, out.path(DEBIASER_SNAPSHOT))
         columns = {k: [r.get(k, float("nan")) for r in log_rows] for k in (log_rows[0] if log_rows else {"step": 0})}
         write_parquet(out.path(LOG), columns)
-        _loss_plot(out.path(LOSS_PLOT), log_rows)
+        loss_plot(out.path(LOSS_PLOT), log_rows)
         _denoise_figure(out.path(DENOISE_PLOT), ema, val, h, prepared.kind)
         write_json(out.path(METRICS), metrics)
     log.info("train_debiaser: %.1f kimg, held-out MSE at sigma=h %.4g (identity %.4g, ratio %.3f), %.0f img/s",
@@ -244,7 +283,7 @@ def run(cfg: DebiaserParams, root: Path) -> dict[str, Any]:
     return metrics
 
 
-def _loss_plot(path: Path, rows: list[dict]) -> None:
+def loss_plot(path: Path, rows: list[dict], title: str = "debiaser training loss") -> None:
     fig, ax = new_figure(7, 4)
     if rows:
         kimg = np.array([r["nimg"] for r in rows]) / 1000
@@ -256,7 +295,7 @@ def _loss_plot(path: Path, rows: list[dict]) -> None:
     ax.set_ylabel("EDM loss (|D - x0|^2 / c_out^2)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    ax.set_title("debiaser training loss")
+    ax.set_title(title)
     save_figure(fig, path)
 
 

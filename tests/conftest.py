@@ -27,12 +27,16 @@ TINY = {
               "eval": {"max_fid": 1e6, "min_debias_gain": -1e6, "min_zu_pixel": -1e6, "min_zu_inception": -1e6,
                        "copy_allowance": 1.0, "max_authenticity_drop": 1.0}},
     # two scales x two noise levels on a 16-sample probe: seconds
-    "calibrate": {"scales": [1.0, 2.0], "etas": [0.0, 1.0], "probe_samples": 16, "eval_samples": 20, "pca_dims": 8},
+    "calibrate": {"scales": [1.0, 2.0], "etas": [0.0, 1.0], "probe_samples": 16, "eval_samples": 20, "pca_dims": 8,
+                  "fid_samples": 8},
     # Inception features run at ~8 images/s on 2 cores: 40 reference + 80 test + 2 x 20 samples
     "reference": {"train_images": 40},
     "evaluate": {"n_samples": 20, "kid_subsets": 10, "ct_cells": 2},
     "sample_kde": {"n_samples": 40, "batch_size": 16, "grid_samples": 8},
     "refine": {"precision": "fp32"},
+    "sample_baseline": {"n_samples": 20, "batch_size": 16, "precision": "fp32", "steps": 4, "grid_samples": 8},
+    "comparison": {"n_samples": 8, "dkgm_steps": [1, 2], "dkgm_solvers": ["euler"], "baseline_steps": [2],
+                   "control_kde_steps": 2, "control_noise_steps": 2, "precision": "fp32"},
     # a 0.1M-parameter U-Net for 0.64 kimg: seconds, and it already denoises a little
     "debiaser": {"channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8], "total_kimg": 0.64,
                  "batch_size": 32, "state_every_kimg": 0.32, "eval_images": 50, "warmup_kimg": 0.1, "precision": "fp32"},
@@ -61,8 +65,8 @@ def project(tmp_path: Path) -> Path:
     return tmp_path
 
 
-FULL_CHAIN = ("prepare", "fit_kde", "gate_kde", "train_debiaser", "gate_debiaser", "calibrate", "gate_calibrate",
-              "sample_kde", "refine")
+FULL_CHAIN = ("prepare", "fit_kde", "gate_kde", "reference", "train_debiaser", "gate_debiaser", "calibrate",
+              "gate_calibrate", "sample_kde", "refine")
 
 
 def pin_point(root: Path, scale: float = 1.0, eta: float = 0.0) -> None:

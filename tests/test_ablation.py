@@ -3,6 +3,7 @@
 EXP_SHOW was captured from DVC 3.67.1 (`dvc exp show --json --hide-workspace`) on the tiny project of
 tests/conftest.py (deps and outs trimmed: ablation does not read them) after
     dvc exp run --queue -S 'kde.bandwidth_scale=1,2' sample_kde && dvc exp run --run-all -j 2   # techy-user (1), ...
+    (captured before the operating point moved the scale to sample_kde.bandwidth_scale: ablation reads both)
     dvc exp run --queue -n bad -S kde.bandwidth_scale=-1 sample_kde && dvc exp run --run-all    # failed (bad value)
     dvc exp run --queue -n waiting -S kde.bandwidth_scale=3 sample_kde                         # left queued
     dvc exp run -n ws15 -S kde.bandwidth_scale=1.5 sample_kde                                  # run in the workspace
@@ -876,12 +877,12 @@ def test_queued_bandwidth_sweep_end_to_end(dvc_project):
     assert r.stdout.startswith("ablation: no experiments on baseline") and not (root / "reports").exists()
 
     # DVC's grid syntax: one queued experiment per value (sweeps need --queue)
-    sh(root, dvc, "exp", "run", "--queue", "-S", "kde.bandwidth_scale=1,2", "fit_kde")
+    sh(root, dvc, "exp", "run", "--queue", "-S", "kde.bandwidth=0.3,0.6", "fit_kde")
     r = run_cli(["ablation", "--out", "-"], cwd=root)
     assert r.returncode == 0, r.stderr
     pending = table(sections(r.stdout)["Not completed"])
-    assert sorted((p["state"], p["params changed"]) for p in pending) == [("queued", "(none)"),
-                                                                         ("queued", "kde.bandwidth_scale=2")]
+    assert sorted((p["state"], p["params changed"]) for p in pending) == [("queued", "kde.bandwidth=0.3"),
+                                                                         ("queued", "kde.bandwidth=0.6")]
     t_cli = time.monotonic() - t0
 
     sh(root, dvc, "exp", "run", "--run-all", "-j", "2")
@@ -891,11 +892,11 @@ def test_queued_bandwidth_sweep_end_to_end(dvc_project):
     assert r.returncode == 0, r.stderr
     md = (root / "reports/ablations.md").read_text()
     assert r.stdout == md
-    rows = table(sections(md)["kde.bandwidth_scale"])
-    assert [row["kde.bandwidth_scale"] for row in rows] == ["1", "2"]
+    rows = table(sections(md)["kde.bandwidth"])
+    assert [row["kde.bandwidth"] for row in rows] == ["0.3", "0.6"]
     assert {row["experiment"] for row in rows} == {p["experiment"] for p in pending}
     h1, h2 = (float(row["kde.h"]) for row in rows)
-    assert h2 == pytest.approx(2 * h1, rel=1e-4)
+    assert (h1, h2) == (0.3, 0.6)  # a fixed density bandwidth is used as given
     assert all(row["eval.refined_fid"] == "—" for row in rows)  # fit_kde only
     assert "2 completed" in md and "## Not completed" not in md
     assert not list((root / "reports").rglob("*.png"))  # no FID yet: plots skipped, each with a line

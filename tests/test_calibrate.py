@@ -17,7 +17,7 @@ from stages import artifacts, calibrate, gates
 from stages.gates import NO_GO
 from tests.conftest import run_stages, write_params
 
-UP_TO_CALIBRATE = ("prepare", "fit_kde", "gate_kde", "train_debiaser", "gate_debiaser", "calibrate")
+UP_TO_CALIBRATE = ("prepare", "fit_kde", "gate_kde", "reference", "train_debiaser", "gate_debiaser", "calibrate")
 
 
 def test_probe_inputs_are_what_sample_kde_draws_for_the_same_seeds():
@@ -43,7 +43,9 @@ def test_the_rule_names_each_failed_condition():
 
 
 def test_calibrate_stage_grid_choice_and_outputs(project):
-    write_params(project, {"calibrate": {"scales": [1.0, 2.0, 100.0]}})  # 100 x h lies beyond sigma_max
+    # 100 x h lies beyond sigma_max; a loose rule so that some candidates pass and get their FID
+    write_params(project, {"calibrate": {"scales": [1.0, 2.0, 100.0], "min_zu": -1e6, "copy_allowance": 1.0,
+                                         "max_authenticity_drop": 1.0}})
     run_stages(project, *UP_TO_CALIBRATE)
     table = pd.read_parquet(project / calibrate.CANDIDATES)
     m = json.loads((project / calibrate.METRICS).read_text())
@@ -53,18 +55,27 @@ def test_calibrate_stage_grid_choice_and_outputs(project):
     assert not table[table["scale"] == 100.0]["trained"].any()
     scored = table[table["trained"]]
     # the decision is the rule applied to each row, and the choice the best fidelity among the passing rows
-    for r in scored.itertuples():
-        assert r.passed == ((r.zu_pixel_at_eval >= -3 + 2) and r.copy_fraction <= max(2 * m["floor_copy_fraction"], 0.01)
-                            and r.authenticity >= m["floor_authenticity"] - 0.1)
+    assert scored["passed"].all()
     passing = scored[scored["passed"]]
-    want = (passing.loc[passing["fidelity_fd"].idxmin()] if len(passing)
-            else scored.loc[scored["zu_pixel_at_eval"].idxmax()])
+    if len(passing):  # only the passing candidates are scored for fidelity (Inception FID of their probe)
+        assert passing["fid"].notna().all() and scored[~scored["passed"]]["fid"].isna().all()
+        assert m["floor_fid"] > 0
+    want = (passing.loc[passing["fid"].idxmin()] if len(passing) else scored.loc[scored["zu_pixel_at_eval"].idxmax()])
     assert (point["scale"], point["eta"]) == (want["scale"], want["eta"]) == (m["scale"], m["eta"])
     assert point["passed"] == m["passed"] == bool(len(passing)) and point["h"] == pytest.approx(m["h_kde"] * m["scale"])
     # carried to the evaluation's sample size through the effect (20 samples against 20 held-out here)
     assert (scored["zu_pixel_at_eval"] / scored["zu_pixel"]).round(6).nunique() == 1
     for png in (calibrate.TRADEOFF, calibrate.PROBE):
         assert (project / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_default_rule_is_what_the_table_says(project):
+    run_stages(project, *UP_TO_CALIBRATE)
+    table = pd.read_parquet(project / calibrate.CANDIDATES)
+    m = json.loads((project / calibrate.METRICS).read_text())
+    for r in table.itertuples():
+        assert r.passed == ((r.zu_pixel_at_eval >= -3 + 2) and r.copy_fraction <= max(2 * m["floor_copy_fraction"], 0.01)
+                            and r.authenticity >= m["floor_authenticity"] - 0.1)
 
 
 def test_no_passing_candidate_stops_at_the_gate_with_the_key_to_widen(project):

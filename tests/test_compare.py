@@ -416,17 +416,18 @@ def test_compare_commits_and_an_experiment(dvc_project):
     root = dvc_project
     dvc = str(VENV_BIN / "dvc")
     t0 = time.monotonic()
-    sh(root, dvc, "repro", "sample_kde")
+    set_param(root, "kde.bandwidth", 0.3)  # a fixed density bandwidth: fit_kde uses it as given
+    sh(root, dvc, "repro", "fit_kde")
     sh(root, "git", "add", "-A")
-    sh(root, "git", "commit", "-qm", "bandwidth_scale 1")
+    sh(root, "git", "commit", "-qm", "bandwidth 0.3")
     h1 = kde_h(root)
-    set_param(root, "kde.bandwidth_scale", 2.0)
-    sh(root, dvc, "repro", "sample_kde")
+    set_param(root, "kde.bandwidth", 0.6)
+    sh(root, dvc, "repro", "fit_kde")
     sh(root, "git", "add", "-A")
-    sh(root, "git", "commit", "-qm", "bandwidth_scale 2")
+    sh(root, "git", "commit", "-qm", "bandwidth 0.6")
     h2 = kde_h(root)
-    assert h2 == pytest.approx(2 * h1)
-    sh(root, dvc, "exp", "run", "-n", "bw3", "-S", "kde.bandwidth_scale=3", "sample_kde")
+    assert (h1, h2) == (0.3, 0.6)
+    sh(root, dvc, "exp", "run", "-n", "bw3", "-S", "kde.bandwidth=0.9", "fit_kde")
     t_pipeline = time.monotonic() - t0
 
     r = run_cli(["compare", "HEAD~1", "HEAD"], cwd=root)
@@ -434,30 +435,27 @@ def test_compare_commits_and_an_experiment(dvc_project):
     md = (root / "reports/compare.md").read_text()
     assert r.stdout == md
     t = parse_tables(md)
-    assert t["Params that differ"] == [["param", "HEAD~1", "HEAD"], ["kde.bandwidth_scale", "1", "2"]]
+    assert t["Params that differ"] == [["param", "HEAD~1", "HEAD"], ["kde.bandwidth", "0.3", "0.6"]]
     metrics = t["Metrics"]
     assert metrics[0] == ["metric", "HEAD~1", "HEAD", "Δ (HEAD − HEAD~1)"]
     a, b, delta = values(metrics, "kde.h")
-    assert (float(a), float(b)) == (pytest.approx(h1, rel=1e-4), pytest.approx(h2, rel=1e-4))
-    assert float(b) == pytest.approx(2 * float(a), rel=1e-4)
-    assert float(delta) == pytest.approx(h2 - h1, rel=1e-4)
+    assert (float(a), float(b), float(delta)) == (0.3, 0.6, pytest.approx(0.3))
     assert values(metrics, "prepare.n_items") == ["800", "800", "0"]
 
     # an experiment name, against a commit; print only
     r = run_cli(["compare", "HEAD", "bw3", "--out", "-"], cwd=root)
     assert r.returncode == 0, r.stderr
     t = parse_tables(r.stdout)
-    assert t["Params that differ"] == [["param", "HEAD", "bw3"], ["kde.bandwidth_scale", "2", "3"]]
-    a, b, _ = values(t["Metrics"], "kde.h")
-    assert float(b) == pytest.approx(1.5 * float(a), rel=1e-4)
-    assert float(b) == pytest.approx(3 * h1, rel=1e-4)
+    assert t["Params that differ"] == [["param", "HEAD", "bw3"], ["kde.bandwidth", "0.6", "0.9"]]
+    _, b, _ = values(t["Metrics"], "kde.h")
+    assert float(b) == 0.9
 
     # three revisions: no delta column; no argument: HEAD against the workspace (which holds bw3's results)
     t = parse_tables(run_cli(["compare", "HEAD~1", "HEAD", "bw3", "--out", "-"], cwd=root).stdout)
-    assert t["Params that differ"][1] == ["kde.bandwidth_scale", "1", "2", "3"]
+    assert t["Params that differ"][1] == ["kde.bandwidth", "0.3", "0.6", "0.9"]
     assert len(t["Metrics"][0]) == 4
     t = parse_tables(run_cli(["compare", "--out", "-"], cwd=root).stdout)
-    assert t["Params that differ"] == [["param", "HEAD", "workspace"], ["kde.bandwidth_scale", "2", "3"]]
+    assert t["Params that differ"] == [["param", "HEAD", "workspace"], ["kde.bandwidth", "0.6", "0.9"]]
 
     r = run_cli(["compare", "HEAD", "no-such-exp"], cwd=root)
     assert r.returncode == 2

@@ -47,7 +47,10 @@ def test_every_stage_reads_exactly_its_section_keys(dvc_stages):
             assert dvc_stages[name]["params"] == [{"params.yaml": None}]
             continue
         keys = dvc_stages[name]["params"]
-        assert keys == dvcyaml.leaf_keys(spec.params, spec.section)
+        own = dvcyaml.leaf_keys(spec.params, spec.section) if spec.section else []
+        assert keys == [*own, *spec.reads]  # its own section, then the other sections' keys it names one by one
+        assert not set(spec.reads) & set(own) and all(not k.startswith(spec.section + ".") or not spec.section
+                                                      for k in spec.reads)
         for key in keys:  # DVC refuses a params dependency that params.yaml lacks
             node = raw
             for part in key.split("."):

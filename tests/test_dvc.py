@@ -28,9 +28,10 @@ def ran(result: subprocess.CompletedProcess) -> list[str]:
     return re.findall(r"Running stage '(\w+)'", result.stdout + result.stderr)
 
 
-ALL = ["prepare", "fit_kde", "gate_kde", "train_debiaser", "gate_debiaser", "calibrate", "gate_calibrate", "sample_kde",
-       "refine", "reference", "evaluate", "gate_eval", "report"]
-AFTER_REFINE = ["evaluate", "gate_eval", "report"]
+ALL = ["prepare", "fit_kde", "gate_kde", "train_debiaser", "gate_debiaser", "reference", "calibrate", "gate_calibrate",
+       "sample_kde", "refine", "evaluate", "gate_eval", "train_baseline", "sample_baseline", "evaluate_baseline",
+       "comparison", "report"]
+AFTER_REFINE = ["evaluate", "gate_eval", "comparison", "report"]
 
 
 def test_repro_noop_and_partial_rerun(dvc_project):
@@ -48,13 +49,14 @@ def test_repro_noop_and_partial_rerun(dvc_project):
 
     # a pinned operating point re-runs the sampling and what follows: not the bandwidth search,
     # the training, the calibration or the reference
-    exp = dvc(root, "exp", "run", "-S", "sample_kde.bandwidth_scale=2")
-    assert ran(exp) == ["sample_kde", "refine", *AFTER_REFINE], ran(exp)
+    # (1.5: not on the tiny calibration grid, so not what calibrate chose)
+    exp = dvc(root, "exp", "run", "-S", "sample_kde.bandwidth_scale=1.5")
+    assert ran(exp) == ["sample_kde", "refine", *AFTER_REFINE], ran(exp)  # nor the baseline branch
     sampled = json.loads((root / sample_kde.METRICS).read_text())
-    assert sampled["h"] == pytest.approx(2 * h_kde) and sampled["bandwidth_scale_source"].startswith("pinned")
+    assert sampled["h"] == pytest.approx(1.5 * h_kde) and sampled["bandwidth_scale_source"].startswith("pinned")
     diff = json.loads(dvc(root, "params", "diff", "--json").stdout)
     change = diff["params.yaml"]["sample_kde.bandwidth_scale"]
-    assert (change["old"], change["new"]) == ("auto", 2)
+    assert (change["old"], change["new"]) == ("auto", 1.5)
 
     # a gate threshold that keeps the decision re-runs the gate (and the report that shows it), not the sampler
     subprocess.run(["git", "checkout", "-q", "--", "."], cwd=root, check=True)
@@ -63,7 +65,12 @@ def test_repro_noop_and_partial_rerun(dvc_project):
     assert ran(dvc(root, "repro")) == ["gate_kde", "report"]
     # a sampler setting re-runs the sampler alone: no retraining
     set_param(root, "refine.steps", 3)
-    assert ran(dvc(root, "repro")) == ["refine", *AFTER_REFINE]
+    assert ran(dvc(root, "repro")) == ["refine", "evaluate", "gate_eval", "report"]
+    # a baseline setting re-runs the baseline branch and the comparison, none of DKGM's stages
+    set_param(root, "sample_baseline.steps", 3)
+    assert ran(dvc(root, "repro")) == ["sample_baseline", "evaluate_baseline", "report"]
+    set_param(root, "baseline.p_std", 1.0)
+    assert ran(dvc(root, "repro")) == ["train_baseline", "sample_baseline", "evaluate_baseline", "comparison", "report"]
 
 
 def test_failing_gate_stops_repro_and_override_continues(dvc_project):
@@ -103,8 +110,9 @@ def assert_edits_mark_exactly_the_importers(root) -> None:
             assert _changed_stages(root) == importers, helper
         finally:
             path.write_text(original)
-    assert {"reference", "evaluate", "gate_eval", "report"} == {
-        s.name for s in registry.all_stages().values() if "dkgm/inception.py" in dvcyaml.code_deps(s)}
+    # the evaluation code reaches every stage that scores with Inception, and no training stage
+    assert {"reference", "calibrate", "gate_calibrate", "evaluate", "gate_eval", "evaluate_baseline", "comparison",
+            "report"} == {s.name for s in registry.all_stages().values() if "dkgm/inception.py" in dvcyaml.code_deps(s)}
 
 
 TOY = '''"""A toy stage (test only): the number of prepared items times a factor."""

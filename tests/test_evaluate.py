@@ -26,8 +26,7 @@ def evaluated(tmp_path_factory):
     write_params(root)
     with pytest.MonkeyPatch.context() as mp:  # the same weights on every machine: never clean-fid's /tmp copy
         mp.setattr(inception, "cleanfid_full_path", lambda: root / "absent" / inception.FULL_NAME)
-        run_stages(root, *FULL_CHAIN,
-                   "reference", "evaluate")
+        run_stages(root, *FULL_CHAIN, "evaluate")
     return root
 
 

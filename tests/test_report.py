@@ -17,6 +17,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -25,7 +26,22 @@ from dkgm.errors import DKGMError
 from pipeline import registry, report
 from pipeline.params import load_params
 from pipeline.runner import run_gate, run_stage_direct
-from stages import artifacts, calibrate, common, evaluate, fit_kde, gates, prepare, reference, refine, sample_kde, train_debiaser
+from stages import (
+    artifacts,
+    baseline,
+    calibrate,
+    common,
+    comparison,
+    evaluate,
+    evaluate_baseline,
+    fit_kde,
+    gates,
+    prepare,
+    reference,
+    refine,
+    sample_kde,
+    train_debiaser,
+)
 from stages.common import write_parquet
 from tests.conftest import REPO, deep_update, write_params
 
@@ -83,8 +99,15 @@ EVAL_POINTS = {"kind": "points", "n_samples": N_EVAL, "n_real": 100, "primary_me
                                                                                       ("authenticity", 0.55))}}
 CALIBRATE_METRICS = {"passed": True, "scale": 2.0, "eta": 1.0, "passing": 3, "zu_pixel_at_eval": 0.4,
                      "copy_fraction": 0.0, "authenticity": 0.58, "hcv_zu_pixel_at_eval": -20.0, "seconds": 12.5}
+BASELINE_EVAL = {"kind": "images", "n_samples": N_EVAL, "nfe": 35, "baseline_fid": 48.5, "baseline_kid": 0.03,
+                 "baseline_zu_pixel": 1.5, "baseline_copy_fraction": 0.0}
 OTHER_METRICS = {
     calibrate.METRICS: CALIBRATE_METRICS,
+    baseline.TRAIN_METRICS: {"kimg": 0.64, "final_loss": 0.5, "images_per_second": 300.0, "train_seconds": 2.1},
+    baseline.SAMPLE_METRICS: {"nfe": 35, "steps": 18, "solver": "heun", "samples_per_second": 50.0, "seconds": 0.4},
+    evaluate_baseline.EVAL_METRICS: BASELINE_EVAL,
+    comparison.METRICS: {"n_samples": 8, "dkgm_best_fid": 80.0, "dkgm_best_fid_nfe": 10, "baseline_best_fid": 60.0,
+                         "baseline_best_fid_nfe": 35, "floor_fid": 40.0},
     prepare.METRICS: {"n_items": 800, "n_test": 80, "n_train": 640, "n_val": 80},
     sample_kde.METRICS: {"h": 0.363, "kernel": "gaussian", "n_samples": 40, "samples_per_second": 12238.8,
                                "seconds": 0.0032682839992048685},
@@ -97,7 +120,9 @@ FIGURE_FILES = {prepare.PREVIEW: (140, 140, True), fit_kde.CV_PLOT: (500, 300, F
                 train_debiaser.DENOISE_PLOT: (140, 54, True), refine.GRID: (140, 72, True),
                 refine.TRAJECTORY: (106, 140, True), refine.PROGRESS: (420, 260, False),
                 evaluate.NEAREST: (300, 1200, False), evaluate.MEMORIZATION: (1200, 300, False),
-                calibrate.TRADEOFF: (600, 380, False), calibrate.PROBE: (140, 106, True)}
+                calibrate.TRADEOFF: (600, 380, False), calibrate.PROBE: (140, 106, True),
+                baseline.TRAIN_LOSS: (480, 280, False), baseline.SAMPLE_GRID: (140, 72, True),
+                comparison.FIGURE: (600, 380, False), comparison.SAMPLES: (140, 90, True)}
 
 
 def _png(path: Path, width: int, height: int, grid: bool, seed: int) -> None:
@@ -146,6 +171,12 @@ def make_inputs(root: Path, eval_metrics: dict | None = None, params: dict | Non
                          ("d2", d1 + rng.uniform(0.01, 0.2, N_EVAL)), ("anchor_row", anchors),
                          ("anchor_match", nn == anchors), ("anchor_distance", rng.uniform(0.2, 0.3, N_EVAL))):
             per[key].extend(col)
+    (root / comparison.TABLE).parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{**dict.fromkeys(comparison.COLUMNS), "row": r, "method": m, "start": st, "solver": "euler",
+                   "steps": k, "nfe": k, "fid": f} for r, m, st, k, f in
+                  (("dkgm_euler_k10", "DKGM", "KDE at h = 1.9", 10, 80.0),
+                   ("baseline_heun_k18", "diffusion baseline", "noise at 80", 18, 60.0))]).to_csv(root / comparison.TABLE,
+                                                                                            index=False)
     (root / evaluate.PER_SAMPLE).parent.mkdir(parents=True, exist_ok=True)
     write_parquet(root / evaluate.PER_SAMPLE, per)
     lock = {"schema": "2.0", "stages": {
@@ -318,11 +349,11 @@ def test_metric_table_equals_the_eval_metrics(full):
         table = table_with_header(tables, ["metric", "KDE (stage 1)", "refined (stage 2)", "real held-out (floor)",
                                            "baseline"])
         by_label = {r[0]: r for r in table[1:]}
-        assert by_label["samples evaluated"][1:5] == [str(N_EVAL), str(N_EVAL), "80", "not run"]
+        assert by_label["samples evaluated"][1:5] == [str(N_EVAL), str(N_EVAL), "80", str(N_EVAL)]
         for label, suffix, _ in report.IMAGE_ROWS:
             want = [report.fmt(m[f"{s}_{suffix}"]) if f"{s}_{suffix}" in m else "—" for s in ("kde", "refined", "real")]
-            assert by_label[label][1:5] == [*want, "not run"], label
-        assert by_label["FID"][1:4] == ["290.4", "305.5", "66.27"]  # the formatter itself, pinned once
+            assert by_label[label][1:5] == [*want, _baseline(suffix)], label
+        assert by_label["FID"][1:5] == ["290.4", "305.5", "66.27", "48.5"]  # the formatter itself, pinned once
         derived = {r[0]: r[1] for r in table_with_header(tables, ["quantity", "value", "meaning"])}
         assert derived["debias gain"] == report.fmt(m["debias_gain"]) and derived["FID gain"] == report.fmt(m["fid_gain"])
         stage = {r[0]: r[1] for t in tables if t[0] == ["quantity", "value"] for r in t[1:]}
@@ -331,7 +362,25 @@ def test_metric_table_equals_the_eval_metrics(full):
         assert stage["CV held-out log-lik at h_cv (nats/dim)"] == report.fmt(KDE_METRICS["cv_loglik_per_dim"])
         assert stage["held-out MSE at σ = h"] == report.fmt(TRAIN_METRICS["val_mse_at_h"])
         assert stage["error ratio"] == report.fmt(TRAIN_METRICS["error_ratio"])
-        assert stage["NFE"] == "10" and stage["samples/s"] in (report.fmt(114.03), report.fmt(12238.8))
+        pairs = [(r[0], r[1]) for t in tables if t[0] == ["quantity", "value"] for r in t[1:]]
+        assert ("NFE", "10") in pairs and ("NFE", "35") in pairs  # refine's card and sample_baseline's
+        assert ("samples/s", report.fmt(114.03)) in pairs
+
+
+def _baseline(suffix: str) -> str:
+    return report.fmt(BASELINE_EVAL[f"baseline_{suffix}"]) if f"baseline_{suffix}" in BASELINE_EVAL else "—"
+
+
+def test_baseline_skipped_and_comparison_table(project):
+    make_inputs(project)
+    (project / evaluate_baseline.EVAL_METRICS).write_text(json.dumps({"skipped": True, "reason": evaluate_baseline.SKIPPED}))
+    md, page = build(project)
+    for tables in (md_tables(md), html_tables(page)):
+        table = table_with_header(tables, ["metric", "KDE (stage 1)"])
+        assert all(r[4] == "skipped" for r in table[1:])
+        cmp = table_with_header(tables, ["method", "start", "solver", "K", "NFE", "FID"])
+        assert [r[0] for r in cmp[1:]] == ["DKGM", "diffusion baseline"] and [r[5] for r in cmp[1:]] == ["80", "60"]
+    assert "`baseline.enabled` is false" in md
 
 
 def test_point_data_rows(project):
@@ -344,7 +393,7 @@ def test_point_data_rows(project):
         for label, suffix, _ in report.POINT_ROWS:
             want = [report.fmt(EVAL_POINTS[f"{s}_{suffix}"]) if f"{s}_{suffix}" in EVAL_POINTS else "—"
                     for s in ("kde", "refined", "real")]
-            assert by_label[label][1:5] == [*want, "not run"], label
+            assert by_label[label][1:5] == [*want, _baseline(suffix)], label
         assert {"distance to manifold", "MMD", "sliced Wasserstein"} <= set(by_label)
     assert "the swiss-roll panels" in md
 

@@ -14,7 +14,9 @@ from dkgm.errors import DKGMError
 from dkgm.networks import NetworkConfig, build_network
 from dkgm.sampler import SCHEDULES, debias, make_ladder
 from dkgm.training import TrainConfig, train
-from tests.conftest import FULL_CHAIN
+from tests.conftest import pin_point
+
+TRAINED = ("prepare", "fit_kde", "gate_kde", "train_debiaser", "gate_debiaser")
 
 MU, S, H = 0.3, 0.5, 1.0
 RM = dict(a0=0.3, gamma=0.55)
@@ -161,7 +163,9 @@ def test_refine_stage_outputs_and_batch_invariance(project):
     from tests.conftest import run_stages, write_params
 
     write_params(project, {"refine": {"steps": 4, "eta": 0.5, "solver": "heun", "batch_size": 16}})
-    run_stages(project, *FULL_CHAIN)
+    run_stages(project, *TRAINED)
+    pin_point(project)
+    run_stages(project, "sample_kde", "refine")
     m = json.loads((project / refine.METRICS).read_text())
     assert m["nfe"] == 7 and m["n_samples"] == 40
     assert m["rms_distance_to_anchor"] < m["kde_rms_distance_to_anchor"]  # debiasing moves samples towards the data
@@ -187,7 +191,9 @@ def test_refine_rejects_stale_artifacts(project):
     from stages import artifacts
     from tests.conftest import run_stages
 
-    run_stages(project, *FULL_CHAIN[:-1])
+    run_stages(project, *TRAINED)
+    pin_point(project)
+    run_stages(project, "sample_kde")
     meta_path = project / artifacts.KDE_SAMPLES / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["h"] *= 10  # samples drawn at a bandwidth beyond the noise range the debiaser was trained on

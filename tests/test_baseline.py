@@ -1,0 +1,96 @@
+"""The diffusion baseline shares DKGM's network, trainer and budget and differs only in the noise
+range and the start; its stages are skipped on request; the comparison's rows and headline agree."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from dkgm.networks import NetworkConfig, build_network, count_parameters
+from pipeline import dvcyaml, registry
+from stages import artifacts, baseline, comparison, evaluate_baseline
+from tests.conftest import FULL_CHAIN, run_stages, write_params
+
+BRANCH = ("train_baseline", "sample_baseline", "evaluate_baseline")
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    """A tiny project after both branches, the reference and the comparison (run once)."""
+    from dkgm import inception
+
+    root = tmp_path_factory.mktemp("both")
+    write_params(root)
+    with pytest.MonkeyPatch.context() as mp:  # the same weights on every machine
+        mp.setattr(inception, "cleanfid_full_path", lambda: root / "absent" / inception.FULL_NAME)
+        run_stages(root, *FULL_CHAIN, "evaluate", *BRANCH, "comparison")
+    return root
+
+
+def _snapshot(root, rel):
+    return torch.load(root / rel, map_location="cpu", weights_only=True)
+
+
+def test_branches_share_network_trainer_and_budget_and_differ_only_in_noise_range(both):
+    dkgm, base = _snapshot(both, artifacts.DEBIASER_SNAPSHOT), _snapshot(both, artifacts.BASELINE_SNAPSHOT)
+    assert dkgm["network"] == base["network"]
+    shapes = {k: tuple(v.shape) for k, v in dkgm["ema"].items()}
+    assert shapes == {k: tuple(v.shape) for k, v in base["ema"].items()}  # the same network, parameter for parameter
+    n = count_parameters(build_network(NetworkConfig.from_dict(dkgm["network"])))
+    assert json.loads((both / baseline.TRAIN_METRICS).read_text())["parameters"] == n
+    assert dkgm["kimg"] == base["kimg"] == 0.64  # the same images seen
+    differ = {k for k in dkgm["train"] if dkgm["train"][k] != base["train"][k]}
+    assert differ == {"sigma_max", "sigma_dist"}  # p_mean/p_std are unused by the log-uniform range
+    assert base["train"]["sigma_max"] == 80.0 and dkgm["train"]["sigma_max"] < 5
+    # and the start: a KDE sample at h against pure noise at sigma_max, with the same seeds
+    refined = json.loads((both / artifacts.REFINED / "meta.json").read_text())
+    sampled = json.loads((both / artifacts.BASELINE_SAMPLES / "meta.json").read_text())
+    assert refined["ladder"][0] == pytest.approx(refined["h"]) and sampled["sigma0"] == 80.0
+    man_b = pd.read_parquet(both / artifacts.BASELINE_SAMPLES / "manifest.parquet")
+    man_k = pd.read_parquet(both / artifacts.KDE_SAMPLES / "manifest.parquet")
+    assert (man_b["seed"].to_numpy()[:20] == man_k["seed"].to_numpy()[:20]).all()
+
+
+def test_baseline_scored_like_dkgm(both):
+    m = json.loads((both / evaluate_baseline.EVAL_METRICS).read_text())
+    ev = json.loads((both / "reports/eval/metrics.json").read_text())
+    assert m["n_samples"] == ev["n_samples"] == 20
+    shared = [k[len("refined_"):] for k in ev if k.startswith("refined_")]
+    assert {f"baseline_{k}" for k in shared if not k.startswith("anchor")} <= set(m)
+
+
+def test_comparison_rows_and_headline(both):
+    df = pd.read_csv(both / comparison.TABLE)
+    rows = list(df["row"])
+    assert rows == ["dkgm_euler_k1", "dkgm_euler_k2", "baseline_heun_k2", "control_baseline_net_kde_start",
+                    "control_dkgm_net_noise_start", "real_heldout"]
+    assert list(df["nfe"][:5]) == [1, 2, 3, 2, 3]  # heun: 2K - 1
+    m = json.loads((both / comparison.METRICS).read_text())
+    dk = df[df["method"] == "DKGM"]
+    # the table keeps 6 significant digits
+    assert m["dkgm_best_fid"] == pytest.approx(dk["fid"].min(), rel=1e-5)
+    assert m["floor_fid"] == pytest.approx(df["fid"].iloc[-1], rel=1e-5)
+    assert (df["train_kimg"][:5] == 0.64).all() and (df["train_seconds"][:5] > 0).all()
+
+
+def test_baseline_params_do_not_touch_dkgm_and_dkgm_only_params_do_not_touch_the_baseline():
+    stages = registry.all_stages()
+    keys = {name: set(dvcyaml.params_keys(s)) for name, s in stages.items() if not s.all_params}
+    dkgm_only = {"debiaser.sigma_max_factor", "kde.bandwidth", "calibrate.scales", "sample_kde.bandwidth_scale",
+                 "refine.eta"}
+    for name in BRANCH:
+        assert not keys[name] & dkgm_only, name
+    for name in ("fit_kde", "train_debiaser", "calibrate", "sample_kde", "refine", "evaluate"):
+        assert not any(k.startswith(("baseline.", "sample_baseline.")) for k in keys[name]), name
+    assert {"debiaser.channels", "debiaser.total_kimg", "debiaser.lr"} <= keys["train_baseline"]  # the shared budget
+
+
+def test_a_switched_off_baseline_records_skips(project):
+    write_params(project, {"baseline": {"enabled": False}})
+    run_stages(project, "prepare", "train_baseline", "sample_baseline")
+    assert json.loads((project / baseline.TRAIN_METRICS).read_text())["skipped"] is True
+    meta = json.loads((project / artifacts.BASELINE_SAMPLES / "meta.json").read_text())
+    assert meta["skipped"] is True and "baseline.enabled" in meta["reason"]
