@@ -1,1 +1,1 @@
-NO-GO (overridden)
+GO
