@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from stages import artifacts, gates, prepare
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, pin_point, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,7 @@ def test_bad_input_inside_a_flow_is_one_line(project, monkeypatch):
     (project / artifacts.BANDWIDTH).write_text(json.dumps({"h": 0.3, "dataset": "swissroll", "n_train": 3}))
     (project / gates.GATES_DIR).mkdir(parents=True)
     (project / gates.gate_token("kde")).write_text("GO\n")
+    pin_point(project)
     r = run_cli(["run", "sample_kde"], project, DKGM_NO_PREFECT="0")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr

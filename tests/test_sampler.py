@@ -196,16 +196,18 @@ def test_refine_rejects_stale_artifacts(project):
     run_stages(project, "sample_kde")
     meta_path = project / artifacts.KDE_SAMPLES / "meta.json"
     meta = json.loads(meta_path.read_text())
-    meta["h"] *= 10  # samples drawn at a bandwidth beyond the noise range the debiaser was trained on
+    import torch
+
+    h = meta["h"]
+    top = torch.load(project / artifacts.DEBIASER_SNAPSHOT, map_location="cpu", weights_only=True)["sigma_max"]
+    meta["h"] = 2 * top  # samples drawn at a bandwidth beyond the noise range the debiaser was trained on
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(DKGMError, match="trained only up to sigma_max .*raise debiaser.sigma_max_factor"):
         run_stages(project, "refine")
     assert not (project / artifacts.REFINED).exists()
-    meta["h"] /= 10
+    meta["h"] = h
     meta_path.write_text(json.dumps(meta))
     # a snapshot whose network was built for another data shape
-    import torch
-
     from dkgm.debias import make_snapshot
 
     other = NetworkConfig(arch="unet", channels=8, channel_mult=(1, 2), attn_resolutions=(8,), shape=(1, 16, 16))
