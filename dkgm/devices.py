@@ -10,15 +10,22 @@ import torch
 from dkgm.errors import DKGMError
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """`auto` -> CUDA when present, else the CPU; `cpu`, `cuda`, `cuda:N` as given (a missing GPU is one line)."""
+def resolve_device(device: str | torch.device, key: str = "the stage's device") -> torch.device:
+    """`auto` -> CUDA when present, else the CPU; `cpu`, `cuda`, `cuda:N` as given. A device this
+    machine lacks is one line naming `key` (the params key that chose it) and the fix."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DKGMError(f"{key}: {device!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DKGMError(f"device {device!r} requested but CUDA is not available (set the stage's device to auto or cpu)")
+        raise DKGMError(f"{key}: {device!r} but this machine has no CUDA device: set {key} to auto or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DKGMError(f"{key}: {device!r} but this machine has {torch.cuda.device_count()} CUDA device(s): "
+                        f"set {key} to auto or a smaller index")
     return dev
 
 

@@ -83,7 +83,8 @@ class TrainResult:
     step: int = 0
     resumed_from: int | None = None  # nimg of the state resumed from
     seconds: float = 0.0  # wall time of this invocation
-    images_per_second: float = 0.0
+    images_per_second: float = 0.0  # of the whole training (every invocation that trained this model)
+    train_seconds: float = 0.0  # wall time of the whole training, summed over resumed invocations
 
 
 # ----------------------------------------------------------------------------- states
@@ -105,6 +106,17 @@ def load_state(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
         raise DKGMError(f"cannot load training state {path}: {exc}") from None
+
+
+def _seconds_from_log(rows: list[dict[str, float]]) -> float:
+    """Training time estimated from a log's per-interval throughput (states written before they
+    recorded the time itself)."""
+    total, prev = 0.0, 0
+    for r in rows:
+        if r.get("images_per_second", 0) > 0:
+            total += (r["nimg"] - prev) / r["images_per_second"]
+        prev = r["nimg"]
+    return total
 
 
 def ema_beta(cfg: TrainConfig, nimg: int, batch: int) -> float:
@@ -166,6 +178,7 @@ def train(
     torch.manual_seed(cfg.seed + 1_000_003)  # dropout
     nimg, step, log_rows = 0, 0, []
     resumed_from = None
+    earlier_seconds = 0.0  # training time of the invocations this one resumes
 
     states = list_states(state_dir) if state_dir is not None else []
     if states:
@@ -183,6 +196,7 @@ def train(
         torch.set_rng_state(st["torch_rng"])
         nimg, step, log_rows = int(st["nimg"]), int(st["step"]), list(st["log"])
         resumed_from = nimg
+        earlier_seconds = float(st["train_seconds"]) if "train_seconds" in st else _seconds_from_log(log_rows)
 
     model: nn.Module = denoiser
     if world > 1:
@@ -200,7 +214,7 @@ def train(
     t_log, nimg_log = t0, nimg
     start_nimg = nimg
 
-    def save_state() -> None:
+    def save_state(train_seconds: float | None = None) -> None:
         if state_dir is None or rank != 0:
             return
         save_atomic(
@@ -214,6 +228,7 @@ def train(
                 "step": step,
                 "log": log_rows,
                 "config": cfg.trajectory_key(),
+                "train_seconds": earlier_seconds + time.perf_counter() - t0 if train_seconds is None else train_seconds,
             },
             state_dir / f"state-{nimg:09d}.pt",
         )
@@ -278,9 +293,10 @@ def train(
         if nimg >= next_state:
             save_state()
             next_state += int(cfg.state_every_kimg * 1000)
-    if not states or nimg != (resumed_from or 0):
-        save_state()
     seconds = time.perf_counter() - t0
+    total = earlier_seconds + seconds if nimg > start_nimg else earlier_seconds
+    if not states or nimg != (resumed_from or 0):
+        save_state(total)  # the final state holds exactly the training time this run reports
     return TrainResult(
         ema=ema,
         log=log_rows,
@@ -288,7 +304,8 @@ def train(
         step=step,
         resumed_from=resumed_from,
         seconds=seconds,
-        images_per_second=(nimg - start_nimg) / max(seconds, 1e-9),
+        images_per_second=nimg / total if total > 0 else 0.0,
+        train_seconds=total,
     )
 
 

@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     from pipeline import registry
 
     names, gate_names = list(registry.all_stages()), sorted(registry.gates())
+    # names are checked by the registry (one line with "did you mean"), not by argparse's choices
 
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -41,13 +42,16 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--dry-run", action="store_true", help="print the resolved params and planned outputs, run nothing")
         sp.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
-    run = sub.add_parser("run", help="run one pipeline stage", description="Run one pipeline stage (as a Prefect flow by default).")
-    run.add_argument("stage", choices=names, metavar="STAGE", help=f"stage name, as in dvc.yaml: {', '.join(names)}")
+    run = sub.add_parser("run", help="run one pipeline stage", add_help=False,
+                         description="Run one pipeline stage (as a Prefect flow by default). "
+                         "`run STAGE --help` also lists that stage's params with their defaults.")
+    run.add_argument("-h", "--help", action="store_true", help="show this help (with STAGE: also its params) and exit")
+    run.add_argument("stage", nargs="?", metavar="STAGE", help=f"stage name, as in dvc.yaml: {', '.join(names)}")
     run.add_argument("--no-prefect", action="store_true", help="call the stage directly (also: DKGM_NO_PREFECT=1)")
     common(run)
 
     gate = sub.add_parser("gate", help="evaluate a go/no-go gate", description="Evaluate a gate; exit 1 on an enforced NO-GO.")
-    gate.add_argument("name", choices=gate_names, help="gate name (dvc.yaml stage gate_<name>)")
+    gate.add_argument("name", metavar="NAME", help=f"gate name (dvc.yaml stage gate_<name>): {', '.join(gate_names)}")
     common(gate)
 
     chk = sub.add_parser("check", help="validate params.yaml", description="Validate params.yaml against the schema.")
@@ -67,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                          "No REV: HEAD against the workspace; one: REV against the workspace; more: those, in order.")
     cmp.add_argument("revs", nargs="*", metavar="REV_OR_EXPERIMENT", help="git commit, branch, tag or `dvc exp run` name")
     cmp.add_argument("--out", default="reports/compare.md", help="markdown file to write (default: reports/compare.md; -: print only)")
+    cmp.add_argument("--all", action="store_true", help="every metric, also those equal in every revision")
 
     abl = sub.add_parser("ablation", help="tabulate and plot the experiments of the documented sweeps",
                          description="Collect the experiments of `dvc exp show --json` (HEAD's by default), find the swept "
@@ -75,10 +80,64 @@ def _parser() -> argparse.ArgumentParser:
     abl.add_argument("--out", default="reports/ablations.md",
                      help="markdown file to write; plots go to its name without .md (default: reports/ablations.md; -: print only)")
     abl.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only of HEAD")
+    p.run_parser = run  # type: ignore[attr-defined]  # `run STAGE --help` prints it with the stage's params
     return p
 
 
+def _stage_help(stage_name: str) -> str:
+    """The params of one stage: every key of its section (and of what it reads) with default and comment."""
+    from pipeline import registry
+    from pipeline.params import defaults, field_comments, section
+
+    spec = registry.get(stage_name)
+    lines = [f"stage {spec.name}: {spec.doc}", f"  command: {spec.command}", "",
+             f"params (params.yaml; defaults and comments from {(spec.code_module or spec.run.__module__).replace('.', '/')}.py):"]
+    sections = ([spec.section] if spec.section else []) + list(spec.reads)
+    if not sections:
+        lines.append("  none")
+    for key in sections:
+        value = section(defaults(), key)
+        if not hasattr(value, "model_dump"):
+            lines.append(f"  {key}: {json.dumps(value)}")
+            continue
+        comments = field_comments(type(value))
+        dumped = value.model_dump(mode="json")
+        for name in type(value).model_fields:
+            if key != spec.section and key in spec.reads and name not in dumped:
+                continue
+            note = f"  # {comments[name]}" if comments.get(name) else ""
+            lines.append(f"  {key}.{name}: {json.dumps(dumped[name])}{note}")
+    return "\n".join(lines)
+
+
+def _dvc_changes(stage: str, root: Path) -> dict[str, str] | None:
+    """{path: why} for what DVC sees changed in this stage's deps and outs; None when the root is no
+    DVC project or DVC cannot tell (then nothing is claimed)."""
+    import subprocess
+
+    if not (root / "dvc.yaml").is_file() or not (root / ".dvc").is_dir():
+        return None
+    try:
+        r = subprocess.run([sys.executable, "-m", "dvc", "status", stage, "--json"], cwd=root, capture_output=True,
+                           text=True, timeout=120, check=False)
+        entries = json.loads(r.stdout or "{}").get(stage, []) if r.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError):
+        return None
+    if entries is None:
+        return None
+    changed: dict[str, str] = {}
+    for entry in entries:
+        if isinstance(entry, dict):
+            for paths in entry.values():
+                for path, why in (paths or {}).items():
+                    changed[path] = f"{why} since dvc.lock" if why in ("modified", "deleted", "new") else str(why)
+        else:
+            changed["(stage)"] = str(entry)
+    return changed
+
+
 def _dry_run(stage_name: str, params_path: str, root: Path) -> None:
+    from dkgm.devices import resolve_device
     from pipeline import registry
     from pipeline.params import load_params, section
 
@@ -87,18 +146,44 @@ def _dry_run(stage_name: str, params_path: str, root: Path) -> None:
     print(f"stage {spec.name}: {spec.command}")
     print(f"  {spec.doc}")
     print(f"params ({spec.section or 'no section of its own'}):")
-    if spec.section:
-        for key, value in section(params, spec.section).model_dump(mode="json").items():
+    cfg = section(params, spec.section) if spec.section else None
+    if cfg is not None:
+        for key, value in cfg.model_dump(mode="json").items():
             print(f"  {spec.section}.{key}: {json.dumps(value)}")
     for key in spec.reads:
         value = section(params, key)
         print(f"  {key}: {json.dumps(value.model_dump(mode='json') if hasattr(value, 'model_dump') else value)}")
-    print("inputs:")
+    if cfg is not None and hasattr(cfg, "device"):
+        print(f"device: {spec.section}.device = {cfg.device} -> {resolve_device(cfg.device, f'{spec.section}.device')}")
+    changes = _dvc_changes(spec.name, root)
+    if changes is None:
+        print("inputs (not a DVC project here: staleness unknown):")
+    elif not changes:
+        print("inputs (DVC: the stage is up to date):")
+    else:
+        print("inputs (DVC: the stage would re-run):")
+
+    def state(path: str) -> str:
+        there = "exists" if (root / path).exists() else "missing"
+        if changes is None:
+            return there
+        return f"{there}, {changes[path]}" if path in changes else f"{there}, as in dvc.lock"
+
     for d in spec.deps:
-        print(f"  {d}{'' if (root / d).exists() else '  (missing)'}")
+        print(f"  {d}  ({state(d)})")
     print("outputs:")
     for o in spec.outs:
-        print(f"  {o.path}")
+        print(f"  {o.path}  ({state(o.path)})")
+    if changes and "(stage)" in changes:
+        print(f"  DVC: {changes['(stage)']}")
+
+
+def _out_of_sync_note(stage: str, root: Path) -> None:
+    """After a stage ran by hand in a DVC project: its outputs no longer match dvc.lock."""
+    if os.environ.get("DVC_STAGE") or not (root / "dvc.yaml").is_file():
+        return  # under `dvc repro` (DVC sets DVC_STAGE), or no DVC project
+    print(f"note: {stage} rewrote DVC-tracked outputs outside `dvc repro`; `dvc status` shows them as changed: "
+          f"`dvc commit {stage}` keeps them, `dvc repro -s {stage}` re-runs it under DVC", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,15 +218,30 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "compare":
         from pipeline.compare import run_compare
 
-        return run_compare(args.revs, args.out)
+        return run_compare(args.revs, args.out, args.all)
     if args.command == "ablation":
         from pipeline.ablation import run_ablation
 
         return run_ablation(args.out, args.all_commits)
     if args.command == "gate":
+        if args.name not in registry.gates():
+            from difflib import get_close_matches
+
+            close = get_close_matches(args.name, registry.gates(), n=2)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise DKGMError(f"unknown gate {args.name!r}{hint}: the gates are {', '.join(registry.gates())}")
         return _gate(registry.gates()[args.name].name, args)
 
     # run
+    if args.stage is None and not args.help:
+        raise DKGMError(f"run needs a STAGE: one of {', '.join(registry.all_stages())}")
+    if args.help:
+        print(_parser().run_parser.format_help().rstrip())
+        if args.stage is not None:
+            print()
+            print(_stage_help(args.stage))
+        return 0
+    registry.get(args.stage)  # an unknown name: one line with "did you mean"
     if args.dry_run:
         _dry_run(args.stage, args.params, Path(args.root))
         return 0
@@ -159,6 +259,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from pipeline.flows import run_stage
 
         run_stage(args.stage, str(args.params), str(args.root))
+    _out_of_sync_note(args.stage, Path(args.root))
     return 0
 
 
@@ -169,6 +270,7 @@ def _gate(stage: str, args: argparse.Namespace) -> int:
     from pipeline.runner import run_stage_direct
 
     result = run_stage_direct(stage, args.params, Path(args.root))
+    _out_of_sync_note(stage, Path(args.root))
     for c in result.failures():
         print(f"gate {result.name}: {result.decision}: {c.line()}", file=sys.stderr)
     if not result.failures():

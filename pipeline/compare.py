@@ -8,8 +8,9 @@
     python -m pipeline compare HEAD~1 HEAD --out cmp/bw.md     # default: reports/compare.md
 
 The table is printed and written as markdown. It has two parts: the params whose values differ
-between the compared revisions (no other params), and every metric found in any of them, with
-`—` where a revision has no value.
+between the compared revisions (no other params), and the metrics that differ (`--all`: every
+metric found in any of them), with `—` where a revision has no value. Timings are not metrics
+(each stage writes them to its own timings.json), so identical runs compare as equal.
 
 Where the values come from: one `dvc exp show --json --num 1 --rev REV` per revision (with
 `--hide-workspace` when the workspace is not compared; without it the same call also returns the
@@ -162,11 +163,15 @@ def param_rows(snaps: list[Snapshot]) -> list[list[str]]:
     return rows
 
 
-def metric_rows(snaps: list[Snapshot]) -> list[list[str]]:
-    """[name, value per snapshot (+ delta, right minus left, for exactly two)] for every metric in any snapshot."""
+def metric_rows(snaps: list[Snapshot], everything: bool = False) -> list[list[str]]:
+    """[name, value per snapshot (+ delta, right minus left, for exactly two)] for the metrics that
+    differ between the snapshots (every metric in any of them with `everything`)."""
     rows = []
     for key in _union_keys([s.metrics for s in snaps]):
         values = [s.metrics.get(key, _ABSENT) for s in snaps]
+        if not everything and all(v is not _ABSENT and same(values[0], v) for v in values[1:]) and \
+                values[0] is not _ABSENT:
+            continue
         row = [key, *(MISSING if v is _ABSENT else fmt(v) for v in values)]
         if len(snaps) == 2:
             row.append(fmt_delta(values[0], values[1]))
@@ -219,16 +224,26 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
-def render(snaps: list[Snapshot]) -> str:
-    """The whole report: a title, the revisions compared, the params that differ, the metrics."""
+def render(snaps: list[Snapshot], everything: bool = False) -> str:
+    """The whole report: a title, the revisions compared, the params that differ, the metrics that
+    differ (all of them with `everything`)."""
     labels = [s.label for s in snaps]
     described = ", ".join(f"`{s.label}`" + ("" if s.rev in (WORKSPACE, s.label) else f" ({s.rev[:7]})") for s in snaps)
     out = [f"# Compare: {' vs '.join(labels)}", "", f"Revisions: {described}.", "", "## Params that differ", ""]
     prows = param_rows(snaps)
-    out += [md_table(["param", *labels], prows) if prows else "No params differ.", "", "## Metrics", ""]
-    mrows = metric_rows(snaps)
+    out += [md_table(["param", *labels], prows) if prows else "No params differ.", "",
+            "## Metrics" if everything else "## Metrics that differ", ""]
+    mrows = metric_rows(snaps, everything)
     header = ["metric", *labels] + ([f"Δ ({labels[1]} − {labels[0]})"] if len(snaps) == 2 else [])
-    out += [md_table(header, mrows) if mrows else "No metrics in any of them (dvc.yaml `metrics:` files)."]
+    total = len(_union_keys([s.metrics for s in snaps]))
+    if mrows:
+        out += [md_table(header, mrows)]
+        if not everything:
+            out += ["", f"{total - len(mrows)} of {total} metrics are equal in every revision (`--all` lists them)."]
+    elif total:
+        out += [f"All {total} metrics are equal in every revision (`--all` lists them)."]
+    else:
+        out += ["No metrics in any of them (dvc.yaml `metrics:` files)."]
     return "\n".join(out) + "\n"
 
 
@@ -297,9 +312,9 @@ def collect(revs: list[str], cwd: str | Path | None = None) -> list[Snapshot]:
     return snaps
 
 
-def run_compare(revs: list[str], out: str = DEFAULT_OUT) -> int:
+def run_compare(revs: list[str], out: str = DEFAULT_OUT, everything: bool = False) -> int:
     """The CLI command: print the report and write it to `out` (`-`: print only)."""
-    text = render(collect(revs))
+    text = render(collect(revs), everything)
     print(text, end="")
     if out != "-":
         path = write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -125,3 +125,24 @@ def section(params: BaseModel, dotted: str) -> Any:
     for part in dotted.split("."):
         node = getattr(node, part)
     return node
+
+
+def field_comments(model: type[BaseModel]) -> dict[str, str]:
+    """{field: its end-of-line comment} from the params model's source (the comments a stage module
+    writes beside each field); fields of base classes included, the subclass's comment winning."""
+    import inspect
+    import re
+
+    found: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls in (BaseModel, Section):
+            continue
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        for line in source.splitlines():
+            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+            if m and m.group(1) in model.model_fields:
+                found[m.group(1)] = m.group(2).strip()
+    return found

@@ -127,7 +127,33 @@ class Badges:
     items: list[tuple[str, Cell]]  # (label, decision)
 
 
-Block = Union[Heading, Para, Table, Cards, Figures, Badges]  # noqa: UP007 - a runtime alias
+@dataclass
+class Side:
+    """A table with a figure beside it in HTML (one after the other in markdown)."""
+
+    table: Table
+    figure: Figure | None
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+    kind: str = ""  # "warning" boxes them in HTML
+
+
+@dataclass
+class Collapsed:
+    """Opens a collapsed part (HTML and GitHub markdown <details>) that runs to the next CollapsedEnd."""
+
+    summary: str
+
+
+@dataclass
+class CollapsedEnd:
+    pass
+
+
+Block = Union[Heading, Para, Table, Cards, Figures, Badges, Side, Bullets, Collapsed, CollapsedEnd]  # noqa: UP007
 
 
 @dataclass
@@ -190,7 +216,11 @@ class Inputs:
         self.metrics: dict[str, dict[str, Any] | None] = {}
         for s in stages:
             if not s.gate and s.metrics is not None:
-                self.metrics[s.name] = self._json(s.metrics, f"{s.name} metrics")
+                m = self._json(s.metrics, f"{s.name} metrics")
+                for o in s.outs_of("timings"):  # shown beside the results (the time section, key numbers)
+                    t = self._json(o.path, f"{s.name} timings") if m is not None else None
+                    m = {**m, **t} if m is not None and t else m
+                self.metrics[s.name] = m
         self.gate_names = [s.gate for s in stages if s.gate]
         self.gates = {g: self._gate(g) for g in self.gate_names}
         self.prepared_meta = self._json(f"{PREPARED}/meta.json", "prepared dataset metadata")
@@ -317,8 +347,119 @@ def report_date() -> str:
 # ----------------------------------------------------------------------------- sections
 
 
+VERDICT_FIGURE = "nearest"  # evaluate's figure shown beside the verdict: the one whose file name starts so
+
+
+def decide(inp: Inputs) -> tuple[Cell, list[str]]:
+    """The review's decision and why, in words: an enforced NO-GO wins, then an overridden one (a
+    warning, never a pass), then gates that did not run; GO only when every gate ran and passed."""
+    recs = {g: inp.gates[g] for g in inp.gate_names}
+    stopped = [g for g, r in recs.items() if r and r["decision"] == NO_GO]
+    overridden = [g for g, r in recs.items() if r and r["decision"] == OVERRIDDEN]
+    missing = [g for g, r in recs.items() if r is None]
+
+    def reasons(gates: list[str]) -> list[str]:
+        out = []
+        for g in gates:
+            for c in recs[g]["checks"]:  # type: ignore[index]
+                if not c.get("passed"):
+                    words = c.get("failure") or f"{c['metric']} is out of bounds"
+                    out.append(f"gate {g}: {words} (`{c['metric']}` = {fmt(c['value'])}, needs {c['op']} "
+                               f"{fmt(c['threshold'])}; `{c['params_key']}`)")
+        return out
+
+    if stopped:
+        why = [f"Gate {stopped[0]} stopped the pipeline: the stages after it did not run "
+               f"(fix what it names, or set `gates.{stopped[0]}.enforce: false` to look past it)."]
+        return Cell(NO_GO, "nogo"), why + reasons(stopped)
+    if overridden:
+        names = ", ".join(overridden)
+        why = [f"Warning: gate{'s' if len(overridden) > 1 else ''} {names} failed and "
+               f"{'were' if len(overridden) > 1 else 'was'} overridden (`enforce: false`): the pipeline went on, "
+               "but this is not a pass."]
+        return Cell(OVERRIDDEN, "override"), why + reasons(overridden)
+    if missing:
+        return Cell("INCOMPLETE", "notrun"), [f"Gate{'s' if len(missing) > 1 else ''} {', '.join(missing)} did not "
+                                              "run: no decision until every gate has (`dvc repro`)."]
+    n = sum(len(r["checks"]) for r in recs.values() if r)
+    return Cell(GO, "go"), [f"Every gate ran and passed ({len(recs)} gates, {n} checks)."]
+
+
+def _equal_cost(inp: Inputs) -> tuple[CellLike, str]:
+    """DKGM at its operating point's NFE against the baseline row nearest in NFE (comparison table)."""
+    rel = inp.table(COMPARISON)
+    if rel is None or not (inp.root / rel).is_file():
+        return Cell(NOT_RUN, "notrun"), "stage comparison did not run"
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(inp.root / rel)
+    except (OSError, ValueError) as exc:
+        raise DKGMError(f"{rel} is not a readable table ({exc}): re-run comparison") from None
+    if not {"row", "nfe", "fid"} <= set(df.columns):
+        raise DKGMError(f"{rel} lacks the columns row, nfe, fid: re-run comparison")
+    nfe = (inp.metrics.get("refine") or {}).get("nfe")
+    dkgm = df[df["row"].astype(str).str.startswith("dkgm_")].dropna(subset=["nfe", "fid"])
+    base = df[df["row"].astype(str).str.startswith("baseline_")].dropna(subset=["nfe", "fid"])
+    if dkgm.empty or base.empty:
+        return Cell("skipped" if dkgm.empty is False else NOT_RUN, "notrun"), "no baseline rows (baseline.enabled?)"
+    at = dkgm[dkgm["nfe"] == nfe] if nfe is not None else dkgm.iloc[:0]
+    d = (at if not at.empty else dkgm).iloc[0]
+    b = base.iloc[(base["nfe"] - d["nfe"]).abs().argsort().iloc[0]]
+    best = base.loc[base["fid"].idxmin()]
+    cm = inp.metrics.get(COMPARISON) or {}
+    text = (f"FID {fmt(float(d['fid']))} at {int(d['nfe'])} NFE against the baseline's {fmt(float(b['fid']))} at "
+            f"{int(b['nfe'])} NFE")
+    note = (f"n = {fmt(cm.get('n_samples', ABSENT))} per row, same seeds; the baseline's best: FID "
+            f"{fmt(float(best['fid']))} at {int(best['nfe'])} NFE; held-out floor at this n "
+            f"{fmt(cm.get('floor_fid', ABSENT))}")
+    return text, note
+
+
+def _verdict_section(doc: Document, inp: Inputs, figures: list[Figure]) -> Figure | None:
+    """The first section: the decision, why, the three numbers that decide it and the
+    nearest-neighbour figure beside them (returned: the figures section then leaves it out)."""
+    decision, why = decide(inp)
+    doc.add(Heading(2, "Verdict", "verdict"), Badges([("decision", decision)]),
+            Bullets(why, "warning" if decision.kind in ("nogo", "override") else ""))
+    m = inp.eval or {}
+    refine = inp.metrics.get("refine") or {}
+    point = ""
+    if refine:
+        point = (f" (bandwidth scale s = {fmt(refine.get('bandwidth_scale'))}, η = {fmt(refine.get('eta'))}, "
+                 f"{fmt(refine.get('nfe'))} NFE)")
+    rows: list[list[CellLike]] = []
+    if inp.kind == "images":
+        rows.append(["quality: FID of the refined samples" + point,
+                     fmt(m["refined_fid"]) if "refined_fid" in m else Cell(NOT_RUN, "notrun"),
+                     f"held-out floor {fmt(m.get('real_fid'))}; KDE (stage 1) {fmt(m.get('kde_fid'))}"
+                     if m else ABSENT])
+    else:
+        rows.append(["quality: distance to the manifold" + point,
+                     fmt(m["refined_mean_distance_to_manifold"]) if "refined_mean_distance_to_manifold" in m
+                     else Cell(NOT_RUN, "notrun"),
+                     f"KDE (stage 1) {fmt(m.get('kde_mean_distance_to_manifold'))}" if m else ABSENT])
+    if "refined_zu_pixel" in m:
+        zu = f"Z_U {fmt(m['refined_zu_pixel'], 3)} (pixel)"
+        held = f"a second held-out set: {fmt(m.get('real_zu_pixel'), 3)} (pixel)"
+        if "refined_zu_inception" in m:
+            zu += f", {fmt(m['refined_zu_inception'], 3)} (Inception)"
+            held += f", {fmt(m.get('real_zu_inception'), 3)} (Inception)"
+        zu += f"; copies {fmt(m.get('refined_copy_fraction'))}"
+        held += f"; copies {fmt(m.get('real_copy_fraction'))}. Z_U ≪ 0 copies the training data, ≈ 0 reads as fresh data, ≫ 0 lies farther from it than fresh data does (underfit)"
+        rows.append(["novelty: data-copying test against held-out data", zu, held])
+    else:
+        rows.append(["novelty: data-copying test against held-out data", Cell(NOT_RUN, "notrun"), ABSENT])
+    value, note = _equal_cost(inp)
+    rows.append(["the diffusion baseline at equal cost", value, note])
+    nearest = next((f for f in figures if f.stage == EVALUATE and Path(f.rel).name.startswith(VERDICT_FIGURE)), None)
+    doc.add(Side(Table(["question", "DKGM", "against"], rows), nearest))
+    return nearest
+
+
 def _gate_sections(doc: Document, inp: Inputs, params: BaseModel) -> None:
     doc.add(Heading(2, "Gates", "gates"),
+            Badges([(f"gate {name}", decision_cell((inp.gates[name] or {}).get("decision"))) for name in inp.gate_names]),
             Para("Each gate reads one stage's metrics and the thresholds in `params.yaml` (`gates.<name>`); an "
                  "enforced NO-GO stops `dvc repro`, `enforce: false` records NO-GO (overridden) and continues."))
     overview, checks = [], []
@@ -588,15 +729,16 @@ def _flatten(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _params_section(doc: Document, root: Path, params: BaseModel) -> None:
-    doc.add(Heading(2, "Parameters", "params"),
-            Para("Every key of `params.yaml` after validation, one table per section; the note says where a value "
-                 "differs from the schema default (the stage module's params model) or is not spelled out in the file."))
+    doc.add(Heading(2, "Appendix: parameters", "params"),
+            Para("The keys of `params.yaml` whose value differs from the schema default (the stage module's params "
+                 "model); every key, after validation, in the collapsed tables below."))
     try:
         raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:  # load_params read it already; this cannot normally fail
         raise DKGMError(f"{root / 'params.yaml'}: cannot read: {exc}".replace("\n", " ")) from None
     raw_keys = {k for k, _ in _flatten(raw)}
     schema_defaults = dict(_flatten(defaults().model_dump(mode="json")))
+    changed: list[list[CellLike]] = []
     groups: dict[str, list[list[CellLike]]] = {}
     for key, value in _flatten(params.model_dump(mode="json")):
         section, name = key.rsplit(".", 1)
@@ -605,8 +747,15 @@ def _params_section(doc: Document, root: Path, params: BaseModel) -> None:
             note = "schema default (not in the file)"
         elif value != schema_defaults.get(key):
             note = f"default {param_str(schema_defaults.get(key))}"
+            changed.append([_code(key), _code(param_str(value)), _code(param_str(schema_defaults.get(key)))])
         groups.setdefault(section, []).append([_code(name), _code(param_str(value)), note])
-    doc.add(Cards([(section, Table(["key", "value", "note"], rows)) for section, rows in groups.items()]))
+    if changed:
+        doc.add(Table(["key", "value", "default"], changed))
+    else:
+        doc.add(Para("Every key holds its default."))
+    doc.add(Collapsed(f"All {sum(len(r) for r in groups.values())} keys, by section"),
+            Cards([(section, Table(["key", "value", "note"], rows)) for section, rows in groups.items()]),
+            CollapsedEnd())
 
 
 def _environment_section(doc: Document) -> None:
@@ -687,28 +836,24 @@ def build(cfg: ReportParams, root: Path, stages: list[Stage] | None = None, date
     rev = git["revision"]
     rev = f"git {rev[:12]} ({git['tree']})" if _is_sha(rev) else f"git: {git['tree']}"
     doc = Document(cfg.title, f"{date or report_date()} · dataset {dataset} ({inp.kind}) · {rev}")
-    doc.add(Badges([(f"gate {name}", decision_cell((inp.gates[name] or {}).get("decision"))) for name in inp.gate_names]))
+    beside_verdict = _verdict_section(doc, inp, figures)
     not_run = [s for s, m in inp.metrics.items() if m is None]
-    m = inp.eval or {}
-    summary = [f"Dataset `{dataset}` ({inp.kind})."]
-    primary = m.get("primary_metric")
-    if primary and f"kde_{primary}" in m and f"refined_{primary}" in m:
-        summary.append(f"{primary}: KDE {fmt(m[f'kde_{primary}'])} → refined {fmt(m[f'refined_{primary}'])} "
-                       f"(real floor {fmt(m.get(f'real_{primary}'))}; debias gain {fmt(m.get('debias_gain'))}).")
-    summary.append("Stages not run: " + ", ".join(f"`{s}`" for s in not_run) + "." if not_run
-                   else "Every stage ran.")
-    doc.add(Para(" ".join(summary)))
+    if not_run:
+        doc.add(Para("Stages not run: " + ", ".join(f"`{s}`" for s in not_run) + ".", "note"))
     _gate_sections(doc, inp, params)
     _metrics_section(doc, inp)
     _comparison_section(doc, inp)
     _stage_numbers_section(doc, inp)
-    doc.add(Heading(2, "Figures", "figures"), Figures(figures))
+    doc.add(Heading(2, "Figures", "figures"), Figures([f for f in figures if f is not beside_verdict]))
+    if beside_verdict is not None:
+        doc.add(Para(f"Figure {beside_verdict.number} ({beside_verdict.title.lower()}) is shown with the verdict, "
+                     "at the top.", "note"))
     _nn_section(doc, inp, cfg)
     _time_section(doc, inp)
     _dataset_section(doc, inp, params)
-    _params_section(doc, root, params)
     _environment_section(doc)
     _provenance_section(doc, root, git, [o.path for s in stages for o in s.outs_of("data")])
+    _params_section(doc, root, params)
     return doc
 
 
@@ -747,7 +892,9 @@ def _templates():
                        base64=lambda fig: base64.b64encode(fig.png).decode("ascii"))
     env.tests.update(heading=lambda b: isinstance(b, Heading), para=lambda b: isinstance(b, Para),
                      table=lambda b: isinstance(b, Table), cards=lambda b: isinstance(b, Cards),
-                     figures=lambda b: isinstance(b, Figures), badges=lambda b: isinstance(b, Badges))
+                     figures=lambda b: isinstance(b, Figures), badges=lambda b: isinstance(b, Badges),
+                     side=lambda b: isinstance(b, Side), bullets=lambda b: isinstance(b, Bullets),
+                     collapsed=lambda b: isinstance(b, Collapsed), collapsed_end=lambda b: isinstance(b, CollapsedEnd))
     return env
 
 
@@ -772,7 +919,7 @@ p.subtitle { color: var(--muted); margin: 0 0 14px; }
 p.note { color: var(--muted); font-size: 13px; margin: 4px 0; }
 code { font: 12.5px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace;
        background: var(--soft); padding: 1px 4px; border-radius: 4px; overflow-wrap: anywhere; }
-nav { font-size: 14px; margin: 6px 0 4px; color: var(--muted); }
+nav { display: flex; flex-wrap: wrap; row-gap: 2px; font-size: 14px; margin: 6px 0 4px; color: var(--muted); }
 nav a { color: #0969da; text-decoration: none; margin-right: 14px; white-space: nowrap; }
 .badges { display: flex; flex-wrap: wrap; gap: 10px; margin: 12px 0; }
 .badge { border: 1px solid var(--border); border-radius: 6px; padding: 6px 12px; font-weight: 600; }
@@ -800,6 +947,14 @@ figure img { display: block; max-width: 100%; height: auto; margin: 0 auto; }
 figure img.pixels { image-rendering: pixelated; }
 figcaption { font-size: 13px; color: #424a53; margin-top: 8px; max-width: 780px; }
 figcaption b { color: #1f2328; }
+.badge.verdict { font-size: 22px; padding: 6px 14px; border-width: 2px; }
+.badge.verdict span { font-size: 20px; padding: 2px 14px; border-radius: 14px; }
+ul.warning { border-left: 4px solid var(--override); background: #fff8f0; padding: 8px 12px 8px 30px; }
+.side { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
+.side-table { flex: 1 1 420px; min-width: 0; }
+.side figure { flex: 0 1 auto; max-width: 420px; }
+details { margin: 10px 0; }
+summary { cursor: pointer; font-weight: 600; }
 figure.missing { width: 100%; border-style: dashed; color: var(--muted); background: var(--soft); text-align: center;
                  padding: 18px; }
 """
@@ -850,9 +1005,10 @@ def run(cfg: ReportParams, root: Path) -> dict[str, Any]:
         out.path(REPORT_MD).write_text(render_md(doc), encoding="utf-8")
         out.path(REPORT_HTML).write_text(render_html(doc), encoding="utf-8")
     figures = next(b for b in doc.blocks if isinstance(b, Figures)).items
-    badges = next(b for b in doc.blocks if isinstance(b, Badges)).items
+    badges = [item for b in doc.blocks if isinstance(b, Badges) for item in b.items]
     return {
-        "gates": {label.split(" ", 1)[1]: cell.text for label, cell in badges},
+        "decision": next(cell.text for label, cell in badges if label == "decision"),
+        "gates": {label.split(" ", 1)[1]: cell.text for label, cell in badges if label.startswith("gate ")},
         "figures_embedded": sum(f.png is not None for f in figures),
         "figures_missing": sum(f.png is None for f in figures),
     }
@@ -862,7 +1018,7 @@ def stage(others: list[Stage]) -> Stage:
     """The report as a stage: every small output of the other stages (metrics, figures, gate records,
     tables) and the prepared data's metadata are its inputs; it depends on the whole of params.yaml."""
     shown = [o.path for s in others for o in s.outs
-             if o.kind in ("metrics", "figure", "record") or (o.kind == "table" and s.name in (EVALUATE, COMPARISON))]
+             if o.kind in ("metrics", "timings", "figure", "record") or (o.kind == "table" and s.name in (EVALUATE, COMPARISON))]
     return Stage(name="report", doc="the review document: gates, metrics per stage vs the real floor, figures, "
                  "timings, environment, provenance (reports/report.md and a self-contained report.html)",
                  section="report", params=ReportParams, deps=(PREPARED, *shown),

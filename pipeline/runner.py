@@ -15,7 +15,7 @@ from stages.gates import NO_GO, GateResult, gate_record, gate_token
 
 def _blocked_by_gate(path: str) -> str | None:
     """The gate whose missing token `path` is, when that gate said NO-GO (its record exists)."""
-    for name, stage in registry.gates().items():
+    for name in registry.gates():
         if path == gate_token(name):
             return name
     return None
@@ -50,6 +50,11 @@ def run_stage_direct(name: str, params_path: str | Path, root: str | Path) -> An
         result = stage.run(cfg, root)
     if stage.gate:
         return result
+    missing = [o.path for o in stage.outs if not (root / o.path).exists()]
+    if missing:
+        hint = " (write metrics with stages.common.write_metrics: it writes timings.json too)" if any(
+            o.kind == "timings" and o.path in missing for o in stage.outs) else ""
+        raise DKGMError(f"stage {stage.name} declared {', '.join(missing)} but did not write it{hint}")
     metrics = dict(result or {})
     metrics.setdefault("stage_seconds", time.perf_counter() - t0)
     return metrics

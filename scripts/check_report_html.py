@@ -22,6 +22,10 @@ How the check works (it locates every figure and compares pixels, not just "is i
    levels >= --min-correlation, default 0.6; a nearly uniform figure is compared by mean absolute
    difference instead). A figure that does not decode (Chromium's broken-image icon), is hidden,
    transparent, covered by something else, clipped, drawn mirrored/rotated or has no box fails.
+5. The review reads top down: the first section (<h2>) is the verdict, and it starts within the
+   first screen (--first-screen px, default 900), where a reviewer looks first.
+
+--top FILE keeps the first screen of the screenshot as a PNG (the README's picture of the report).
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ LAYOUT_SCRIPT = """<script>addEventListener("load", () => {
   const boxes = [...document.images].map(i => { const b = i.getBoundingClientRect();
     return [b.left + scrollX, b.top + scrollY, b.width, b.height]; });
   const out = document.createElement("pre"); out.id = "dkgm-layout";
-  out.textContent = JSON.stringify({height: document.documentElement.scrollHeight, boxes: boxes});
+  const h2 = [...document.querySelectorAll("h2")].map(h => [h.textContent.trim(), h.getBoundingClientRect().top + scrollY]);
+  out.textContent = JSON.stringify({height: document.documentElement.scrollHeight, boxes: boxes, sections: h2});
   document.body.appendChild(out);
 });</script>"""
 LAYOUT_OUT = re.compile(r'<pre id="dkgm-layout">([^<]*)</pre>')
@@ -134,8 +139,11 @@ def external_refs(text: str) -> list[str]:
     return bad
 
 
+VERDICT = "Verdict"
+
+
 def check(html_path: Path, out_dir: Path, chromium: str, width: int, height: int, max_height: int,
-          min_correlation: float) -> tuple[bool, str]:
+          min_correlation: float, first_screen: int = 900, top_png: Path | None = None) -> tuple[bool, str]:
     text = html_path.read_text(encoding="utf-8")
     bad = external_refs(text)
     if bad:
@@ -164,6 +172,15 @@ def check(html_path: Path, out_dir: Path, chromium: str, width: int, height: int
             return False, f"the page is {page_height} px tall, more than --max-height {max_height}"
         height = max(height, page_height)
         shot = screenshot(chromium, html_path, out_dir / "screenshot.png", width, height, Path(profile))
+    sections = geometry.get("sections") or []
+    if not sections or sections[0][0] != VERDICT:
+        first = sections[0][0] if sections else "none"
+        return False, f"the first section is {first!r}, not the verdict ({VERDICT!r})"
+    if sections[0][1] > first_screen:
+        return False, f"the verdict starts {sections[0][1]:.0f} px down, below the first screen ({first_screen} px)"
+    if top_png is not None:
+        top_png.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(shot[:first_screen]).save(top_png, format="PNG", optimize=True)
     boxes = geometry["boxes"]
     if len(boxes) != len(sources):
         return False, f"chromium laid out {len(boxes)} images, the HTML has {len(sources)}"
@@ -207,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=4000, help="least window height (raised to the page's height)")
     ap.add_argument("--max-height", type=int, default=32000)
     ap.add_argument("--min-correlation", type=float, default=0.6)
+    ap.add_argument("--first-screen", type=int, default=900, help="the verdict must start within this many px")
+    ap.add_argument("--top", type=Path, default=None, help="also write the first screen of the page as a PNG")
     args = ap.parse_args(argv)
     if not args.html.is_file():
         print(f"check_report_html: cannot check: {args.html} not found", file=sys.stderr)
@@ -218,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or Path(tempfile.mkdtemp(prefix="report-check-"))
     try:
-        ok, message = check(args.html, out, chromium, args.width, args.height, args.max_height, args.min_correlation)
+        ok, message = check(args.html, out, chromium, args.width, args.height, args.max_height, args.min_correlation,
+                            args.first_screen, args.top)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         print(f"check_report_html: FAIL: {exc}")
         return 1

@@ -43,6 +43,7 @@ from stages.common import (
     save_figure,
     staged_outputs,
     write_json,
+    write_metrics,
     write_parquet,
     write_png,
 )
@@ -100,7 +101,7 @@ def train_run(cfg: BaselineParams, root: Path, shared: dict[str, Any]) -> dict[s
             torch.save({"skipped": True, "reason": SKIPPED}, out.path(BASELINE_SNAPSHOT))
             write_parquet(out.path(TRAIN_LOG), {"step": []})
             _skipped_figure(out.path(TRAIN_LOSS))
-            write_json(out.path(TRAIN_METRICS), metrics)
+            write_metrics(out, TRAIN_METRICS, metrics)
         log.info("train_baseline: skipped (%s)", SKIPPED)
         return metrics
     dcfg = debiaser_params(shared)
@@ -116,7 +117,8 @@ def train_run(cfg: BaselineParams, root: Path, shared: dict[str, Any]) -> dict[s
         "sigma_min": train_cfg.sigma_min, "sigma_max": train_cfg.sigma_max, "sigma_dist": "lognormal",
         "p_mean": cfg.p_mean, "p_std": cfg.p_std, "sigma_data": fitted.sigma_data,
         "final_loss": result.log[-1]["loss"] if result.log else float("nan"), "kimg": result.nimg / 1000,
-        "images_per_second": result.images_per_second, "train_seconds": result.seconds,
+        "images_per_second": result.images_per_second, "train_seconds": result.train_seconds,
+        "invocation_seconds": result.seconds,
         "resumed_from_kimg": (result.resumed_from or 0) / 1000, "parameters": count_parameters(fitted.denoiser),
         "precision": train_cfg.precision, "device": str(fitted.device), "arch": dcfg.arch,
     }
@@ -132,7 +134,7 @@ def train_run(cfg: BaselineParams, root: Path, shared: dict[str, Any]) -> dict[s
         write_parquet(out.path(TRAIN_LOG), {k: [r.get(k, float("nan")) for r in rows] for k in (rows[0] if rows else
                                                                                              {"step": 0})})
         td.loss_plot(out.path(TRAIN_LOSS), rows, "diffusion baseline training loss (EDM range and distribution)")
-        write_json(out.path(TRAIN_METRICS), metrics)
+        write_metrics(out, TRAIN_METRICS, metrics)
     log.info("train_baseline: %.1f kimg at %.0f img/s, held-out error ratio at sigma = 1: %.3f", metrics["kimg"],
              metrics["images_per_second"], metrics["val_ratio_sigma_1"])
     return metrics
@@ -183,9 +185,9 @@ def sample_run(cfg: SampleBaselineParams, root: Path) -> dict[str, Any]:
             write_parquet(base / "manifest.parquet", {"sample_id": np.zeros(0, np.int64)})
             write_json(base / "meta.json", {"skipped": True, "reason": SKIPPED})
             _skipped_figure(out.path(SAMPLE_GRID))
-            write_json(out.path(SAMPLE_METRICS), metrics)
+            write_metrics(out, SAMPLE_METRICS, metrics)
         return metrics
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "sample_baseline.device")
     denoiser, snap = load_denoiser(root / BASELINE_SNAPSHOT, device)
     shape = tuple(snap["network"]["shape"])
     fn = denoise_fn(denoiser, device, resolve_precision(cfg.precision, device))
@@ -219,7 +221,7 @@ def sample_run(cfg: SampleBaselineParams, root: Path) -> dict[str, Any]:
             ax.scatter(x[:, 0], x[:, 1], s=2)
             ax.set_aspect("equal")
             save_figure(fig, out.path(SAMPLE_GRID))
-        write_json(out.path(SAMPLE_METRICS), metrics)
+        write_metrics(out, SAMPLE_METRICS, metrics)
     log.info("sample_baseline: %d samples from noise at sigma %.3g, K=%d %s, NFE %d, %.1f samples/s", cfg.n_samples,
              metrics["sigma0"], cfg.steps, cfg.solver, nfe, metrics["samples_per_second"])
     return metrics

@@ -51,12 +51,13 @@ from stages.artifacts import (
 )
 from stages.common import (
     Progress,
-    image_grid,
+    labeled_grid,
     log,
     new_figure,
     save_figure,
     staged_outputs,
     write_json,
+    write_metrics,
     write_parquet,
     write_png,
 )
@@ -178,7 +179,7 @@ def run(cfg: CalibrateParams, root: Path) -> dict[str, Any]:
     prepared = load_prepared(root)
     bw = load_bandwidth(root, prepared)
     h_kde = float(bw["h"])
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "calibrate.device")
     denoiser, snap = load_denoiser(root / DEBIASER_SNAPSHOT, device)
     fn = denoise_fn(denoiser, device, resolve_precision(cfg.precision, device))
     ref = Reference(prepared, cfg)
@@ -257,7 +258,7 @@ def run(cfg: CalibrateParams, root: Path) -> dict[str, Any]:
         write_parquet(outs.path(CANDIDATES), {k: [r.get(k) for r in rows] for k in _columns(rows)})
         _tradeoff_figure(outs.path(TRADEOFF), rows, best, cfg, floor_fid)
         _probe_figure(outs.path(PROBE), x_anchor[: cfg.figure_samples], shown, best, max(cfg.etas), prepared.kind)
-        write_json(outs.path(METRICS), metrics)
+        write_metrics(outs, METRICS, metrics)
     log.info("calibrate: s = %g, eta = %g (%s); Z_U %.2f at %d samples, copies %.1f%%, authenticity %.2f (floor %.2f)",
              best["scale"], best["eta"], "passes" if passing else "NO candidate passes", best["zu_pixel_at_eval"],
              cfg.eval_samples, 100 * best["copy_fraction"], best["authenticity"], ref.floor_authenticity)
@@ -272,7 +273,7 @@ def _inception_fids(root: Path, prepared: Prepared, passing: list[dict[str, Any]
     from stages.evaluate import feature_network
 
     ref, meta = load_reference(root, prepared)
-    net = feature_network(meta.get("weights"), cfg.device)
+    net = feature_network(meta.get("weights"), cfg.device, "calibrate.device")
     n = min(cfg.fid_samples, cfg.probe_samples)
     bar = Progress("calibrate (FID of the passing candidates)", len(passing))
     for i, r in enumerate(passing):
@@ -344,7 +345,7 @@ def _probe_figure(path: Path, anchors: np.ndarray, shown: dict[float, np.ndarray
         save_figure(fig, path)
         return
     rows = [ds.to_uint8(anchors)] + [ds.to_uint8(shown[s]) for s in sorted(shown)]
-    write_png(path, image_grid(np.concatenate(rows), ncol=len(anchors)))
+    write_png(path, labeled_grid(rows, ["anchors"] + [f"s = {s:g}, eta = {eta:g}" for s in sorted(shown)]))
 
 
 # ----------------------------------------------------------------------------- gate calibrate
@@ -355,7 +356,8 @@ class CalibrateGateParams(EnforcedSection):
 
 
 def calibrate_checks(metrics: dict[str, Any], cfg: CalibrateGateParams) -> list[Check]:
-    return [check(metrics, "passed", "==", True, "calibrate.scales")]
+    return [check(metrics, "passed", "==", True, "calibrate.scales",
+                  failure="no bandwidth scale on the grid gives samples that pass the data-copying rule")]
 
 
 GATE = Gate("calibrate", METRICS, CalibrateGateParams, calibrate_checks,
@@ -377,7 +379,7 @@ STAGES = (
                 "and the rule's margin; right: the FID of the candidates that pass; the chosen point ringed"),
             Out(PROBE, "figure", "Probe samples per bandwidth scale",
                 "first row: the anchors; then the refined probe at each scale s (largest η): copies on top, "
-                "new digits lower down", "not drawn for point data", grid=True),
+                "new digits lower down", "not drawn for point data"),
             Out(METRICS, "metrics"),
         ),
         run=run,

@@ -95,6 +95,16 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
 
 
+def write_metrics(outs: StagedOutputs, rel: str, metrics: dict[str, Any]) -> None:
+    """A stage's metrics as two staged files: the results (`rel`, what `dvc metrics diff` compares)
+    and, beside it, its timings (seconds, throughputs, device, precision: stages.contract.is_timing),
+    so that two identical runs have identical metrics files."""
+    from stages.contract import is_timing, timings_path
+
+    write_json(outs.path(rel), {k: v for k, v in metrics.items() if not is_timing(k)})
+    write_json(outs.path(timings_path(rel)), {k: v for k, v in metrics.items() if is_timing(k)})
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise DKGMError(f"{what} not found: {path} (run the stage that produces it first, or `dvc repro`)")
@@ -125,6 +135,52 @@ def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2, pad_va
     grid = make_grid(torch.from_numpy(images), nrow=ncol, padding=pad, pad_value=pad_value)
     # make_grid repeats a single channel three times: keep grey images grey
     return grid[: images.shape[1]].permute(1, 2, 0).numpy()
+
+
+TILE_TARGET = 56  # labelled grids scale each tile by the integer factor that brings it closest to this width (px)
+LABEL_FONT_SIZE = 13
+
+
+def labeled_grid(rows: list[np.ndarray], row_labels: list[str], col_labels: list[str] | None = None,
+                 pad: int = 2) -> np.ndarray:
+    """Rows of uint8 (N, C, H, W) images as one picture that names its own rows (left) and columns
+    (top): tiles scaled up by an integer factor without smoothing, text drawn at that size, so the
+    figure reads at its own size (the report shows it unscaled). Grey stays grey."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if len(rows) != len(row_labels):
+        raise DKGMError(f"labeled_grid: {len(rows)} rows but {len(row_labels)} row labels")
+    width = max(len(r) for r in rows)
+    shape = rows[0].shape[1:]
+    blank = np.full((1, *shape), 255, np.uint8)
+    padded = [np.concatenate([r, *([blank] * (width - len(r)))]) if len(r) < width else r for r in rows]
+    grid = image_grid(np.concatenate(padded), ncol=width, pad=pad)
+    scale = max(1, round(TILE_TARGET / shape[-1]))
+    mode = "L" if grid.shape[2] == 1 else "RGB"
+    tiles = Image.fromarray(grid[:, :, 0] if mode == "L" else grid, mode)
+    tiles = tiles.resize((tiles.width * scale, tiles.height * scale), Image.Resampling.NEAREST)
+    font = ImageFont.load_default(size=LABEL_FONT_SIZE)
+    probe = ImageDraw.Draw(Image.new(mode, (1, 1)))
+
+    def text_size(t: str) -> tuple[int, int]:
+        left, top, right, bottom = probe.textbbox((0, 0), t, font=font)
+        return right - left, bottom - top
+
+    left = max(text_size(t)[0] for t in row_labels) + 10
+    top = (max(text_size(t)[1] for t in col_labels) + 10) if col_labels else 0
+    canvas = Image.new(mode, (left + tiles.width, top + tiles.height), 255)
+    canvas.paste(tiles, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    cell_h, cell_w = (shape[-2] + pad) * scale, (shape[-1] + pad) * scale
+    ink = 0 if mode == "L" else (0, 0, 0)
+    for i, label in enumerate(row_labels):
+        draw.text((4, top + pad * scale + i * cell_h + (cell_h - pad * scale) / 2), label, fill=ink, font=font,
+                  anchor="lm")
+    for j, label in enumerate(col_labels or []):
+        draw.text((left + pad * scale + j * cell_w + (cell_w - pad * scale) / 2, top / 2), label, fill=ink,
+                  font=font, anchor="mm")
+    out = np.asarray(canvas)
+    return out[:, :, None] if mode == "L" else out
 
 
 def write_parquet(path: Path, columns: dict[str, Any]) -> None:

@@ -47,13 +47,13 @@ from stages.artifacts import (
 )
 from stages.common import (
     Progress,
-    image_grid,
+    labeled_grid,
     log,
     new_figure,
     read_parquet,
     save_figure,
     staged_outputs,
-    write_json,
+    write_metrics,
     write_png,
 )
 from stages.contract import Device, Out, Section, Stage
@@ -94,7 +94,7 @@ def train_cost(log_path: Path, kimg: float) -> tuple[float, float]:
 def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, Any]:
     root = Path(root)
     ecfg = ev.EvaluateParams(**{key.split(".", 1)[1]: value for key, value in shared.items()})
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "comparison.device")
     precision = resolve_precision(cfg.precision, device)
     x_kde, man, kde_meta = load_samples(root, KDE_SAMPLES, "KDE samples")
     n = min(cfg.n_samples, len(x_kde))
@@ -175,7 +175,7 @@ def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, 
         _write_table(outs.path(TABLE), rows)
         _figure(outs.path(FIGURE), rows, n)
         _samples_figure(outs.path(SAMPLES), sets, plan, cfg, len(shape) == 3)
-        write_json(outs.path(METRICS), metrics)
+        write_metrics(outs, METRICS, metrics)
     log.info("comparison: n=%d; DKGM best FID %.4g at NFE %s; baseline best FID %s at NFE %s; floor %.4g", n,
              metrics.get("dkgm_best_fid", float("nan")), metrics.get("dkgm_best_fid_nfe"),
              metrics.get("baseline_best_fid"), metrics.get("baseline_best_fid_nfe"), metrics.get("floor_fid") or float("nan"))
@@ -262,7 +262,10 @@ def _samples_figure(path: Path, sets: dict[str, np.ndarray], plan: list[dict[str
         save_figure(fig, path)
         return
     rows = [ds.to_uint8(sets[p][:8]) for p in pick]
-    write_png(path, image_grid(np.concatenate(rows), ncol=len(rows[0])))
+    names = {r["row"]: r for r in plan}
+    labels = [f"{names[p]['method']}, {names[p]['nfe']} NFE" if not p.startswith("control_") else names[p]["method"]
+              for p in pick]
+    write_png(path, labeled_grid(rows, labels))
 
 
 STAGES = (
@@ -280,7 +283,7 @@ STAGES = (
                 "FID against network evaluations per sample for both methods, the two controls and the held-out "
                 "floor, every row at the same n and seeds"),
             Out(SAMPLES, "figure", "Comparison samples", "rows: DKGM (K = 10), the baseline (middle K), the "
-                "baseline net from the KDE start, the DKGM net from noise", "not drawn for point data", grid=True),
+                "baseline net from the KDE start, the DKGM net from noise", "not drawn for point data"),
             Out(METRICS, "metrics"),
         ),
         run=run,

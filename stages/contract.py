@@ -11,9 +11,10 @@ dvc-yaml` writes dvc.yaml from the same declarations (code deps from each module
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-import math
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
@@ -50,7 +51,7 @@ def auto_or_number(v: Any, lo: float, hi: float | None = None, lo_open: bool = F
 
 # ----------------------------------------------------------------------------- artifacts
 
-OutKind = Literal["data", "metrics", "figure", "table", "record", "token", "document"]
+OutKind = Literal["data", "metrics", "timings", "figure", "table", "record", "token", "document"]
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,9 @@ class Out:
     """One output of a stage.
 
     kind: `data` is DVC-cached (large, not in git); every other kind is small and committed with
-    the run (`cache: false`): `metrics` (flat JSON for `dvc metrics diff`), `figure` (PNG, a DVC
+    the run (`cache: false`): `metrics` (flat JSON for `dvc metrics diff`: results only),
+    `timings` (the same stage's seconds, throughputs and run conditions, beside its metrics file and
+    added to every stage that has one; not a DVC metric, so identical runs diff as equal), `figure` (PNG, a DVC
     image plot), `table` (csv/parquet), `record` (a gate's record), `token` (a gate's decision),
     `document` (the report)."""
 
@@ -72,6 +75,21 @@ class Out:
     @property
     def cached(self) -> bool:
         return self.kind == "data"
+
+
+TIMING_KEYS = frozenset({"device", "precision", "resumed_from_kimg"})  # run conditions, not results
+
+
+def timings_path(metrics_path: str) -> str:
+    """The timings file beside a metrics file: reports/<stage>/metrics.json -> reports/<stage>/timings.json."""
+    p = PurePosixPath(metrics_path)
+    return str(p.with_name(p.name.replace("metrics", "timings") if "metrics" in p.name else f"{p.stem}.timings.json"))
+
+
+def is_timing(key: str) -> bool:
+    """Keys that vary between identical runs or only say where a run ran: seconds, throughputs,
+    resume counters, the device and precision. Everything else a stage reports is a result."""
+    return key.endswith(("seconds", "per_second")) or key in TIMING_KEYS
 
 
 # ----------------------------------------------------------------------------- stages
@@ -99,6 +117,14 @@ class Stage:
     reads: tuple[str, ...] = ()
     code_module: str = ""  # the module whose import closure is the stage's code (default: run's module)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # stage-specific facts for the report
+
+    def __post_init__(self) -> None:
+        # every metrics file has its timings file beside it (write_metrics splits one dict into both)
+        have = {o.path for o in self.outs}
+        extra = tuple(Out(timings_path(o.path), "timings") for o in self.outs
+                      if o.kind == "metrics" and timings_path(o.path) not in have)
+        if extra:
+            object.__setattr__(self, "outs", (*self.outs, *extra))
 
     @property
     def command(self) -> str:

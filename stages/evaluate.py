@@ -43,7 +43,15 @@ from stages.artifacts import (
     load_reference,
     load_samples,
 )
-from stages.common import Progress, log, new_figure, save_figure, staged_outputs, write_json, write_parquet
+from stages.common import (
+    Progress,
+    log,
+    new_figure,
+    save_figure,
+    staged_outputs,
+    write_metrics,
+    write_parquet,
+)
 from stages.contract import Device, Out, Section, Stage
 from stages.gates import Check, EnforcedSection, Gate, check
 
@@ -197,7 +205,7 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
         else:
             _nearest_points(outs.path(NEAREST), sets["refined"], per_sample, prepared, n)
         _memorization_plot(outs.path(MEMORIZATION), ratios, anchor_d, scorer.real_d1 / scale, cfg.copy_ratio)
-        write_json(outs.path(METRICS), m)
+        write_metrics(outs, METRICS, m)
     log.info("evaluate: n=%d, %s KDE %.4g -> refined %.4g (real %.4g); pixel Z_U KDE %.1f refined %.1f (real %.1f); "
              "copies KDE %.1f%% refined %.1f%% real %.1f%%", n, primary, kde_p, ref_p,
              m.get(f"real_{primary}") or float("nan"), m["kde_zu_pixel"], m["refined_zu_pixel"],
@@ -231,7 +239,7 @@ def copying(m: dict, space: str, train: np.ndarray, heldout: np.ndarray, second:
     m[f"ct_{space}_cells"] = len(centres)
 
 
-def feature_network(weights: dict | None, device: str) -> inception.InceptionFeatures:
+def feature_network(weights: dict | None, device: str, key: str = "evaluate.device") -> inception.InceptionFeatures:
     """The reference's feature network, checked to be the same file (SHA-256) the reference used."""
     if not weights:
         raise DKGMError(f"{REFERENCE} holds no Inception features: re-run reference")
@@ -251,7 +259,7 @@ def feature_network(weights: dict | None, device: str) -> inception.InceptionFea
                         f"(SHA-256 {digest}, reference {w.sha256}): re-run reference")
     from stages.reference import cleanfid_resizer
 
-    return inception.InceptionFeatures(w, resolve_device(device), resize=cleanfid_resizer())
+    return inception.InceptionFeatures(w, resolve_device(device, key), resize=cleanfid_resizer())
 
 
 def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], real: np.ndarray,
@@ -394,15 +402,24 @@ def eval_checks(metrics: dict[str, Any], cfg: EvalGateParams) -> list[Check]:
     key = "gates.eval"
     copy_limit = max(cfg.copy_floor_factor * metrics.get("real_copy_fraction", 0.0), cfg.copy_allowance)
     checks = [
-        check(metrics, "debias_gain", ">=", cfg.min_debias_gain, f"{key}.min_debias_gain"),
-        check(metrics, "refined_zu_pixel", ">=", cfg.min_zu_pixel, f"{key}.min_zu_pixel"),
-        check(metrics, "refined_copy_fraction", "<=", copy_limit, f"{key}.copy_allowance", cfg.copy_allowance),
+        check(metrics, "debias_gain", ">=", cfg.min_debias_gain, f"{key}.min_debias_gain",
+              failure="stage 2 does not improve on the KDE samples"),
+        check(metrics, "refined_zu_pixel", ">=", cfg.min_zu_pixel, f"{key}.min_zu_pixel",
+              failure="the refined samples lie closer to their training images than held-out images do: "
+              "the generator copies its training data"),
+        check(metrics, "refined_copy_fraction", "<=", copy_limit, f"{key}.copy_allowance", cfg.copy_allowance,
+              failure="too many refined samples are near-copies of one training image"),
         check(metrics, "refined_authenticity_pixel", ">=", metrics.get("real_authenticity_pixel", 0.0)
-              - cfg.max_authenticity_drop, f"{key}.max_authenticity_drop", cfg.max_authenticity_drop),
+              - cfg.max_authenticity_drop, f"{key}.max_authenticity_drop", cfg.max_authenticity_drop,
+              failure="fewer refined samples than held-out images are farther from the training set than its own "
+              "neighbours are"),
     ]
     if metrics.get("kind") == "images":  # FID and Inception features have no meaning for point data
-        checks.insert(0, check(metrics, "refined_fid", "<=", cfg.max_fid, f"{key}.max_fid"))
-        checks.insert(2, check(metrics, "refined_zu_inception", ">=", cfg.min_zu_inception, f"{key}.min_zu_inception"))
+        checks.insert(0, check(metrics, "refined_fid", "<=", cfg.max_fid, f"{key}.max_fid",
+                               failure="the refined samples do not look like the data (FID above the limit)"))
+        checks.insert(2, check(metrics, "refined_zu_inception", ">=", cfg.min_zu_inception, f"{key}.min_zu_inception",
+                               failure="in Inception features the refined samples lie closer to the training set "
+                               "than held-out images do (copying)"))
     return checks
 
 

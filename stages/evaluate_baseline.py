@@ -14,7 +14,7 @@ from typing import Any
 
 from stages import evaluate as ev
 from stages.artifacts import BASELINE_SAMPLES, PREPARED, REFERENCE, load_samples
-from stages.common import log, staged_outputs, write_json
+from stages.common import log, staged_outputs, write_metrics
 from stages.contract import Out, Stage
 
 EVAL_METRICS = "reports/eval_baseline/metrics.json"
@@ -38,7 +38,7 @@ def evaluate_run(cfg: None, root: Path, shared: dict[str, Any]) -> dict[str, Any
                    **{k: v for k, v in scored.items() if not k.startswith("real_")},
                    "seconds": time.perf_counter() - t0}
     with staged_outputs(root, "evaluate_baseline") as out:
-        write_json(out.path(EVAL_METRICS), metrics)
+        write_metrics(out, EVAL_METRICS, metrics)
     if not metrics.get("skipped"):
         log.info("evaluate_baseline: n=%d, FID %s, pixel Z_U %.2f, copies %.1f%%", metrics["n_samples"],
                  f"{metrics['baseline_fid']:.4g}" if "baseline_fid" in metrics else "n/a",

@@ -19,7 +19,7 @@ from dkgm import kde
 from dkgm.devices import resolve_device
 from dkgm.errors import DKGMError
 from stages.artifacts import BANDWIDTH, PREPARED, load_prepared
-from stages.common import Progress, log, new_figure, save_figure, staged_outputs, write_json
+from stages.common import Progress, log, new_figure, save_figure, staged_outputs, write_json, write_metrics
 from stages.contract import Device, Out, Section, Stage
 from stages.gates import Check, EnforcedSection, Gate, check
 
@@ -96,7 +96,7 @@ def run(cfg: KDEParams, root: Path) -> dict[str, Any]:
     if len(val) == 0:
         raise DKGMError("fit_kde needs validation points: prepare.val_fraction is 0")
     n, d = len(train), int(np.prod(train.shape[1:]))
-    device = str(resolve_device(cfg.device))
+    device = str(resolve_device(cfg.device, "kde.device"))
 
     t0 = time.perf_counter()
     bar = Progress("fit_kde: distances", 1)
@@ -168,7 +168,7 @@ def run(cfg: KDEParams, root: Path) -> dict[str, Any]:
         baselines = [b / d for b in kde.diag_gaussian_loglik(train, val, extra_var=list(search.grid**2))]
         _write_curve(out.path(CV_CURVE), search, d, baselines)
         _plot_curve(out.path(CV_PLOT), search, d, baselines, named, exact)
-        write_json(out.path(METRICS), metrics)
+        write_metrics(out, METRICS, metrics)
     log.info(
         "fit_kde: h=%.4g (%s); CV optimum %.4g; Scott %.4g; held-out log-lik %.4f nats/dim vs %.4f baseline",
         h, bandwidth["method"], search.h_opt, h_scott, exact["used"] / d, baseline / d,
@@ -215,11 +215,14 @@ class KDEGateParams(EnforcedSection):
 def kde_checks(metrics: dict[str, Any], cfg: KDEGateParams) -> list[Check]:
     key = "gates.kde"
     checks = [
-        check(metrics, "loglik_gain_per_dim", ">=", cfg.min_loglik_gain_per_dim, f"{key}.min_loglik_gain_per_dim"),
-        check(metrics, "truncation_bound_opt", "<=", cfg.max_truncation_bound, f"{key}.max_truncation_bound"),
+        check(metrics, "loglik_gain_per_dim", ">=", cfg.min_loglik_gain_per_dim, f"{key}.min_loglik_gain_per_dim",
+              failure="the KDE explains held-out data no better than the reference bandwidth"),
+        check(metrics, "truncation_bound_opt", "<=", cfg.max_truncation_bound, f"{key}.max_truncation_bound",
+              failure="the top-k truncation of the kernel sum may bias the bandwidth"),
     ]
     if cfg.require_interior_optimum:
-        checks.insert(0, check(metrics, "cv_on_boundary", "==", False, f"{key}.require_interior_optimum"))
+        checks.insert(0, check(metrics, "cv_on_boundary", "==", False, f"{key}.require_interior_optimum",
+                                 failure="the chosen bandwidth sits on the edge of its search grid"))
     return checks
 
 

@@ -5,7 +5,7 @@ The checks of a gate live in the module of the stage it gates (fit_kde.py holds 
 with `Gate(...)`; this module is the mechanism they share. A NO-GO is one line per failed check:
 the metric, its value, the threshold and the params key that sets it. With
 `gates.<name>.enforce: false` the record says "NO-GO (overridden)" and the pipeline continues.
-The record is always written; the token (`<name>.go`, the decision alone) only when the pipeline
+The record is always written; the token (`<name>.decision`: "GO" or "NO-GO (overridden)", the decision alone) only when the pipeline
 may go on, so a stage behind an enforced NO-GO cannot start even when run by hand.
 """
 
@@ -34,7 +34,7 @@ def gate_record(name: str) -> str:
 def gate_token(name: str) -> str:
     """What downstream stages depend on: the decision alone, so that moving a threshold
     without changing the decision does not re-run what follows."""
-    return f"{GATES_DIR}/{name}.go"
+    return f"{GATES_DIR}/{name}.decision"
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class Check:
     params_key: str
     passed: bool
     params_value: Any = None  # the params key's value when the threshold is derived from it (else the threshold)
+    failure: str = ""  # what a failure means, in words (the report's verdict)
 
     def line(self) -> str:
         return f"{self.metric} = {_fmt(self.value)}, needs {self.op} {_fmt(self.threshold)} ({self.params_key})"
@@ -56,14 +57,16 @@ def _fmt(v: Any) -> str:
 
 
 def check(metrics: dict[str, Any], metric: str, op: str, threshold: Any, params_key: str,
-          params_value: Any = None) -> Check:
+          params_value: Any = None, failure: str = "") -> Check:
     """One check; a missing metric is an error, a null value (non-finite) fails. `params_value`: the
-    params key's value when the threshold is computed from it (a floor minus a margin)."""
+    params key's value when the threshold is computed from it (a floor minus a margin); `failure`:
+    what it means when the check fails, in words a reviewer reads in the report's verdict."""
     if metric not in metrics:
         raise DKGMError(f"gate input has no metric {metric!r}: re-run the stage that writes it")
     value = metrics[metric]
     passed = value is not None and bool(_OPS[op](value, threshold))
-    return Check(metric, value, op, threshold, params_key, passed, threshold if params_value is None else params_value)
+    return Check(metric, value, op, threshold, params_key, passed, threshold if params_value is None else params_value,
+                 failure)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,17 @@ from pydantic import Field, field_validator
 
 from dkgm import data as ds
 from stages.artifacts import PREPARED
-from stages.common import image_grid, log, new_figure, save_figure, staged_outputs, write_json, write_parquet, write_png
+from stages.common import (
+    image_grid,
+    log,
+    new_figure,
+    save_figure,
+    staged_outputs,
+    write_json,
+    write_metrics,
+    write_parquet,
+    write_png,
+)
 from stages.contract import Out, Section, Stage
 
 PREVIEW = "reports/prepare/preview.png"
@@ -101,7 +111,7 @@ def run(cfg: PrepareParams, root: Path) -> dict[str, Any]:
             ax.legend(loc="upper right")
             ax.set_title(f"swiss roll: {counts['train']} training points")
             save_figure(fig, out.path(PREVIEW))
-        write_json(out.path(METRICS), metrics)
+        write_metrics(out, METRICS, metrics)
     log.info("prepare: %s, %d items (%s)", cfg.dataset, len(items), counts)
     return metrics
 

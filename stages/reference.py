@@ -23,7 +23,7 @@ from dkgm import inception
 from dkgm.devices import resolve_device
 from dkgm.errors import DKGMError
 from stages.artifacts import PREPARED, REFERENCE, load_prepared
-from stages.common import Progress, log, staged_outputs, write_json
+from stages.common import Progress, log, staged_outputs, write_json, write_metrics
 from stages.contract import Device, Out, Section, Stage
 
 METRICS = "reports/reference/metrics.json"
@@ -91,7 +91,7 @@ def run(cfg: ReferenceParams, root: Path) -> dict[str, Any]:
     metrics: dict[str, Any] = {"n_train": len(train_rows), "n_test": len(test_rows), "n_val": len(val_rows)}
     if prepared.kind == "images":
         weights = resolve(cfg)
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device, "reference.device")
         net = inception.InceptionFeatures(weights, device, resize=cleanfid_resizer())
         rows = np.concatenate([train_rows, test_rows, val_rows])
         bar = Progress("reference features", len(rows))
@@ -123,7 +123,7 @@ def run(cfg: ReferenceParams, root: Path) -> dict[str, Any]:
         base.mkdir()
         np.savez(base / "features.npz", **arrays)
         write_json(base / "meta.json", meta)
-        write_json(outs.path(METRICS), metrics)
+        write_metrics(outs, METRICS, metrics)
     return metrics
 
 

@@ -33,17 +33,19 @@ from stages.artifacts import (
 from stages.common import (
     Progress,
     image_grid,
+    labeled_grid,
     log,
     new_figure,
     save_figure,
     staged_outputs,
     write_json,
+    write_metrics,
     write_parquet,
     write_png,
 )
 from stages.contract import AutoOr, Device, Out, Section, Stage, auto_or_number
-from stages.sampling import debias_batch, denoise_fn
 from stages.gates import gate_token
+from stages.sampling import debias_batch, denoise_fn
 
 GRID = "reports/refine/grid.png"
 TRAJECTORY = "reports/refine/trajectory.png"
@@ -77,7 +79,7 @@ def figure_steps(k: int) -> list[int]:
 def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
     prepared = load_prepared(root)
     x_kde, manifest, kde_meta = load_samples(root, KDE_SAMPLES, "KDE samples")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "refine.device")
     denoiser, snap = load_denoiser(root / DEBIASER_SNAPSHOT, device)
     shape = tuple(snap["network"]["shape"])
     if tuple(x_kde.shape[1:]) != shape:
@@ -168,20 +170,22 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
         else:
             m = min(cfg.grid_samples, n)
             write_png(outs.path(GRID), image_grid(ds.to_uint8(out[:m]), ncol=8))
-            _trajectory_images(outs.path(TRAJECTORY), stacked, anchors[: cfg.trajectory_samples])
+            _trajectory_images(outs.path(TRAJECTORY), stacked, anchors[: cfg.trajectory_samples],
+                               manifest["sample_id"].to_numpy()[: cfg.trajectory_samples])
         _progress_plot(outs.path(PROGRESS), ladder.sigmas, curve, points,
                        metrics.get("train_mean_distance_to_manifold"))
-        write_json(outs.path(METRICS), metrics)
+        write_metrics(outs, METRICS, metrics)
     log.info("refine: %d samples, K=%d %s/%s eta=%.2f (%s), NFE %d, %.1f samples/s", n, cfg.steps, cfg.schedule,
              cfg.solver, eta, eta_source, nfe, metrics["samples_per_second"])
     return metrics
 
 
-def _trajectory_images(path: Path, stacked: dict[int, np.ndarray], anchors: np.ndarray) -> None:
+def _trajectory_images(path: Path, stacked: dict[int, np.ndarray], anchors: np.ndarray, ids: np.ndarray) -> None:
     """One row per sample: x_k at k = 0, K/4, K/2, 3K/4, K, then its anchor."""
     cols = [ds.to_uint8(stacked[k]) for k in sorted(stacked)] + [ds.to_uint8(anchors)]
-    tiles = np.stack(cols, axis=1).reshape(-1, *cols[0].shape[1:])
-    write_png(path, image_grid(tiles, ncol=len(cols)))
+    rows = list(np.stack(cols, axis=1))
+    write_png(path, labeled_grid(rows, [f"sample {int(i)}" for i in ids],
+                                 [f"k = {k}" for k in sorted(stacked)] + ["KDE anchor"]))
 
 
 def _grid_points(path: Path, out: np.ndarray, train: np.ndarray) -> None:
@@ -247,7 +251,7 @@ STAGES = (
                 "the debiased points over the training data", grid=True),
             Out(TRAJECTORY, "figure", "Trajectory over k",
                 "one row per sample: x_k at k = 0, K/4, K/2, 3K/4, K, then its anchor",
-                "the swiss-roll panels: KDE input, the iterates at several k, the ground truth", grid=True),
+                "the swiss-roll panels: KDE input, the iterates at several k, the ground truth"),
             Out(PROGRESS, "figure", "Refine progress",
                 "mean RMS distance to the anchor at every step k, with the noise ladder σ_k",
                 "mean distance to the true spiral at every step k, with the noise ladder σ_k"),

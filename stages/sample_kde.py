@@ -30,12 +30,13 @@ from stages.artifacts import (
 )
 from stages.common import (
     Progress,
-    image_grid,
+    labeled_grid,
     log,
     new_figure,
     save_figure,
     staged_outputs,
     write_json,
+    write_metrics,
     write_parquet,
     write_png,
 )
@@ -118,7 +119,7 @@ def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
         write_json(base / "meta.json", {"h": h, "h_kde": float(bw["h"]), "bandwidth_scale": scale, "kernel": cfg.kernel, "n": cfg.n_samples, "shape": list(train.shape[1:]),
                                         "seed": cfg.seed, "dataset": prepared.meta["dataset"], "dim": d})
         _figure(out.path(GRID), prepared.kind, samples, train, anchors, cfg, h)
-        write_json(out.path(METRICS), metrics)
+        write_metrics(out, METRICS, metrics)
     log.info("sample_kde: %d %s samples at h=%.4g (scale %.3g, %s; %.0f samples/s)", cfg.n_samples, cfg.kernel, h, scale,
              scale_source, metrics["samples_per_second"])
     return metrics
@@ -129,12 +130,11 @@ def _figure(path: Path, kind: str, samples: np.ndarray, train: np.ndarray, ancho
         # two rows per row of the figure: samples above, their anchors below
         k = min(cfg.grid_samples, len(samples))
         ncol = min(8, k)
-        rows = []
+        rows, labels = [], []
         for s in range(0, k, ncol):
             rows += [ds.to_uint8(samples[s : s + ncol]), ds.to_uint8(train[anchors[s : s + ncol]])]
-        width = max(len(r) for r in rows)
-        padded = [np.concatenate([r, np.full((width - len(r), *r.shape[1:]), 255, np.uint8)]) for r in rows]
-        write_png(path, image_grid(np.concatenate(padded), ncol=width))
+            labels += [f"KDE samples {s}-{min(s + ncol, k) - 1}", "their anchors"]
+        write_png(path, labeled_grid(rows, labels))
         return
     fig, ax = new_figure(5, 5)
     ax.scatter(train[:, 0], train[:, 1], s=2, c="grey", alpha=0.4, label="train")
@@ -154,7 +154,7 @@ STAGES = (
         outs=(
             Out(KDE_SAMPLES),
             Out(GRID, "figure", "KDE samples (stage 1)", "first-stage samples x = x_anchor + h·u beside their anchors",
-                "first-stage samples", grid=True),
+                "first-stage samples"),
             Out(METRICS, "metrics"),
         ),
         run=run,

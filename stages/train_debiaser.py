@@ -29,12 +29,12 @@ from dkgm.training import TrainConfig, train
 from stages.artifacts import BANDWIDTH, DEBIASER_SNAPSHOT, PREPARED, Prepared, load_bandwidth, load_prepared
 from stages.common import (
     Progress,
-    image_grid,
+    labeled_grid,
     log,
     new_figure,
     save_figure,
     staged_outputs,
-    write_json,
+    write_metrics,
     write_parquet,
     write_png,
 )
@@ -153,7 +153,7 @@ def code_version() -> str:
 def _init_distributed(device_choice: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, resolve_device(device_choice)
+        return 0, 1, resolve_device(device_choice, "debiaser.device")
     use_cuda = torch.cuda.is_available() and device_choice != "cpu"
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
@@ -251,7 +251,8 @@ def run(cfg: DebiaserParams, root: Path) -> dict[str, Any]:
         "final_loss": log_rows[-1]["loss"] if log_rows else float("nan"),
         "kimg": result.nimg / 1000,
         "images_per_second": result.images_per_second,
-        "train_seconds": result.seconds,
+        "train_seconds": result.train_seconds,  # the whole training, over resumed invocations
+        "invocation_seconds": result.seconds,  # this process (near 0 when it resumed a finished state)
         "resumed_from_kimg": (result.resumed_from or 0) / 1000,
         "parameters": count_parameters(denoiser),
         "precision": train_cfg.precision,
@@ -277,7 +278,7 @@ def run(cfg: DebiaserParams, root: Path) -> dict[str, Any]:
         write_parquet(out.path(LOG), columns)
         loss_plot(out.path(LOSS_PLOT), log_rows)
         _denoise_figure(out.path(DENOISE_PLOT), ema, val, h, prepared.kind)
-        write_json(out.path(METRICS), metrics)
+        write_metrics(out, METRICS, metrics)
     log.info("train_debiaser: %.1f kimg, held-out MSE at sigma=h %.4g (identity %.4g, ratio %.3f), %.0f img/s",
              metrics["kimg"], mse, identity, metrics["error_ratio"], result.images_per_second)
     return metrics
@@ -308,7 +309,7 @@ def _denoise_figure(path: Path, ema: Denoiser, val: torch.Tensor, h: float, kind
         noisy = x + h * torch.randn(x.shape, generator=gen)
         den = ema(noisy.to(device), h).cpu()
         rows = [ds.to_uint8(t.numpy()) for t in (x, noisy, den)]
-        write_png(path, image_grid(np.concatenate(rows), ncol=len(x)))  # rows: clean, noisy (sigma=h), denoised
+        write_png(path, labeled_grid(rows, ["clean", "noisy, sigma = h", "denoised"]))
         return
     x = val[:300]
     noisy = x + h * torch.randn(x.shape, generator=gen)
@@ -332,8 +333,10 @@ class DebiaserGateParams(EnforcedSection):
 def debiaser_checks(metrics: dict[str, Any], cfg: DebiaserGateParams) -> list[Check]:
     key = "gates.debiaser"
     return [
-        check(metrics, "val_mse_at_h", "<=", cfg.max_val_mse, f"{key}.max_val_mse"),  # null (non-finite) fails
-        check(metrics, "error_ratio", "<=", cfg.max_error_ratio, f"{key}.max_error_ratio"),
+        check(metrics, "val_mse_at_h", "<=", cfg.max_val_mse, f"{key}.max_val_mse",
+              failure="the debiaser denoises held-out images at sigma = h too poorly"),  # null (non-finite) fails
+        check(metrics, "error_ratio", "<=", cfg.max_error_ratio, f"{key}.max_error_ratio",
+              failure="the debiaser removes too little of the noise it was trained on"),
     ]
 
 
@@ -354,7 +357,7 @@ STAGES = (
                 "EDM loss against thousands of images seen, overall and per σ bucket"),
             Out(DENOISE_PLOT, "figure", "Denoising at σ = h",
                 "rows: clean held-out images, noisy at σ = h, denoised by the EMA network",
-                "noisy held-out points at σ = h and their denoised positions", grid=True),
+                "noisy held-out points at σ = h and their denoised positions"),
             Out(METRICS, "metrics"),
         ),
         run=run,

@@ -295,7 +295,7 @@ def test_param_rows_missing_and_typed_values():
 
 def test_metric_rows_two_revisions_have_a_delta():
     old, head, _ = snaps_3()
-    rows = {r[0]: r[1:] for r in C.metric_rows([old, head])}
+    rows = {r[0]: r[1:] for r in C.metric_rows([old, head], everything=True)}
     assert len(rows) == len(old.metrics) == 38  # every metric, changed or not
     assert rows["kde.h"] == ["0.36305", "0.7261", "+0.36305"]
     assert rows["kde.bandwidth_scale"] == ["1", "2", "+1"]
@@ -303,13 +303,18 @@ def test_metric_rows_two_revisions_have_a_delta():
     assert rows["sample_kde.kernel"] == ["gaussian", "gaussian", "—"]
     assert rows["kde.cv_on_boundary"] == ["false", "false", "—"]
     assert rows["kde.truncation_bound_opt"] == ["1.4463e-150", "1.4463e-150", "0"]
+    # by default only what differs: equal values (also 1 == 1.0, NaN == NaN) are left out
+    changed = {r[0]: r[1:] for r in C.metric_rows([old, head])}
+    assert set(changed) == {k for k, v in rows.items() if v[0] != v[1]} and "kde.h" in changed
+    assert "prepare.n_items" not in changed and "sample_kde.kernel" not in changed
+    assert C.metric_rows([old, old]) == []
 
 
 def test_metric_rows_union_with_missing_values_and_no_delta_beyond_two():
     old, head, ws = snaps_3()
     del head.metrics["kde.h"]
     head.metrics["eval.fid"] = 12.3456789
-    rows = {r[0]: r[1:] for r in C.metric_rows([old, head, ws])}
+    rows = {r[0]: r[1:] for r in C.metric_rows([old, head, ws])}  # a value missing in one revision differs
     assert rows["kde.h"] == ["0.36305", "—", "1.0891"]
     assert rows["eval.fid"] == ["—", "12.346", "—"]
     assert all(len(r) == 3 for r in rows.values())
@@ -348,11 +353,15 @@ def test_render_markdown():
     assert "`HEAD~1` (a620a24), `HEAD` (6f0c865)" in md
     t = parse_tables(md)
     assert t["Params that differ"] == [["param", "HEAD~1", "HEAD"], ["kde.bandwidth_scale", "1", "2"]]
-    assert t["Metrics"][0] == ["metric", "HEAD~1", "HEAD", "Δ (HEAD − HEAD~1)"]
-    metric_lines = [ln for ln in md.split("## Metrics")[1].splitlines() if ln.startswith("|")]
+    changed = len(C.metric_rows([old, head]))
+    assert t["Metrics that differ"][0] == ["metric", "HEAD~1", "HEAD", "Δ (HEAD − HEAD~1)"]
+    assert len(t["Metrics that differ"]) == 1 + changed and 0 < changed < 38
+    assert f"{38 - changed} of 38 metrics are equal in every revision" in md
+    full = C.render([old, head], everything=True)
+    metric_lines = [ln for ln in full.split("## Metrics")[1].splitlines() if ln.startswith("|")]
     assert len(metric_lines) == 2 + 38 and len({len(ln) for ln in metric_lines}) == 1  # padded: columns line up
     same = C.render([old, old])
-    assert "No params differ." in same
+    assert "No params differ." in same and "All 38 metrics are equal in every revision" in same
     ws.label = "workspace"
     assert "`workspace`." in C.render([head, ws])
     piped = C.Snapshot("a|b", "workspace", params={"p": "x|y"})
@@ -436,24 +445,26 @@ def test_compare_commits_and_an_experiment(dvc_project):
     assert r.stdout == md
     t = parse_tables(md)
     assert t["Params that differ"] == [["param", "HEAD~1", "HEAD"], ["kde.bandwidth", "0.3", "0.6"]]
-    metrics = t["Metrics"]
+    metrics = t["Metrics that differ"]
     assert metrics[0] == ["metric", "HEAD~1", "HEAD", "Δ (HEAD − HEAD~1)"]
     a, b, delta = values(metrics, "kde.h")
     assert (float(a), float(b), float(delta)) == (0.3, 0.6, pytest.approx(0.3))
-    assert values(metrics, "prepare.n_items") == ["800", "800", "0"]
+    assert "prepare.n_items" not in {r[0] for r in metrics}  # equal in both: listed only with --all
+    every = run_cli(["compare", "HEAD~1", "HEAD", "--all", "--out", "-"], cwd=root)
+    assert values(parse_tables(every.stdout)["Metrics"], "prepare.n_items") == ["800", "800", "0"]
 
     # an experiment name, against a commit; print only
     r = run_cli(["compare", "HEAD", "bw3", "--out", "-"], cwd=root)
     assert r.returncode == 0, r.stderr
     t = parse_tables(r.stdout)
     assert t["Params that differ"] == [["param", "HEAD", "bw3"], ["kde.bandwidth", "0.6", "0.9"]]
-    _, b, _ = values(t["Metrics"], "kde.h")
+    _, b, _ = values(t["Metrics that differ"], "kde.h")
     assert float(b) == 0.9
 
     # three revisions: no delta column; no argument: HEAD against the workspace (which holds bw3's results)
     t = parse_tables(run_cli(["compare", "HEAD~1", "HEAD", "bw3", "--out", "-"], cwd=root).stdout)
     assert t["Params that differ"][1] == ["kde.bandwidth", "0.3", "0.6", "0.9"]
-    assert len(t["Metrics"][0]) == 4
+    assert len(t["Metrics that differ"][0]) == 4
     t = parse_tables(run_cli(["compare", "--out", "-"], cwd=root).stdout)
     assert t["Params that differ"] == [["param", "HEAD", "workspace"], ["kde.bandwidth", "0.6", "0.9"]]
 

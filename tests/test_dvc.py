@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from stages import artifacts, fit_kde, gates, sample_kde
-from tests.conftest import VENV_BIN, cli_env, set_param
+from tests.conftest import VENV_BIN, cli_env, run_cli, set_param
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +41,24 @@ def test_repro_noop_and_partial_rerun(dvc_project):
     assert ran(first) == ALL, ran(first)
     assert (root / artifacts.KDE_SAMPLES / "samples.npy").is_file()
     assert ran(dvc(root, "repro")) == []  # a second repro is a no-op
+    dry = run_cli(["run", "refine", "--dry-run"], root)
+    assert "inputs (DVC: the stage is up to date):" in dry.stdout and f"  {artifacts.KDE_SAMPLES}  (exists, as in dvc.lock)" in dry.stdout
     assert _changed_stages(root) == set()
     assert_edits_mark_exactly_the_importers(root)
 
     subprocess.run(["git", "add", "-A"], cwd=root, check=True, capture_output=True)
     subprocess.run(["git", "commit", "-qm", "baseline run"], cwd=root, check=True, capture_output=True)
     h_kde = json.loads((root / fit_kde.METRICS).read_text())["h"]
+
+    # an identical run (every stage again, training from scratch) gives identical metrics: timings
+    # live in timings.json, which is no DVC metric, so `dvc metrics diff` prints nothing at all
+    timings = json.loads((root / "reports/train/timings.json").read_text())
+    assert timings["train_seconds"] > 0 and timings["images_per_second"] > 0
+    shutil.rmtree(root / "checkpoints")
+    assert ran(dvc(root, "repro", "-f")) == ALL
+    assert dvc(root, "metrics", "diff").stdout.strip() == ""
+    assert json.loads(dvc(root, "metrics", "diff", "--json").stdout) == {}
+    assert dvc(root, "status", "--json").stdout.strip() in ("{}", "")
 
     # a pinned operating point re-runs the sampling and what follows: not the bandwidth search,
     # the training, the calibration or the reference
@@ -122,7 +135,7 @@ from pathlib import Path
 from pydantic import Field
 
 from stages.artifacts import PREPARED, load_prepared
-from stages.common import staged_outputs, write_json
+from stages.common import staged_outputs, write_metrics
 from stages.contract import Out, Section, Stage
 
 COUNT = "reports/toy/metrics.json"
@@ -135,7 +148,7 @@ class ToyParams(Section):
 def run(cfg: ToyParams, root: Path) -> dict:
     n = len(load_prepared(Path(root)).data)
     with staged_outputs(root, "toy") as out:
-        write_json(out.path(COUNT), {"items_times_factor": n * cfg.factor})
+        write_metrics(out, COUNT, {"items_times_factor": n * cfg.factor, "seconds": 0.5})
     return {}
 
 
@@ -155,7 +168,8 @@ def test_a_new_stage_is_one_module(dvc_project):
     stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["toy"]
     assert stage["cmd"] == "python -m pipeline run toy" and stage["params"] == ["toy.factor"]
     assert stage["deps"][0] == "data/prepared" and "stages/toy.py" in stage["deps"] and "dkgm/data.py" in stage["deps"]
-    assert stage["outs"] == [{"reports/toy/metrics.json": {"cache": False}}]
+    # its timings file comes with the metrics file, added by the contract
+    assert stage["outs"] == [{"reports/toy/metrics.json": {"cache": False}}, {"reports/toy/timings.json": {"cache": False}}]
     assert yaml.safe_load((root / "params.yaml").read_text())["toy"] == {"factor": 3}
     top = yaml.safe_load((root / "dvc.yaml").read_text())
     assert "reports/toy/metrics.json" in top["metrics"]
@@ -166,6 +180,7 @@ def test_a_new_stage_is_one_module(dvc_project):
     assert ran(dvc(root, "repro", "toy")) == ["prepare", "toy"]
     n = json.loads((root / "reports/prepare/metrics.json").read_text())["n_items"]
     assert json.loads((root / "reports/toy/metrics.json").read_text()) == {"items_times_factor": 3 * n}
+    assert json.loads((root / "reports/toy/timings.json").read_text()) == {"seconds": 0.5}
     set_param(root, "toy.factor", 5)
     assert ran(dvc(root, "repro", "toy")) == ["toy"]
     assert json.loads((root / "reports/toy/metrics.json").read_text()) == {"items_times_factor": 5 * n}

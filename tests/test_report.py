@@ -46,6 +46,8 @@ from stages.common import write_parquet
 from tests.conftest import REPO, deep_update, write_params
 
 FIGURES = [o.path for _, o in report.figure_outs(list(registry.all_stages().values()))]
+# the order in the document: evaluate's nearest-neighbour figure sits with the verdict, at the top
+SHOWN = sorted(FIGURES, key=lambda rel: not rel.endswith("eval/nearest.png"))
 N_EVAL = 12
 TITLE = "PoC review: KDE → debiaser <α & β>"
 # thresholds pinned here (not left to the shared tiny params): kde and debiaser say GO, eval NO-GO on FID and gain
@@ -316,7 +318,7 @@ def test_images_are_embedded_byte_for_byte(full):
     tags = re.findall(r"<img\b[^>]*>", page)
     uris = [re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', t) for t in tags]
     assert len(tags) == len(FIGURES) and all(uris)
-    for rel, uri in zip(FIGURES, uris):
+    for rel, uri in zip(SHOWN, uris):
         data = base64.b64decode(uri.group(1), validate=True)
         assert data.startswith(report.PNG_SIGNATURE) and data == (root / rel).read_bytes(), rel
         with Image.open(root / rel) as im:
@@ -537,5 +539,57 @@ def test_screenshot_shows_every_figure(full, tmp_path):
     bad = subprocess.run([*script, str(bad_page), "--out", str(tmp_path / "bad")], capture_output=True, text=True,
                          timeout=300, check=False)
     assert bad.returncode == 1 and "FAIL" in bad.stdout, bad.stdout + bad.stderr
-    assert "figure 2 " in bad.stdout and "does not show its image" in bad.stdout
+    assert "figure 3 " in bad.stdout and "does not show its image" in bad.stdout  # the 4th image (the verdict holds the 1st)
+    # the verdict must be the first section a reviewer sees
+    moved = page.replace('<h2 id="verdict">Verdict</h2>', '', 1).replace("<main>", '<main><h2>Parameters</h2>', 1)
+    (tmp_path / "moved.html").write_text(moved)
+    late = subprocess.run([*script, str(tmp_path / "moved.html"), "--out", str(tmp_path / "late")], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert late.returncode == 1 and "the first section is 'Parameters', not the verdict" in late.stdout, late.stdout
     assert "figure 3 " in bad.stdout and "the box is uniform" in bad.stdout
+
+
+# ----------------------------------------------------------------------------- verdict
+
+
+def _verdict(md: str) -> str:
+    return md.split("## Verdict", 1)[1].split("\n## ", 1)[0]
+
+
+def test_verdict_is_the_first_section_and_names_the_gate_that_stopped(full):
+    _, md, page = full
+    assert re.findall(r"^## (.+)$", md, re.M)[0] == "Verdict"
+    assert re.findall(r"<h2[^>]*>([^<]+)</h2>", page)[0] == "Verdict"
+    assert md.index("## Verdict") < md.index("## Gates") < md.index("## Appendix: parameters")
+    v = _verdict(md)
+    assert "decision: **NO-GO**" in v
+    assert "Gate eval stopped the pipeline" in v and "gates.eval.enforce: false" in v
+    # each failing check in words, with its value, threshold and key
+    assert "the refined samples do not look like the data (FID above the limit)" in v and "`gates.eval.max_fid`" in v
+    assert "stage 2 does not improve on the KDE samples" in v
+    # the numbers that decide it, and the nearest-neighbour figure beside them
+    assert "quality: FID of the refined samples" in v and "novelty: data-copying test against held-out data" in v
+    assert "the diffusion baseline at equal cost" in v and "eval/nearest.png" in v
+    verdict_html = page.split('id="verdict"', 1)[1].split("<h2", 1)[0]
+    assert 'class="nogo"' in verdict_html and "<img" in verdict_html
+
+
+def test_an_overridden_gate_is_a_warning_never_a_pass(project):
+    make_inputs(project, params={"gates": {"eval": {"enforce": False}}})
+    md, page = build_direct(project)
+    v = _verdict(md)
+    assert "decision: **NO-GO (overridden)**" in v and "GO**" not in v.replace("NO-GO", "")
+    assert "Warning: gate eval failed and was overridden" in v and "this is not a pass" in v
+    assert 'ul class="warning"' in page.split('id="verdict"', 1)[1].split("<h2", 1)[0]
+    assert (project / gates.gate_token("eval")).read_text().strip() == "NO-GO (overridden)"
+    assert gates.gate_token("eval").endswith("eval.decision")  # named for what it holds, not `.go`
+
+
+def test_params_appendix_lists_what_differs_then_everything_collapsed(full):
+    _, md, page = full
+    appendix = md.split("## Appendix: parameters", 1)[1]
+    changed = appendix.split("<details>", 1)[0]
+    assert "| `report.title` |" in changed and "| `prepare.limit` | `800` |" in changed
+    assert "`refine.solver`" not in changed  # at its default: only in the collapsed part
+    assert "<details><summary>All " in appendix and "`solver`" in appendix.split("<details>", 1)[1]
+    assert "<details><summary>All " in page and "</details>" in page

@@ -131,6 +131,19 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(tmp_path):
         assert torch.equal(a, b), f"EMA weight {k} differs after resume"
     assert [r["loss"] for r in whole.log] == [r["loss"] for r in resumed.log]
     assert len(list_states(tmp_path / "b")) == 2  # pruned to keep_states
+    # training time adds up over the invocations; resuming a finished run keeps it
+    assert resumed.train_seconds > resumed.seconds > 0 and resumed.images_per_second == pytest.approx(1600 / resumed.train_seconds)
+    done = train(_mlp(), data, cfg, state_dir=tmp_path / "b")
+    assert done.resumed_from == 1600 and done.train_seconds == pytest.approx(resumed.train_seconds, rel=1e-3)
+    # a state from before states recorded their time: estimated from the log's throughput
+    newest = list_states(tmp_path / "b")[-1]
+    st = torch.load(newest, weights_only=True)
+    del st["train_seconds"]
+    torch.save(st, newest)
+    legacy = train(_mlp(), data, cfg, state_dir=tmp_path / "b")
+    assert legacy.train_seconds == pytest.approx(sum(
+        (r["nimg"] - p) / r["images_per_second"] for r, p in zip(st["log"], [0] + [r["nimg"] for r in st["log"]])))
+    assert legacy.images_per_second > 0
     other = TrainConfig(**{**cfg.__dict__, "lr": 1e-3})
     with pytest.raises(DKGMError, match="another configuration"):
         train(_mlp(), data, other, state_dir=tmp_path / "b")
@@ -173,7 +186,10 @@ def test_swissroll_denoiser_beats_identity_and_mean():
 def test_train_stage_outputs_resume_and_gate(project):
     run_stages(project, "prepare", "fit_kde", "gate_kde", "train_debiaser")
     m = json.loads((project / train_debiaser.METRICS).read_text())
-    assert m["kimg"] == pytest.approx(0.64) and m["resumed_from_kimg"] == 0
+    timings_rel = next(o.path for o in train_debiaser.STAGES[0].outs if o.kind == "timings")
+    t = json.loads((project / timings_rel).read_text())
+    assert m["kimg"] == pytest.approx(0.64) and t["resumed_from_kimg"] == 0
+    assert not any(k.endswith("seconds") or k.endswith("per_second") or k in ("device", "precision") for k in m)
     assert m["identity_mse_at_h"] == pytest.approx(m["h"] ** 2, rel=0.1)
     den, meta = load_denoiser(project / artifacts.DEBIASER_SNAPSHOT)
     assert meta["h"] == m["h"] and meta["network"]["channels"] == 8 and "dkgm" in meta["code_version"]
@@ -186,7 +202,12 @@ def test_train_stage_outputs_resume_and_gate(project):
     first = torch.load(project / artifacts.DEBIASER_SNAPSHOT, weights_only=True)
 
     run_stages(project, "train_debiaser")  # same config: resumes from the final state, trains nothing
-    assert json.loads((project / train_debiaser.METRICS).read_text())["resumed_from_kimg"] == pytest.approx(0.64)
+    t2 = json.loads((project / timings_rel).read_text())
+    assert t2["resumed_from_kimg"] == pytest.approx(0.64)
+    # a resumed run reports the training it resumed, not its own near-zero time
+    assert t2["train_seconds"] == pytest.approx(t["train_seconds"], rel=1e-6) and t2["invocation_seconds"] < t["train_seconds"]
+    assert t2["images_per_second"] == pytest.approx(t["images_per_second"], rel=1e-6)
+    assert json.loads((project / train_debiaser.METRICS).read_text()) == m  # results unchanged
     again = torch.load(project / artifacts.DEBIASER_SNAPSHOT, weights_only=True)
     assert again["ema"].keys() == first["ema"].keys()
     assert all(torch.equal(again["ema"][k], first["ema"][k]) for k in first["ema"])  # the same EMA weights
