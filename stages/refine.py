@@ -185,7 +185,7 @@ def _trajectory_images(path: Path, stacked: dict[int, np.ndarray], anchors: np.n
     cols = [ds.to_uint8(stacked[k]) for k in sorted(stacked)] + [ds.to_uint8(anchors)]
     rows = list(np.stack(cols, axis=1))
     write_png(path, labeled_grid(rows, [f"sample {int(i)}" for i in ids],
-                                 [f"k = {k}" for k in sorted(stacked)] + ["KDE anchor"]))
+                                 [f"k = {k}" for k in sorted(stacked)] + ["anchor"]))
 
 
 def _grid_points(path: Path, out: np.ndarray, train: np.ndarray) -> None:
