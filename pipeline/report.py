@@ -224,11 +224,28 @@ class Inputs:
         self.gate_names = [s.gate for s in stages if s.gate]
         self.gates = {g: self._gate(g) for g in self.gate_names}
         self.prepared_meta = self._json(f"{PREPARED}/meta.json", "prepared dataset metadata")
+        self.comparison = self._comparison_table()  # read once: the verdict and its own section use it
 
     def table(self, stage: str) -> str | None:
         """The (first) table a stage writes, e.g. evaluate's per-sample parquet."""
         found = self.stages[stage].outs_of("table") if stage in self.stages else []
         return found[0].path if found else None
+
+    def _comparison_table(self):
+        """The comparison stage's table (a DataFrame with every COMPARISON_COLUMNS column), None when it did not run."""
+        rel = self.table(COMPARISON)
+        if rel is None or not (self.root / rel).is_file():
+            return None
+        import pandas as pd
+
+        try:
+            df = pd.read_csv(self.root / rel)
+        except (OSError, ValueError) as exc:
+            raise DKGMError(f"{rel} is not a readable table ({exc}): re-run comparison") from None
+        missing = [c for c in ("row", *(c for c, _ in COMPARISON_COLUMNS)) if c not in df.columns]
+        if missing:
+            raise DKGMError(f"{rel} lacks columns {', '.join(missing)}: re-run comparison")
+        return df
 
     def _json(self, rel: str, what: str) -> dict[str, Any] | None:
         path = self.root / rel
@@ -387,22 +404,14 @@ def decide(inp: Inputs) -> tuple[Cell, list[str]]:
 
 def _equal_cost(inp: Inputs) -> tuple[CellLike, str]:
     """DKGM at its operating point's NFE against the baseline row nearest in NFE (comparison table)."""
-    rel = inp.table(COMPARISON)
-    if rel is None or not (inp.root / rel).is_file():
+    df = inp.comparison
+    if df is None:
         return Cell(NOT_RUN, "notrun"), "stage comparison did not run"
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(inp.root / rel)
-    except (OSError, ValueError) as exc:
-        raise DKGMError(f"{rel} is not a readable table ({exc}): re-run comparison") from None
-    if not {"row", "nfe", "fid"} <= set(df.columns):
-        raise DKGMError(f"{rel} lacks the columns row, nfe, fid: re-run comparison")
     nfe = (inp.metrics.get("refine") or {}).get("nfe")
     dkgm = df[df["row"].astype(str).str.startswith("dkgm_")].dropna(subset=["nfe", "fid"])
     base = df[df["row"].astype(str).str.startswith("baseline_")].dropna(subset=["nfe", "fid"])
     if dkgm.empty or base.empty:
-        return Cell("skipped" if dkgm.empty is False else NOT_RUN, "notrun"), "no baseline rows (baseline.enabled?)"
+        return Cell("skipped" if not dkgm.empty else NOT_RUN, "notrun"), "no baseline rows (baseline.enabled?)"
     at = dkgm[dkgm["nfe"] == nfe] if nfe is not None else dkgm.iloc[:0]
     d = (at if not at.empty else dkgm).iloc[0]
     b = base.iloc[(base["nfe"] - d["nfe"]).abs().argsort().iloc[0]]
@@ -604,19 +613,11 @@ COMPARISON_COLUMNS = [("method", "method"), ("start", "start"), ("solver", "solv
 
 def _comparison_section(doc: Document, inp: Inputs) -> None:
     doc.add(Heading(2, "DKGM against the diffusion baseline", "baseline"))
-    rel = inp.table(COMPARISON)
-    if rel is None or not (inp.root / rel).is_file():
-        doc.add(Para(f"Stage `comparison` did not run (`{rel or 'reports/comparison/table.csv'}` not found)."))
+    df = inp.comparison
+    if df is None:
+        rel = inp.table(COMPARISON) or "reports/comparison/table.csv"
+        doc.add(Para(f"Stage `comparison` did not run (`{rel}` not found)."))
         return
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(inp.root / rel)
-    except (OSError, ValueError) as exc:
-        raise DKGMError(f"{rel} is not a readable table ({exc}): re-run comparison") from None
-    missing = [c for c, _ in COMPARISON_COLUMNS if c not in df.columns]
-    if missing:
-        raise DKGMError(f"{rel} lacks columns {', '.join(missing)}: re-run comparison")
     cm = inp.metrics.get(COMPARISON) or {}
     doc.add(Para(f"Every row at the same {fmt(cm.get('n_samples', ABSENT))} samples and seeds, scored together by "
                  "the evaluation's code (FID at this n is biased upwards: read it against the floor row, or KID). "
