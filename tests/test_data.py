@@ -81,3 +81,31 @@ def test_image_grid_layout():
     grid = image_grid(imgs, ncol=2, pad=1)
     assert grid.shape == (3 * 4 + 1, 2 * 4 + 1, 1)
     assert grid[1, 1, 0] == 0 and grid[1, 5, 0] == 1 and grid[9, 1, 0] == 4 and grid[9, 5, 0] == 255
+
+
+def test_labeled_grid_scales_tiles_and_draws_labels_in_its_margins():
+    from dkgm.errors import DKGMError
+    from stages.common import labeled_grid
+
+    value = lambda r, c: 10 * (3 * r + c) + 5  # noqa: E731
+    rows = [np.stack([np.full((1, 28, 28), value(r, c), np.uint8) for c in range(n)]) for r, n in ((0, 3), (1, 2))]
+    out = labeled_grid(rows, ["first", "second"], ["a", "b", "c"])
+    assert out.ndim == 3 and out.shape[2] == 1  # grey stays grey
+    scale = 2  # 28 px tiles are doubled (closest to 56 px)
+    h, w = (2 * 30 + 2) * scale, (3 * 30 + 2) * scale  # image_grid with pad 2, then scaled
+    top, left = out.shape[0] - h, out.shape[1] - w
+    assert top > 0 and left > 0
+    for r in range(2):
+        for c in range(3):
+            y, x = top + (2 + 30 * r + 14) * scale, left + (2 + 30 * c + 14) * scale
+            expected = 255 if (r, c) == (1, 2) else value(r, c)  # the short row is padded with white
+            assert out[y - 20 : y + 20, x - 20 : x + 20, 0].tolist() == [[expected] * 40] * 40, (r, c)
+    # each row's label sits in the left margin at the height of its row, each column's above it
+    for r in range(2):
+        band = out[top + (2 + 30 * r) * scale : top + (30 + 30 * r) * scale, :left, 0]
+        assert (band < 128).any()
+    for c in range(3):
+        assert (out[:top, left + (2 + 30 * c) * scale : left + (30 + 30 * c) * scale, 0] < 128).any()
+    assert labeled_grid(rows, ["first", "second"]).shape[0] == h  # no column labels: no top margin
+    with pytest.raises(DKGMError, match="2 rows but 1 row labels"):
+        labeled_grid(rows, ["first"])
