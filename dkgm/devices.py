@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -12,11 +14,12 @@ from dkgm.errors import DKGMError
 
 def resolve_device(device: str | torch.device, key: str = "the stage's device") -> torch.device:
     """`auto` -> CUDA when present, else the CPU; `cpu`, `cuda`, `cuda:N` as given. A device this
-    machine lacks is one line naming `key` (the params key that chose it) and the fix."""
+    machine lacks is one line naming `key` (the params key that chose it) and the fix. A CUDA
+    device comes back configured for the pipeline's work (configure_cuda)."""
     if isinstance(device, torch.device):
-        return device
+        return configure_cuda(device)
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return configure_cuda(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -26,7 +29,58 @@ def resolve_device(device: str | torch.device, key: str = "the stage's device") 
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise DKGMError(f"{key}: {device!r} but this machine has {torch.cuda.device_count()} CUDA device(s): "
                         f"set {key} to auto or a smaller index")
-    return dev
+    return configure_cuda(dev)
+
+
+def _set_fp32_precision(matmul: str, conv: str) -> None:
+    """TF32 on or off through the per-backend precision settings (torch >= 2.9), falling back
+    to the legacy allow_tf32 flags on older torch."""
+    cuda_matmul, cudnn_conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if hasattr(cuda_matmul, "fp32_precision") and hasattr(cudnn_conv, "fp32_precision"):
+        cuda_matmul.fp32_precision = matmul
+        cudnn_conv.fp32_precision = conv
+    else:  # pragma: no cover - torch < 2.9
+        cuda_matmul.allow_tf32 = matmul == "tf32"
+        torch.backends.cudnn.allow_tf32 = conv == "tf32"
+
+
+def configure_cuda(device: torch.device) -> torch.device:
+    """On a CUDA device: float32 matmuls and convolutions in TF32 (the network's fp32 parts; the
+    distance passes opt out with exact_fp32) and cudnn.benchmark (every stage runs fixed shapes
+    many times). A no-op on the CPU."""
+    if device.type == "cuda":
+        _set_fp32_precision("tf32", "tf32")
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def _matmul_precision() -> str:
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        return m.fp32_precision
+    return "tf32" if m.allow_tf32 else "ieee"  # pragma: no cover - torch < 2.9
+
+
+@contextmanager
+def exact_fp32() -> Iterator[None]:
+    """Full float32 matmuls inside the block (no TF32): nearest-neighbour and bandwidth passes
+    rank distances whose differences TF32's 10-bit mantissa would blur."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    before = _matmul_precision()
+    cuda_matmul = torch.backends.cuda.matmul
+    if hasattr(cuda_matmul, "fp32_precision"):
+        cuda_matmul.fp32_precision = "ieee"
+    else:  # pragma: no cover
+        cuda_matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        if hasattr(cuda_matmul, "fp32_precision"):
+            cuda_matmul.fp32_precision = before
+        else:  # pragma: no cover
+            cuda_matmul.allow_tf32 = before == "tf32"
 
 
 @cache
@@ -39,10 +93,21 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_precision(choice: str, device: torch.device) -> str:
-    """auto: bf16 autocast on CUDA, and on CPUs with bf16 units (measured on an AVX512-BF16 CPU:
-    1.7-2.1x the fp32 training throughput of the default U-Net, 2.4x its sampling throughput);
-    fp32 elsewhere."""
+def cuda_has_bf16(device: torch.device) -> bool:
+    """Whether the CUDA device computes in bf16 natively (compute capability 8.0 and later)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_precision(choice: str, device: torch.device, key: str = "the stage's precision") -> str:
+    """auto: bf16 autocast on CUDA devices with bf16 units and on CPUs with them (measured on an
+    AVX512-BF16 CPU: 1.7-2.1x the fp32 training throughput of the default U-Net, 2.4x its sampling
+    throughput); fp32 elsewhere. An explicit bf16 on a GPU without bf16 units is one line naming
+    `key` (emulated bf16 would be slower than fp32)."""
+    if choice == "bf16" and device.type == "cuda" and not cuda_has_bf16(device):
+        raise DKGMError(f"{key}: bf16 but {torch.cuda.get_device_name(device)} has no bf16 units: set {key} to "
+                        "auto or fp32")
     if choice != "auto":
         return choice
-    return "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
+    if device.type == "cuda":
+        return "bf16" if cuda_has_bf16(device) else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dkgm.devices import resolve_device
+from dkgm.devices import exact_fp32, resolve_device
 from dkgm.errors import DKGMError
 from dkgm.rng import sample_generators
 
@@ -91,7 +91,7 @@ def sq_distance_blocks(
     The |q|^2 term is constant along a row, so rankings need no more; add
     ops.query_sq_norm back for true distances. Full-size blocks are written into one reused
     buffer (fresh large allocations cost page faults on the CPU), so a consumer must finish
-    with a block before asking for the next.
+    with a block before asking for the next. The products are full float32 (never TF32).
     """
     queries, reference = ops.queries, ops.reference
     m, n = queries.shape[0], reference.shape[0]
@@ -102,10 +102,9 @@ def sq_distance_blocks(
         q = queries[qs : qs + query_chunk]
         for rs in range(0, n, ref_chunk):
             r = reference[rs : rs + ref_chunk]
-            if (q.shape[0], r.shape[0]) == tuple(buf.shape):
-                yield qs, rs, torch.mm(q, r.T, out=buf)
-            else:
-                yield qs, rs, torch.mm(q, r.T)
+            with exact_fp32():  # full float32 even where the stage turned TF32 on for its network
+                block = torch.mm(q, r.T, out=buf) if (q.shape[0], r.shape[0]) == tuple(buf.shape) else torch.mm(q, r.T)
+            yield qs, rs, block
             done += 1
             if progress is not None:
                 progress(done, total)

@@ -114,38 +114,70 @@ def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def _kth_neighbour_radius(f: np.ndarray, k: int) -> np.ndarray:
+def _kth_neighbour_radius(f: np.ndarray, k: int, device: str = "cpu") -> np.ndarray:
     from dkgm.kde import topk_sq_distances
 
-    tk = topk_sq_distances(f, f, k + 1, device="cpu")  # the first neighbour is the point itself
+    tk = topk_sq_distances(f, f, k + 1, device=device)  # the first neighbour is the point itself
     return np.sqrt(tk.sq_dists[:, k])
 
 
-def _inside_any_ball(queries: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    q, c = torch.from_numpy(queries), torch.from_numpy(centres)
-    r = torch.from_numpy(radii)
-    out = np.empty(len(queries), dtype=bool)
-    for s in range(0, len(q), chunk):
-        d = torch.cdist(q[s : s + chunk], c, compute_mode="donot_use_mm_for_euclid_dist")  # exact 0 for copies
-        out[s : s + chunk] = (d <= r[None]).any(dim=1).numpy()
+def inside_any_ball(queries: np.ndarray, centres: np.ndarray, radii: np.ndarray, *, device: str = "cpu",
+                    query_chunk: int = 1024, ref_chunk: int = 16384) -> np.ndarray:
+    """Whether each query lies in some ball |q - c_j| <= r_j: one chunked float32 GEMM pass on
+    `device` (the distance blocks of dkgm.kde). A pair whose GEMM distance is within the float32
+    cancellation bound of its radius is decided again from the exact difference in float64, so
+    the answer equals an exact pairwise test (a copy, at distance 0, is inside any ball)."""
+    from dkgm.devices import resolve_device
+    from dkgm.kde import DistanceOperands, sq_distance_blocks
+
+    q_np = np.asarray(queries, dtype=np.float64).reshape(len(queries), -1)
+    c_np = np.asarray(centres, dtype=np.float64).reshape(len(centres), -1)
+    dev = resolve_device(device)
+    ops = DistanceOperands.build(torch.from_numpy(q_np), torch.from_numpy(c_np), dev, torch.float32)
+    r2 = torch.as_tensor(np.asarray(radii, dtype=np.float64) ** 2, dtype=torch.float32, device=dev)
+    ref_norm = ops.reference[:, ops.dim]  # |c - centre|^2
+    # float32 products of centred vectors: error below ~d * 2^-23 * (|q|^2 + |c|^2); 8x headroom
+    eps = 8.0 * ops.dim * torch.finfo(torch.float32).eps
+    inside = torch.zeros(len(q_np), dtype=torch.bool, device=dev)
+    unsure: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for qs, rs, block in sq_distance_blocks(ops, query_chunk=query_chunk, ref_chunk=ref_chunk):
+        qn = ops.query_sq_norm[qs : qs + block.shape[0], None]
+        gap = block + qn - r2[None, rs : rs + block.shape[1]]  # ~ |q - c|^2 - r^2
+        tol = eps * (qn + ref_norm[None, rs : rs + block.shape[1]]) + 1e-30
+        rows = slice(qs, qs + block.shape[0])
+        inside[rows] |= (gap <= -tol).any(dim=1)
+        a, b = torch.nonzero(gap.abs() < tol, as_tuple=True)
+        if len(a):
+            unsure.append((a + qs, b + rs))
+    out = inside.cpu().numpy()
+    for a, b in unsure:  # the borderline pairs, exactly
+        a_np, b_np = a.cpu().numpy(), b.cpu().numpy()
+        keep = ~out[a_np]
+        a_np, b_np = a_np[keep], b_np[keep]
+        if len(a_np):
+            d2 = ((q_np[a_np] - c_np[b_np]) ** 2).sum(axis=1)
+            hit = d2 <= np.asarray(radii, dtype=np.float64)[b_np] ** 2
+            out[a_np[hit]] = True
     return out
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, device: str = "cpu") -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019): precision is the fraction of
-    generated points inside some real point's k-NN ball, recall the converse."""
+    generated points inside some real point's k-NN ball, recall the converse. Every pass is a
+    chunked GEMM on `device`: memory O(chunk x n), not O(n^2)."""
     r, f = _features(real, "real features", k + 1), _features(fake, "generated features", k + 1)
-    precision = _inside_any_ball(f, r, _kth_neighbour_radius(r, k)).mean()
-    recall = _inside_any_ball(r, f, _kth_neighbour_radius(f, k)).mean()
+    precision = inside_any_ball(f, r, _kth_neighbour_radius(r, k, device), device=device).mean()
+    recall = inside_any_ball(r, f, _kth_neighbour_radius(f, k, device), device=device).mean()
     return float(precision), float(recall)
 
 
-def nearest_two(queries: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distances to the nearest and second-nearest reference rows, and the nearest row's index."""
+def nearest_two(queries: np.ndarray, reference: np.ndarray, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distances to the nearest and second-nearest reference rows, and the nearest row's index:
+    one chunked GEMM pass on `device`, the two selected distances recomputed exactly."""
     from dkgm.kde import topk_sq_distances
 
     tk = topk_sq_distances(np.asarray(queries).reshape(len(queries), -1), np.asarray(reference).reshape(len(reference), -1),
-                           2, device="cpu")
+                           2, device=device)
     d = np.sqrt(tk.sq_dists)
     return d[:, 0], d[:, 1], tk.indices[:, 0]
 
@@ -188,13 +220,21 @@ def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None) -> flo
     if not bandwidth > 0:
         raise DKGMError("mmd_rbf: the kernel bandwidth must be positive (are all points identical?)")
 
-    def k(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-        return np.exp(-((p[:, None] - q[None]) ** 2).sum(-1) / (2 * bandwidth**2))
-
     m, n = len(a), len(b)
-    kxx, kyy = k(a, a), k(b, b)
-    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
-                 - 2 * k(a, b).mean())
+    sxx, syy, sxy = (_rbf_sum(p, q, bandwidth) for p, q in ((a, a), (b, b), (a, b)))
+    # the diagonals of kxx and kyy are exp(0) = 1: m and n of the sums
+    return float((sxx - m) / (m * (m - 1)) + (syy - n) / (n * (n - 1)) - 2 * sxy / (m * n))
+
+
+def _rbf_sum(p: np.ndarray, q: np.ndarray, bandwidth: float, budget: int = 1 << 22) -> float:
+    """sum_ij exp(-|p_i - q_j|^2 / (2 bw^2)) in row chunks of at most `budget` differences
+    (float64 differences: exact zeros on the diagonal; memory O(budget), not O(n m d))."""
+    rows = max(1, budget // max(1, len(q) * p.shape[1]))
+    total = 0.0
+    for s in range(0, len(p), rows):
+        d2 = ((p[s : s + rows, None, :] - q[None]) ** 2).sum(-1)
+        total += float(np.exp(-d2 / (2 * bandwidth**2)).sum())
+    return total
 
 
 def sliced_wasserstein(x: np.ndarray, y: np.ndarray, n_projections: int = 256, seed: int = 0,

@@ -205,9 +205,15 @@ def train(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
     edges = torch.exp(torch.linspace(math.log(cfg.sigma_min), math.log(cfg.sigma_max), cfg.sigma_buckets + 1))
-    acc_loss = torch.zeros(cfg.sigma_buckets, dtype=torch.float64)
-    acc_n = torch.zeros(cfg.sigma_buckets, dtype=torch.float64)
-    acc_total, acc_steps = 0.0, 0
+    # loss statistics accumulate on the device: the loop never waits for the GPU except at a log row
+    # (no per-step .item() / .cpu()); a non-finite loss is caught there, before any state is saved
+    stats_dtype = torch.float64 if device.type != "mps" else torch.float32
+    edges_dev = edges.to(device, stats_dtype)[1:-1]
+    acc_loss = torch.zeros(cfg.sigma_buckets, dtype=stats_dtype, device=device)
+    acc_n = torch.zeros(cfg.sigma_buckets, dtype=stats_dtype, device=device)
+    acc_total = torch.zeros((), dtype=stats_dtype, device=device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
+    acc_steps = 0
     next_state = (nimg // int(cfg.state_every_kimg * 1000) + 1) * int(cfg.state_every_kimg * 1000)
     stop_at = total_nimg if stop_after_kimg is None else min(total_nimg, int(round(stop_after_kimg * 1000)))
     t0 = time.perf_counter()
@@ -250,9 +256,7 @@ def train(
         with autocast:
             per_sample = denoising_loss(forward, x0, sig, nz)
         loss = per_sample.mean()
-        if not torch.isfinite(loss).item():
-            kept = f"; the last good state is kept in {state_dir}" if state_dir is not None else ""
-            raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step + 1} ({nimg} images seen): training stopped{kept}")
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step + 1, first_bad)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -268,29 +272,36 @@ def train(
                 be.copy_(b)
 
         with torch.no_grad():
-            ps = per_sample.detach().double().cpu()
-            bucket = torch.bucketize(sigma[mine].double(), edges.double()[1:-1])
+            ps = per_sample.detach().to(stats_dtype)
+            bucket = torch.bucketize(sig.to(stats_dtype), edges_dev)
             acc_loss.index_add_(0, bucket, ps)
             acc_n.index_add_(0, bucket, torch.ones_like(ps))
-            acc_total += float(ps.mean())
+            acc_total += ps.mean()
             acc_steps += 1
-        if step % cfg.log_every == 0 or nimg >= stop_at:
+        at_log, at_state = step % cfg.log_every == 0 or nimg >= stop_at, nimg >= next_state
+        if (at_log or at_state) and int(first_bad) >= 0:  # one host sync per log row or state
+            kept = f"; the last good state is kept in {state_dir}" if state_dir is not None else ""
+            bad = int(first_bad)
+            raise NonFiniteLoss(f"non-finite loss at step {bad} ({(bad - 1) * cfg.batch_size} images seen; "
+                                f"found at step {step}): training stopped{kept}")
+        if at_log:
             now = time.perf_counter()
             row = {
                 "step": step,
                 "nimg": nimg,
-                "loss": acc_total / acc_steps,
+                "loss": float(acc_total) / acc_steps,
                 "lr": learning_rate(cfg, nimg),
                 "images_per_second": (nimg - nimg_log) / max(now - t_log, 1e-9),
             }
+            sums, counts = acc_loss.tolist(), acc_n.tolist()  # one transfer per row
             for b in range(cfg.sigma_buckets):
-                row[f"loss_sigma_{edges[b]:.3g}_{edges[b + 1]:.3g}"] = float(acc_loss[b] / acc_n[b]) if acc_n[b] > 0 else float("nan")
+                row[f"loss_sigma_{edges[b]:.3g}_{edges[b + 1]:.3g}"] = sums[b] / counts[b] if counts[b] > 0 else float("nan")
             log_rows.append(row)
-            acc_loss.zero_(), acc_n.zero_()
-            acc_total, acc_steps, t_log, nimg_log = 0.0, 0, now, nimg
+            acc_loss.zero_(), acc_n.zero_(), acc_total.zero_()
+            acc_steps, t_log, nimg_log = 0, now, nimg
             if progress is not None:
                 progress(nimg, total_nimg, row)
-        if nimg >= next_state:
+        if at_state:
             save_state()
             next_state += int(cfg.state_every_kimg * 1000)
     seconds = time.perf_counter() - t0

@@ -127,15 +127,16 @@ def check_noise_range(snapshot: dict[str, Any], sigma0: float, params_key: str) 
 # ----------------------------------------------------------------------------- sample sets
 
 
-def load_samples(root: Path, rel: str, what: str) -> tuple[np.ndarray, Any, dict[str, Any]]:
-    """A sample set (data/samples/<name>): samples.npy, its manifest and meta."""
+def load_samples(root: Path, rel: str, what: str, mmap: bool = False) -> tuple[np.ndarray, Any, dict[str, Any]]:
+    """A sample set (data/samples/<name>): samples.npy, its manifest and meta. `mmap`: the
+    samples memory-mapped read-only (a stage that streams them in batches never holds them all)."""
     base = root / rel
     meta = read_json(base / "meta.json", f"{what} metadata")
     manifest = read_parquet(base / "manifest.parquet", f"{what} manifest")
     npy = base / "samples.npy"
     if not npy.is_file():
         raise DKGMError(f"{what} not found: {npy} (run the stage that produces it first, or `dvc repro`)")
-    return np.load(npy), manifest, meta
+    return np.load(npy, mmap_mode="r" if mmap else None), manifest, meta
 
 
 # ----------------------------------------------------------------------------- reference features

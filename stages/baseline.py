@@ -190,7 +190,7 @@ def sample_run(cfg: SampleBaselineParams, root: Path) -> dict[str, Any]:
     device = resolve_device(cfg.device, "sample_baseline.device")
     denoiser, snap = load_denoiser(root / BASELINE_SNAPSHOT, device)
     shape = tuple(snap["network"]["shape"])
-    fn = denoise_fn(denoiser, device, resolve_precision(cfg.precision, device))
+    fn = denoise_fn(denoiser, device, resolve_precision(cfg.precision, device, "sample_baseline.precision"))
     seeds = cfg.seed + np.arange(cfg.n_samples, dtype=np.int64)
     t0 = time.perf_counter()
     bar = Progress("sample_baseline", cfg.n_samples)

@@ -121,9 +121,9 @@ class Reference:
         if len(self.val) < 2:
             raise DKGMError("calibrate needs validation items for its held-out reference: prepare.val_fraction is 0")
         self.kind = prepared.kind
-        _, own, _ = mt.nearest_two(self.train, self.train)  # the nearest *other* training item
+        _, own, _ = mt.nearest_two(self.train, self.train, device=cfg.device)  # the nearest *other* training item
         self.train_own_nn = own
-        d1, d2, nn = mt.nearest_two(self.val, self.train)
+        d1, d2, nn = mt.nearest_two(self.val, self.train, device=cfg.device)
         self.val_nn = d1
         self.floor_copy = mt.copy_fraction(d1, d2, cfg.copy_ratio)
         self.floor_authenticity = novelty.authenticity(d1, nn, own)
@@ -152,7 +152,7 @@ def _quantized(x: np.ndarray, kind: str) -> np.ndarray:
 def score(x: np.ndarray, ref: Reference, cfg: CalibrateParams) -> dict[str, float]:
     """Novelty and fidelity of one candidate's refined probe set."""
     x = _quantized(x, ref.kind)
-    d1, d2, nn = mt.nearest_two(x, ref.train)
+    d1, d2, nn = mt.nearest_two(x, ref.train, device=cfg.device)
     zu = novelty.z_u(d1, ref.val_nn)
     m_eval = min(cfg.eval_samples, ref.n_test)
     zu_eval = novelty.z_u_at(novelty.z_u_effect(zu, len(x), len(ref.val_nn)), cfg.eval_samples, m_eval)
@@ -181,7 +181,7 @@ def run(cfg: CalibrateParams, root: Path) -> dict[str, Any]:
     h_kde = float(bw["h"])
     device = resolve_device(cfg.device, "calibrate.device")
     denoiser, snap = load_denoiser(root / DEBIASER_SNAPSHOT, device)
-    fn = denoise_fn(denoiser, device, resolve_precision(cfg.precision, device))
+    fn = denoise_fn(denoiser, device, resolve_precision(cfg.precision, device, "calibrate.precision"))
     ref = Reference(prepared, cfg)
 
     seeds = cfg.seed + np.arange(cfg.probe_samples, dtype=np.int64)

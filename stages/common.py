@@ -101,8 +101,23 @@ def write_metrics(outs: StagedOutputs, rel: str, metrics: dict[str, Any]) -> Non
     so that two identical runs have identical metrics files."""
     from stages.contract import is_timing, timings_path
 
+    metrics = {**metrics, **peak_memory()}
     write_json(outs.path(rel), {k: v for k, v in metrics.items() if not is_timing(k)})
     write_json(outs.path(timings_path(rel)), {k: v for k, v in metrics.items() if is_timing(k)})
+
+
+def peak_memory() -> dict[str, float]:
+    """The process's peak resident memory so far (MiB; each stage runs in its own process), and the
+    peak GPU memory torch allocated when CUDA was used. Timings, not results: they vary between
+    identical runs."""
+    import resource
+
+    import torch
+
+    peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["peak_gpu_mib"] = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
+    return peak
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:

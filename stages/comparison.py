@@ -95,7 +95,7 @@ def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, 
     root = Path(root)
     ecfg = ev.EvaluateParams(**{key.split(".", 1)[1]: value for key, value in shared.items()})
     device = resolve_device(cfg.device, "comparison.device")
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, "comparison.precision")
     x_kde, man, kde_meta = load_samples(root, KDE_SAMPLES, "KDE samples")
     n = min(cfg.n_samples, len(x_kde))
     x_kde, seeds = x_kde[:n], man["seed"].to_numpy()[:n]

@@ -88,8 +88,8 @@ def timings_path(metrics_path: str) -> str:
 
 def is_timing(key: str) -> bool:
     """Keys that vary between identical runs or only say where a run ran: seconds, throughputs,
-    resume counters, the device and precision. Everything else a stage reports is a result."""
-    return key.endswith(("seconds", "per_second")) or key in TIMING_KEYS
+    peak memory (MiB), resume counters, the device and precision. Everything else a stage reports is a result."""
+    return key.endswith(("seconds", "per_second", "_mib")) or key in TIMING_KEYS
 
 
 # ----------------------------------------------------------------------------- stages

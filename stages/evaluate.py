@@ -127,7 +127,8 @@ class Scorer:
         self.second_pick = np.sort(np.random.default_rng(cfg.seed + 1).permutation(len(val_rows))[:n])
         self.second = prepared.items(val_rows[self.second_pick]) if len(val_rows) > 1 else None
         self.scale = np.sqrt(np.prod(self.train.shape[1:]))  # distances as RMS per coordinate
-        self.real_d1, self.real_d2, _ = mt.nearest_two(self.real, self.train)
+        resolve_device(cfg.device, "evaluate.device")  # one line naming the key, before any pass needs it
+        self.real_d1, self.real_d2, _ = mt.nearest_two(self.real, self.train, device=cfg.device)
         self.net = None
 
     def as_float(self, x: np.ndarray) -> np.ndarray:
@@ -140,7 +141,7 @@ class Scorer:
         m["real_nn_distance"] = float(np.median(self.real_d1) / self.scale)
         near = {}
         for name, x in sets.items():  # memorization in data space, against every training item (one GEMM pass)
-            d1, d2, nn = near[name] = mt.nearest_two(x, self.train)
+            d1, d2, nn = near[name] = mt.nearest_two(x, self.train, device=cfg.device)
             m[f"{name}_copy_fraction"] = mt.copy_fraction(d1, d2, cfg.copy_ratio)
             m[f"{name}_nn_distance"] = float(np.median(d1) / self.scale)
         copying(m, "pixel", self.train, self.real, self.second, sets, cfg)
@@ -219,13 +220,13 @@ def copying(m: dict, space: str, train: np.ndarray, heldout: np.ndarray, second:
     """Z_U, C_T and authenticity of every set in one space (`pixel`: data space against every
     training item; `inception`: features against the reference subset). `real_*` is a second
     held-out set scored the same way: its Z_U and C_T should read about 0."""
-    _, own, _ = mt.nearest_two(train, train)  # each training item's nearest other training item
-    held_nn, _, held_idx = mt.nearest_two(heldout, train)
+    _, own, _ = mt.nearest_two(train, train, device=cfg.device)  # each training item's nearest other training item
+    held_nn, _, held_idx = mt.nearest_two(heldout, train, device=cfg.device)
     centres = novelty.kmeans(train, min(cfg.ct_cells, len(train)), seed=cfg.seed)
     m[f"real_authenticity_{space}"] = novelty.authenticity(held_nn, held_idx, own)
     scored = {**sets, **({"real": second} if second is not None and len(second) > 1 else {})}
     for name, x in scored.items():
-        d1, _, idx = mt.nearest_two(x, train)
+        d1, _, idx = mt.nearest_two(x, train, device=cfg.device)
         m[f"{name}_zu_{space}"] = novelty.z_u(d1, held_nn)
         if name != "real":
             m[f"{name}_authenticity_{space}"] = novelty.authenticity(d1, idx, own)
@@ -287,8 +288,8 @@ def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], re
     for name, f in feats.items():
         m[f"{name}_fid"] = mt.fid_to_reference(f, mu, sigma)
         m[f"{name}_kid"] = mt.kid(f, tr, cfg.kid_subsets, cfg.kid_subset_size, seed=cfg.seed)
-        m[f"{name}_precision"], m[f"{name}_recall"] = mt.precision_recall(sub, f, cfg.pr_k)
-        d1, d2, _ = mt.nearest_two(f, tr)
+        m[f"{name}_precision"], m[f"{name}_recall"] = mt.precision_recall(sub, f, cfg.pr_k, device=cfg.device)
+        d1, d2, _ = mt.nearest_two(f, tr, device=cfg.device)
         m[f"{name}_copy_fraction_inception"] = mt.copy_fraction(d1, d2, cfg.copy_ratio)
         if probs[name] is not None:
             m[f"{name}_inception_score"], m[f"{name}_inception_score_std"] = mt.inception_score(probs[name], cfg.is_splits)

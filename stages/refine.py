@@ -78,7 +78,7 @@ def figure_steps(k: int) -> list[int]:
 
 def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
     prepared = load_prepared(root)
-    x_kde, manifest, kde_meta = load_samples(root, KDE_SAMPLES, "KDE samples")
+    x_kde, manifest, kde_meta = load_samples(root, KDE_SAMPLES, "KDE samples", mmap=True)
     device = resolve_device(cfg.device, "refine.device")
     denoiser, snap = load_denoiser(root / DEBIASER_SNAPSHOT, device)
     shape = tuple(snap["network"]["shape"])
@@ -99,66 +99,78 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
 
     n = len(x_kde)
     points = prepared.kind == "points"
-    anchors = prepared.data[manifest["anchor_index"].to_numpy()]
-    anchors = anchors.astype(np.float32) if points else ds.to_float(anchors)
+    anchor_rows = manifest["anchor_index"].to_numpy()
     roll = prepared.manifold() if points else None
     all_k = list(range(cfg.steps + 1))
     shown = figure_steps(cfg.steps)
     per_k = np.zeros((len(all_k), n))  # distance to the anchor (images) or to the spiral (points)
-    out = np.empty_like(x_kde)
     traj = {k: [] for k in shown}  # images: the first samples; points: every sample
     seeds = manifest["seed"].to_numpy()
-
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, "refine.precision")
     fn = denoise_fn(denoiser, device, precision)
 
-    t0 = time.perf_counter()
-    bar = Progress("refine", n)
-    for s in range(0, n, cfg.batch_size):
-        rows = slice(s, s + cfg.batch_size)
-        out[rows], kept = debias_batch(fn, x_kde[rows], seeds[rows], ladder, cfg.solver, device, keep=all_k)
-        for j, k in enumerate(all_k):
-            xk = kept[k]
-            if points:
-                per_k[j, rows] = roll.distance(xk)
-            else:
-                per_k[j, rows] = np.sqrt(((xk - anchors[rows]) ** 2).reshape(len(xk), -1).mean(1))
-            if k in traj and (points or s < cfg.trajectory_samples):
-                traj[k].append(xk if points else xk[: cfg.trajectory_samples - s])
-        bar(min(s + cfg.batch_size, n))
-    bar.close()
-    seconds = time.perf_counter() - t0
-
-    metrics: dict[str, Any] = {
-        "n_samples": n,
-        "steps": cfg.steps,
-        "nfe": nfe,
-        "schedule": cfg.schedule,
-        "solver": cfg.solver,
-        "eta": eta,
-        "eta_source": eta_source,
-        "bandwidth_scale": float(kde_meta.get("bandwidth_scale", 1.0)),
-        "h": h,
-        "samples_per_second": n / max(seconds, 1e-9),
-        "seconds": seconds,
-        "device": str(device),
-        "precision": precision,
-    }
-    curve = per_k.mean(axis=1)
-    if points:
-        metrics.update({"kde_mean_distance_to_manifold": float(curve[0]), "mean_distance_to_manifold": float(curve[-1]),
-                        "manifold_distance_reduction": float(curve[0] / max(curve[-1], 1e-12)),
-                        "train_mean_distance_to_manifold": float(roll.distance(prepared.split("train")).mean())})
-    else:
-        metrics.update({"kde_rms_distance_to_anchor": float(curve[0]), "rms_distance_to_anchor": float(curve[-1])})
+    def as_float(rows: np.ndarray) -> np.ndarray:
+        items = prepared.data[rows]
+        return items.astype(np.float32) if points else ds.to_float(items)
 
     with staged_outputs(root, "refine") as outs:
         base = outs.path(REFINED)
         base.mkdir()
-        np.save(base / "samples.npy", out if points else ds.to_uint8(out))
+        # the input is memory-mapped and the output written batch by batch into the staged file:
+        # memory holds one batch of samples, iterates and anchors, whatever n is
+        out = np.lib.format.open_memmap(base / "samples.npy", mode="w+", dtype=np.float32 if points else np.uint8,
+                                        shape=x_kde.shape)
+        t0 = time.perf_counter()
+        bar = Progress("refine", n)
+        for s in range(0, n, cfg.batch_size):
+            rows = slice(s, s + cfg.batch_size)
+            x_out, kept = debias_batch(fn, np.array(x_kde[rows]), seeds[rows], ladder, cfg.solver, device, keep=all_k)
+            bad = ~np.isfinite(x_out.reshape(len(x_out), -1)).all(axis=1)
+            if bad.any():  # a diverged sampler: never store (or score) NaN as black pixels
+                first = next(k for k in all_k if not np.isfinite(kept[k][bad]).all())
+                raise DKGMError(f"refine: {int(bad.sum())} of the {len(x_out)} samples from {s} on became non-finite "
+                                f"(first at step k = {first} of {cfg.steps}, sigma = {ladder.sigmas[max(first - 1, 0)]:.4g}); "
+                                "nothing was written: check the debiaser (reports/train) and refine.steps / eta")
+            out[rows] = x_out if points else ds.to_uint8(x_out)
+            anchors = None if points else as_float(anchor_rows[rows])
+            for j, k in enumerate(all_k):
+                xk = kept[k]
+                if points:
+                    per_k[j, rows] = roll.distance(xk)
+                else:
+                    per_k[j, rows] = np.sqrt(((xk - anchors) ** 2).reshape(len(xk), -1).mean(1))
+                if k in traj and (points or s < cfg.trajectory_samples):
+                    traj[k].append(xk if points else xk[: cfg.trajectory_samples - s])
+            bar(min(s + cfg.batch_size, n))
+        bar.close()
+        out.flush()
+        seconds = time.perf_counter() - t0
+        metrics: dict[str, Any] = {
+            "n_samples": n,
+            "steps": cfg.steps,
+            "nfe": nfe,
+            "schedule": cfg.schedule,
+            "solver": cfg.solver,
+            "eta": eta,
+            "eta_source": eta_source,
+            "bandwidth_scale": float(kde_meta.get("bandwidth_scale", 1.0)),
+            "h": h,
+            "samples_per_second": n / max(seconds, 1e-9),
+            "seconds": seconds,
+            "device": str(device),
+            "precision": precision,
+        }
+        curve = per_k.mean(axis=1)
+        if points:
+            metrics.update({"kde_mean_distance_to_manifold": float(curve[0]), "mean_distance_to_manifold": float(curve[-1]),
+                            "manifold_distance_reduction": float(curve[0] / max(curve[-1], 1e-12)),
+                            "train_mean_distance_to_manifold": float(roll.distance(prepared.split("train")).mean())})
+        else:
+            metrics.update({"kde_rms_distance_to_anchor": float(curve[0]), "rms_distance_to_anchor": float(curve[-1])})
+
         write_parquet(base / "manifest.parquet", {
             "sample_id": manifest["sample_id"].to_numpy(), "seed": seeds,
-            "anchor_index": manifest["anchor_index"].to_numpy(), "nfe": np.full(n, nfe, dtype=np.int64)})
+            "anchor_index": anchor_rows, "nfe": np.full(n, nfe, dtype=np.int64)})
         write_json(base / "meta.json", {"kind": prepared.kind, "shape": list(shape), "n": n, "h": h, "nfe": nfe,
                                         "storage": "float32" if points else "uint8 [0, 255]", "ladder": ladder.sigmas,
                                         "schedule": cfg.schedule, "solver": cfg.solver, "eta": eta,
@@ -169,11 +181,12 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
             _swissroll_figure(outs.path(TRAJECTORY), stacked, prepared.split("train"), roll, cfg)
         else:
             m = min(cfg.grid_samples, n)
-            write_png(outs.path(GRID), image_grid(ds.to_uint8(out[:m]), ncol=8))
-            _trajectory_images(outs.path(TRAJECTORY), stacked, anchors[: cfg.trajectory_samples],
+            write_png(outs.path(GRID), image_grid(np.asarray(out[:m]), ncol=8))
+            _trajectory_images(outs.path(TRAJECTORY), stacked, as_float(anchor_rows[: cfg.trajectory_samples]),
                                manifest["sample_id"].to_numpy()[: cfg.trajectory_samples])
         _progress_plot(outs.path(PROGRESS), ladder.sigmas, curve, points,
                        metrics.get("train_mean_distance_to_manifold"))
+        del out  # close the map before the staged folder is published
         write_metrics(outs, METRICS, metrics)
     log.info("refine: %d samples, K=%d %s/%s eta=%.2f (%s), NFE %d, %.1f samples/s", n, cfg.steps, cfg.schedule,
              cfg.solver, eta, eta_source, nfe, metrics["samples_per_second"])

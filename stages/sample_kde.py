@@ -70,43 +70,51 @@ def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
     train_labels = prepared.split_labels("train")
 
     seeds = cfg.seed + np.arange(cfg.n_samples, dtype=np.int64)
-    samples = np.empty((cfg.n_samples, *train.shape[1:]), dtype=np.float32)
     anchors = np.empty(cfg.n_samples, dtype=np.int64)
-    t0 = time.perf_counter()
-    bar = Progress("sample_kde", cfg.n_samples)
-    for s in range(0, cfg.n_samples, cfg.batch_size):
-        batch = seeds[s : s + cfg.batch_size].tolist()
-        x, a = kde.sample_kde(train_t, h, batch, cfg.kernel)
-        samples[s : s + len(batch)], anchors[s : s + len(batch)] = x.numpy(), a.numpy()
-        bar(s + len(batch))
-    bar.close()
-    seconds = time.perf_counter() - t0
-
     d = int(np.prod(train.shape[1:]))
-    offset = (samples - train[anchors]).reshape(cfg.n_samples, -1)
-    metrics: dict[str, Any] = {
-        "n_samples": cfg.n_samples,
-        "h": h,
-        "h_kde": float(bw["h"]),
-        "bandwidth_scale": scale,
-        "bandwidth_scale_source": scale_source,
-        "kernel": cfg.kernel,
-        "rms_offset_over_h": float(np.sqrt((offset**2).mean()) / h),
-        "distinct_anchors": int(len(np.unique(anchors))),
-        "samples_per_second": cfg.n_samples / max(seconds, 1e-9),
-        "seconds": seconds,
-    }
-    if prepared.kind == "images":
-        metrics["fraction_outside_range"] = float(np.mean(np.abs(samples) > 1.0))
-    else:
-        roll = prepared.manifold()
-        metrics["mean_distance_to_manifold"] = float(roll.distance(samples).mean())
-        metrics["train_mean_distance_to_manifold"] = float(roll.distance(train).mean())
-
+    roll = prepared.manifold() if prepared.kind != "images" else None
+    sq_offset, outside, manifold_distance = 0.0, 0, 0.0  # streamed: no second copy of the samples
     with staged_outputs(root, "sample_kde") as out:
         base = out.path(KDE_SAMPLES)
         base.mkdir()
-        np.save(base / "samples.npy", samples)
+        # written batch by batch into the staged file: memory holds one batch, not n_samples x d
+        samples = np.lib.format.open_memmap(base / "samples.npy", mode="w+", dtype=np.float32,
+                                            shape=(cfg.n_samples, *train.shape[1:]))
+        t0 = time.perf_counter()
+        bar = Progress("sample_kde", cfg.n_samples)
+        for s in range(0, cfg.n_samples, cfg.batch_size):
+            batch = seeds[s : s + cfg.batch_size].tolist()
+            x, a = kde.sample_kde(train_t, h, batch, cfg.kernel)
+            x_np = x.numpy()
+            samples[s : s + len(batch)], anchors[s : s + len(batch)] = x_np, a.numpy()
+            sq_offset += float(np.square((x_np - train[a.numpy()]).astype(np.float64)).sum())
+            if roll is None:
+                outside += int(np.count_nonzero(np.abs(x_np) > 1.0))
+            else:
+                manifold_distance += float(roll.distance(x_np).sum())
+            bar(s + len(batch))
+        bar.close()
+        seconds = time.perf_counter() - t0
+        samples.flush()
+
+        metrics: dict[str, Any] = {
+            "n_samples": cfg.n_samples,
+            "h": h,
+            "h_kde": float(bw["h"]),
+            "bandwidth_scale": scale,
+            "bandwidth_scale_source": scale_source,
+            "kernel": cfg.kernel,
+            "rms_offset_over_h": float(np.sqrt(sq_offset / (cfg.n_samples * d)) / h),
+            "distinct_anchors": int(len(np.unique(anchors))),
+            "samples_per_second": cfg.n_samples / max(seconds, 1e-9),
+            "seconds": seconds,
+        }
+        if roll is None:
+            metrics["fraction_outside_range"] = outside / (cfg.n_samples * d)
+        else:
+            metrics["mean_distance_to_manifold"] = manifold_distance / cfg.n_samples
+            metrics["train_mean_distance_to_manifold"] = float(roll.distance(train).mean())
+
         write_parquet(
             base / "manifest.parquet",
             {
@@ -119,6 +127,7 @@ def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
         write_json(base / "meta.json", {"h": h, "h_kde": float(bw["h"]), "bandwidth_scale": scale, "kernel": cfg.kernel, "n": cfg.n_samples, "shape": list(train.shape[1:]),
                                         "seed": cfg.seed, "dataset": prepared.meta["dataset"], "dim": d})
         _figure(out.path(GRID), prepared.kind, samples, train, anchors, cfg, h)
+        del samples  # close the map before the staged folder is published
         write_metrics(out, METRICS, metrics)
     log.info("sample_kde: %d %s samples at h=%.4g (scale %.3g, %s; %.0f samples/s)", cfg.n_samples, cfg.kernel, h, scale,
              scale_source, metrics["samples_per_second"])

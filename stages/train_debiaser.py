@@ -116,7 +116,7 @@ def configs(cfg: DebiaserParams, h: float, shape: tuple[int, ...], device: torch
         log_every=cfg.log_every,
         state_every_kimg=cfg.state_every_kimg,
         keep_states=cfg.keep_states,
-        precision=resolve_precision(cfg.precision, device),
+        precision=resolve_precision(cfg.precision, device, "debiaser.precision"),
         channels_last=device.type == "cuda" and len(shape) == 3,
         compile=cfg.compile,
     )
@@ -155,14 +155,16 @@ def _init_distributed(device_choice: str) -> tuple[int, int, torch.device]:
     if world == 1:
         return 0, 1, resolve_device(device_choice, "debiaser.device")
     use_cuda = torch.cuda.is_available() and device_choice != "cpu"
+    device = torch.device("cpu")
+    if use_cuda:  # bind this process to its GPU before NCCL starts, or every rank's communicator lands on GPU 0
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    rank = torch.distributed.get_rank()
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+        if use_cuda:
+            torch.distributed.init_process_group("nccl", device_id=device)
+        else:
+            torch.distributed.init_process_group("gloo")
+    return torch.distributed.get_rank(), world, resolve_device(device)
 
 
 @dataclass
@@ -187,10 +189,7 @@ def fit(cfg: DebiaserParams, prepared: Prepared, root: Path, *, h: float, data_e
         want = "mlp" if prepared.kind == "points" else "unet or dae"
         raise DKGMError(f"debiaser.arch {cfg.arch} does not fit {prepared.meta['dataset']} ({prepared.kind}): use {want}")
     train_np = prepared.split("train")
-    rank, world, device = _init_distributed(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    rank, world, device = _init_distributed(cfg.device)  # a CUDA device comes back with TF32 and cudnn.benchmark on
     shape = tuple(train_np.shape[1:])
     net_cfg, train_cfg = configs(cfg, h, shape, device, **noise_range)
     data = torch.from_numpy(train_np)

@@ -215,3 +215,28 @@ def test_refine_rejects_stale_artifacts(project):
                project / artifacts.DEBIASER_SNAPSHOT)
     with pytest.raises(DKGMError, match=r"trained on data of shape \(1, 16, 16\)"):
         run_stages(project, "refine")
+
+
+def test_a_diverged_sampler_stops_refine_with_the_step_and_count(project):
+    """A network that returns NaN: refine stops with one line naming how many samples diverged and
+    at which step, and writes nothing (NaN must never become black pixels that get scored)."""
+    import torch
+
+    from stages import artifacts
+    from tests.conftest import run_stages
+
+    run_stages(project, *TRAINED)
+    pin_point(project)
+    run_stages(project, "sample_kde")
+    snap_path = project / artifacts.DEBIASER_SNAPSHOT
+    snap = torch.load(snap_path, map_location="cpu", weights_only=True)
+    for name, value in snap["ema"].items():
+        if value.is_floating_point() and name.endswith("weight"):
+            value.fill_(float("nan"))
+    torch.save(snap, snap_path)
+    with pytest.raises(DKGMError, match=r"refine: 40 of the 40 samples from 0 on became non-finite "
+                                        r"\(first at step k = 1 of \d+.*nothing was written"):
+        run_stages(project, "refine")
+    assert not (project / artifacts.REFINED).exists()
+    staging = project / ".dkgm" / "staging"
+    assert not staging.exists() or not any(staging.iterdir())

@@ -159,7 +159,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path):
     before = good.read_bytes()
     bad = torch.from_numpy(pts).clone()
     bad[:] = float("nan")
-    with pytest.raises(NonFiniteLoss, match=r"at step 11 \(320 images seen\).*last good state"):
+    with pytest.raises(NonFiniteLoss, match=r"at step 11 \(320 images seen; found at step 15\).*last good state"):
         train(_mlp(), bad, cfg, state_dir=tmp_path)
     assert list_states(tmp_path) == [good] and good.read_bytes() == before
 
