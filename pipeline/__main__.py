@@ -59,6 +59,17 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("stages", help="list the stages, their params sections and outputs")
 
+    pre = sub.add_parser("preset", help="list, show, apply or pass on a params preset (a dataset's setup)",
+                         description="Presets are the keys a setup changes (pipeline/presets/NAME.yaml). No NAME: "
+                         "list them. NAME: show what it changes against params.yaml. --apply: write it into "
+                         "params.yaml (comments kept). --set-args: print `-S key=value` arguments, as in "
+                         "`dvc exp run $(python -m pipeline preset NAME --set-args)`.")
+    pre.add_argument("name", nargs="?", metavar="NAME", help="preset name")
+    how = pre.add_mutually_exclusive_group()
+    how.add_argument("--apply", action="store_true", help="write the preset's values into the params file")
+    how.add_argument("--set-args", action="store_true", help="print -S arguments for `dvc exp run` on one line")
+    pre.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+
     dy = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage modules",
                         description="Write dvc.yaml from the stage modules (commands, artifact and code deps, params, "
                         "outs, metrics, plots) and add to params.yaml any section it lacks, at the schema defaults. "
@@ -207,6 +218,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{spec.name:15s} {spec.doc}")
             print(f"{'':15s} run: {spec.command}; params: {spec.section}; outs: {', '.join(spec.out_paths)}")
         return 0
+    if args.command == "preset":
+        return _preset(args)
     if args.command == "dvc-yaml":
         from pipeline.dvcyaml import run_dvc_yaml
 
@@ -260,6 +273,34 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run_stage(args.stage, str(args.params), str(args.root))
     _out_of_sync_note(args.stage, Path(args.root))
+    return 0
+
+
+def _preset(args: argparse.Namespace) -> int:
+    from pipeline import presets
+
+    if args.name is None:
+        if args.apply or args.set_args:
+            raise DKGMError("preset --apply / --set-args need a NAME: one of " + ", ".join(presets.names()))
+        for name in presets.names():
+            print(f"{name:18s} {presets.description(name)}")
+        return 0
+    if args.set_args:
+        print(" ".join(presets.set_args(args.name)))
+        return 0
+    diff = presets.apply(args.name, args.params) if args.apply else presets.changes(args.name, args.params)
+    width = max(len(k) for k, _, _ in diff)
+    for key, old, new in diff:
+        mark = "  " if old == new else "* "
+        print(f"{mark}{key:{width}s}  {old!r} -> {new!r}")
+    changed = sum(old != new for _, old, new in diff)
+    if args.apply:
+        print(f"{args.params}: preset {args.name} applied ({changed} values changed); run it with `dvc repro` or "
+              "`dvc exp run`; undo with `git checkout " + args.params + "`")
+    else:
+        print(f"preset {args.name}: {changed} of {len(diff)} values differ from {args.params} (* above). Apply: "
+              f"`python -m pipeline preset {args.name} --apply`, or as an experiment: "
+              f"`dvc exp run $(python -m pipeline preset {args.name} --set-args)`")
     return 0
 
 
