@@ -155,8 +155,8 @@ def inside_any_ball(queries: np.ndarray, centres: np.ndarray, radii: np.ndarray,
         keep = ~out[a_np]
         a_np, b_np = a_np[keep], b_np[keep]
         if len(a_np):
-            d2 = ((q_np[a_np] - c_np[b_np]) ** 2).sum(axis=1)
-            hit = d2 <= np.asarray(radii, dtype=np.float64)[b_np] ** 2
+            dist = np.sqrt(((q_np[a_np] - c_np[b_np]) ** 2).sum(axis=1))  # compared as distances, like the radii
+            hit = dist <= np.asarray(radii, dtype=np.float64)[b_np]
             out[a_np[hit]] = True
     return out
 

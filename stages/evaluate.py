@@ -231,7 +231,7 @@ def copying(m: dict, space: str, train: np.ndarray, heldout: np.ndarray, second:
         if name != "real":
             m[f"{name}_authenticity_{space}"] = novelty.authenticity(d1, idx, own)
         try:
-            cells = novelty.c_t(train, heldout, x, centres, tau=cfg.ct_tau)
+            cells = novelty.c_t(train, heldout, x, centres, tau=cfg.ct_tau, device=cfg.device)
         except DKGMError as exc:  # too few points for the partition: say why instead of a number
             m[f"{name}_ct_{space}"], m[f"ct_{space}_note"] = None, str(exc)
             continue

@@ -99,3 +99,37 @@ def test_bad_features_are_one_clear_error():
         M.fid(np.ones((1, 4)), np.ones((5, 4)))
     with pytest.raises(DKGMError, match="NaN"):
         M.feature_stats(np.array([[np.nan, 1.0], [1.0, 2.0]]))
+
+
+def test_ball_test_by_gemm_equals_the_exact_pairwise_test():
+    """inside_any_ball decides from a float32 GEMM and re-checks borderline pairs exactly: the answer
+    must equal the exact float64 test, for copies (distance 0), for queries placed exactly on a
+    ball's boundary, and whatever the chunking."""
+    rng = np.random.default_rng(3)
+    for d in (2, 64, 1024):
+        centres = rng.standard_normal((300, d)) + 5.0  # off-centre: large norms, the GEMM's hard case
+        queries = rng.standard_normal((250, d)) * 1.1 + 5.0
+        queries[:20] = centres[:20]  # copies
+        queries[20:40] = centres[20:40] + 1e-3 * rng.standard_normal((20, d))  # near-copies, on the boundary below
+        exact_d = np.sqrt(((queries[:, None, :] - centres[None]) ** 2).sum(-1))
+        radii = exact_d.min(axis=0) * (1 - 1e-6)  # every ball just misses its nearest query (a copy's: radius 0)
+        radii[20:40] = exact_d[np.arange(20, 40), np.arange(20, 40)]  # twenty queries exactly on a boundary
+        want = (exact_d <= radii[None]).any(axis=1)
+        for qc, rc in ((1024, 16384), (7, 50)):
+            got = M.inside_any_ball(queries, centres, radii, query_chunk=qc, ref_chunk=rc)
+            np.testing.assert_array_equal(got, want)
+        assert want[:40].all() and not want.all()  # copies and boundary points inside; the test is not vacuous
+
+
+def test_mmd_rbf_in_chunks_equals_the_full_kernel_matrix():
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((120, 2)), rng.standard_normal((90, 2)) + 0.4
+    bw = 0.8
+
+    def k(a, b):
+        return np.exp(-((a[:, None] - b[None]) ** 2).sum(-1) / (2 * bw**2))
+
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    full = ((kxx.sum() - np.trace(kxx)) / (120 * 119) + (kyy.sum() - np.trace(kyy)) / (90 * 89) - 2 * kxy.mean())
+    assert M.mmd_rbf(x, y, bandwidth=bw) == pytest.approx(full, rel=1e-12)
+    assert M._rbf_sum(x, y, bw, budget=7) == pytest.approx(kxy.sum(), rel=1e-12)  # tiny chunks, same sum
