@@ -280,17 +280,29 @@ def diag_gaussian_loglik(train: np.ndarray, heldout: np.ndarray, extra_var: floa
     smoothing, none of the mixture structure. (A plain MLE fit is degenerate on images: pixels
     that are constant in the data get zero variance and an infinite density.)
     """
-    x = np.asarray(train, dtype=np.float64).reshape(len(train), -1)
-    y = np.asarray(heldout, dtype=np.float64).reshape(len(heldout), -1)
-    base_var = x.var(axis=0)
-    sq = (y - x.mean(axis=0)) ** 2
+    mean, base_var = column_moments(train)
+    y = np.asarray(heldout).reshape(len(heldout), -1)
     out = []
     for extra in np.atleast_1d(np.asarray(extra_var, dtype=np.float64)):
         var = base_var + extra
         if np.any(var <= 0):
             raise DKGMError("diagonal Gaussian baseline: zero variance in some coordinate; pass extra_var > 0")
-        out.append(float(-0.5 * ((sq / var).sum(axis=1).mean() + np.log(var).sum() + x.shape[1] * LOG_2PI)))
+        quad = sum(float((((y[s : s + _ROWS].astype(np.float64) - mean) ** 2) / var).sum()) for s in range(0, len(y), _ROWS))
+        out.append(float(-0.5 * (quad / len(y) + np.log(var).sum() + len(mean) * LOG_2PI)))
     return out if np.ndim(extra_var) else out[0]
+
+
+_ROWS = 4096  # rows per float64 chunk: moments never need a float64 copy of the whole set
+
+
+def column_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-coordinate mean and (population) variance in float64, two passes over row chunks (the
+    same two-pass formula as numpy's var, without its float64 copy of the whole array)."""
+    x = np.asarray(x).reshape(len(x), -1)
+    n = len(x)
+    mean = sum(x[s : s + _ROWS].astype(np.float64).sum(axis=0) for s in range(0, n, _ROWS)) / n
+    var = sum((((x[s : s + _ROWS].astype(np.float64) - mean) ** 2).sum(axis=0) for s in range(0, n, _ROWS))) / n
+    return mean, var
 
 
 # ----------------------------------------------------------------------------- rules of thumb
@@ -298,8 +310,7 @@ def diag_gaussian_loglik(train: np.ndarray, heldout: np.ndarray, extra_var: floa
 
 def data_scale(train: np.ndarray) -> float:
     """sigma_hat: the root mean per-coordinate variance of the training set."""
-    x = np.asarray(train, dtype=np.float64).reshape(len(train), -1)
-    return float(math.sqrt(x.var(axis=0).mean()))
+    return float(math.sqrt(column_moments(train)[1].mean()))
 
 
 def scott_bandwidth(n: int, d: int, sigma: float) -> float:
