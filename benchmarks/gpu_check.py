@@ -113,8 +113,8 @@ def tf32_settings() -> str:
 
     m, c = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     if hasattr(m, "fp32_precision"):
-        return (f"cuda.matmul.fp32_precision={m.fp32_precision}, cudnn.conv.fp32_precision={getattr(c, 'fp32_precision', '?')}, "
-                f"float32_matmul_precision={torch.get_float32_matmul_precision()}")
+        # not torch.get_float32_matmul_precision(): after the per-backend API it raises (mixed legacy/new APIs)
+        return f"cuda.matmul.fp32_precision={m.fp32_precision}, cudnn.conv.fp32_precision={getattr(c, 'fp32_precision', '?')}"
     return f"matmul.allow_tf32={m.allow_tf32}, cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}"
 
 
