@@ -54,33 +54,30 @@ def configure_cuda(device: torch.device) -> torch.device:
     return device
 
 
-def _matmul_precision() -> str:
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):
-        return m.fp32_precision
-    return "tf32" if m.allow_tf32 else "ieee"  # pragma: no cover - torch < 2.9
-
-
 @contextmanager
 def exact_fp32() -> Iterator[None]:
-    """Full float32 matmuls inside the block (no TF32): nearest-neighbour and bandwidth passes
+    """Full float32 matmuls inside the block, whatever the stage set: no TF32 on CUDA, no bf16
+    rounding on CPUs with AMX (the per-backend `fp32_precision` API only: torch raises when it is
+    mixed with the legacy set_float32_matmul_precision). Nearest-neighbour and bandwidth passes
     rank distances whose differences TF32's 10-bit mantissa would blur."""
-    if not torch.cuda.is_available():
-        yield
+    backends = [b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
+                if b is not None and hasattr(b, "fp32_precision")]
+    if not backends:  # pragma: no cover - torch < 2.9
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
         return
-    before = _matmul_precision()
-    cuda_matmul = torch.backends.cuda.matmul
-    if hasattr(cuda_matmul, "fp32_precision"):
-        cuda_matmul.fp32_precision = "ieee"
-    else:  # pragma: no cover
-        cuda_matmul.allow_tf32 = False
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
     try:
         yield
     finally:
-        if hasattr(cuda_matmul, "fp32_precision"):
-            cuda_matmul.fp32_precision = before
-        else:  # pragma: no cover
-            cuda_matmul.allow_tf32 = before == "tf32"
+        for b, value in zip(backends, saved):
+            b.fp32_precision = value
 
 
 @cache
