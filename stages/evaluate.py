@@ -258,9 +258,7 @@ def feature_network(weights: dict | None, device: str, key: str = "evaluate.devi
     if digest != w.sha256:
         raise DKGMError(f"Inception weights {w.path} changed since the reference was computed "
                         f"(SHA-256 {digest}, reference {w.sha256}): re-run reference")
-    from stages.reference import cleanfid_resizer
-
-    return inception.InceptionFeatures(w, resolve_device(device, key), resize=cleanfid_resizer())
+    return inception.InceptionFeatures(w, resolve_device(device, key))  # the reference's resize (its meta says which)
 
 
 def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], real: np.ndarray,
