@@ -53,6 +53,14 @@ def test_stage_one_end_to_end(project):
     for png in (prepare.PREVIEW, fit_kde.CV_PLOT, sample_kde.GRID):
         assert (project / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (project / common.STAGING).exists()  # nothing left behind
+    # peak memory is a timing (it varies between identical runs): beside the metrics, not in them
+    sk = json.loads((project / sample_kde.METRICS).read_text())
+    timings = json.loads((project / "reports/sample_kde/timings.json").read_text())
+    assert "peak_rss_mib" not in sk and 100 < timings["peak_rss_mib"] < 64 * 1024
+    # the streamed statistics equal the ones computed from the whole array
+    offset = (samples - items[sm["anchor_index"]]).astype(np.float64)
+    assert sk["rms_offset_over_h"] == pytest.approx(np.sqrt((offset**2).mean()) / bw["h"], rel=1e-9)
+    assert sk["fraction_outside_range"] == pytest.approx(float(np.mean(np.abs(samples) > 1.0)), abs=0)
 
 
 def test_samples_do_not_depend_on_batch_size(project, tmp_path):
