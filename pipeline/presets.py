@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from dkgm.errors import DKGMError
+from pipeline.compare import flatten  # nested sections -> dotted keys (lists are values)
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -48,18 +49,6 @@ def description(name: str) -> str:
             break
         lines.append(line.lstrip("# ").rstrip())
     return " ".join(lines)
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists are values."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
 
 
 def load(name: str) -> dict[str, Any]:
