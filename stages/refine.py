@@ -109,10 +109,6 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
     precision = resolve_precision(cfg.precision, device, "refine.precision")
     fn = denoise_fn(denoiser, device, precision)
 
-    def as_float(rows: np.ndarray) -> np.ndarray:
-        items = prepared.data[rows]
-        return items.astype(np.float32) if points else ds.to_float(items)
-
     with staged_outputs(root, "refine") as outs:
         base = outs.path(REFINED)
         base.mkdir()
@@ -132,7 +128,7 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
                                 f"(first at step k = {first} of {cfg.steps}, sigma = {ladder.sigmas[max(first - 1, 0)]:.4g}); "
                                 "nothing was written: check the debiaser (reports/train) and refine.steps / eta")
             out[rows] = x_out if points else ds.to_uint8(x_out)
-            anchors = None if points else as_float(anchor_rows[rows])
+            anchors = None if points else prepared.items(anchor_rows[rows])
             for j, k in enumerate(all_k):
                 xk = kept[k]
                 if points:
@@ -182,7 +178,7 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
         else:
             m = min(cfg.grid_samples, n)
             write_png(outs.path(GRID), image_grid(np.asarray(out[:m]), ncol=8))
-            _trajectory_images(outs.path(TRAJECTORY), stacked, as_float(anchor_rows[: cfg.trajectory_samples]),
+            _trajectory_images(outs.path(TRAJECTORY), stacked, prepared.items(anchor_rows[: cfg.trajectory_samples]),
                                manifest["sample_id"].to_numpy()[: cfg.trajectory_samples])
         _progress_plot(outs.path(PROGRESS), ladder.sigmas, curve, points,
                        metrics.get("train_mean_distance_to_manifold"))
