@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from dkgm.errors import DKGMError
+from dkgm.errors import DKGMError, one_line
 
 IMAGE_DATASETS = ("mnist5k", "fashion_mnist", "cifar10", "image_folder")
 POINT_DATASETS = ("swissroll",)
@@ -114,11 +114,6 @@ def combined_sha256(named_digests: Iterable[tuple[str, str]]) -> str:
     for name, digest in named_digests:
         h.update(name.encode("utf-8", "surrogateescape") + b"\0" + digest.encode("ascii") + b"\n")
     return h.hexdigest()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
 
 
 def square_resize(img: Any, size: int) -> Any:
@@ -213,7 +208,7 @@ def parse_idx(raw: bytes, name: str) -> np.ndarray:
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as exc:
-            raise DKGMError(f"IDX file {name}: corrupt or truncated gzip data ({_one_line(exc)})") from None
+            raise DKGMError(f"IDX file {name}: corrupt or truncated gzip data ({one_line(exc)})") from None
     if len(raw) < 4 or raw[:2] != b"\0\0":
         raise DKGMError(f"IDX file {name}: not an IDX file (magic number {raw[:4].hex() or 'missing'})")
     code, ndim = raw[2], raw[3]
@@ -238,7 +233,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise DKGMError(f"IDX file {path}: cannot read it ({_one_line(exc)})") from None
+        raise DKGMError(f"IDX file {path}: cannot read it ({one_line(exc)})") from None
     return parse_idx(raw, str(path))
 
 
@@ -268,7 +263,7 @@ def fashion_mnist_dir_from_dpkg() -> Path:
     except FileNotFoundError:
         reason = "dpkg not found (not a Debian-based system)"
     except (OSError, subprocess.SubprocessError) as exc:
-        reason = f"`dpkg -L {FASHION_PACKAGE}` failed: {_one_line(exc)}"
+        reason = f"`dpkg -L {FASHION_PACKAGE}` failed: {one_line(exc)}"
     else:
         if proc.returncode != 0:
             said = " ".join(proc.stderr.split())[:200]
@@ -301,7 +296,7 @@ def load_fashion_mnist(folder: str | Path) -> ImageSet:
         try:
             raw = path.read_bytes()
         except OSError as exc:
-            raise DKGMError(f"IDX file {path}: cannot read it ({_one_line(exc)})") from None
+            raise DKGMError(f"IDX file {path}: cannot read it ({one_line(exc)})") from None
         digests[path.name] = hashlib.sha256(raw).hexdigest()
         arrays[key] = parse_idx(raw, str(path))
     parts, labels = [], []
@@ -377,7 +372,7 @@ def safe_unpickle(raw: bytes, name: str) -> Any:
     except DKGMError:
         raise
     except Exception as exc:  # noqa: BLE001 - any malformed pickle is a bad input file
-        raise DKGMError(f"{name}: not a readable pickle ({_one_line(exc)})") from None
+        raise DKGMError(f"{name}: not a readable pickle ({one_line(exc)})") from None
 
     def check(o: Any) -> None:
         if isinstance(o, np.ndarray) and o.dtype.hasobject:
@@ -416,7 +411,7 @@ def _cifar_members(source: Path) -> dict[str, tuple[str, bytes]]:
             try:
                 found[batch] = (str(f), f.read_bytes())
             except OSError as exc:
-                raise DKGMError(f"dataset cifar10: cannot read {f} ({_one_line(exc)})") from None
+                raise DKGMError(f"dataset cifar10: cannot read {f} ({one_line(exc)})") from None
         return found
     try:
         with tarfile.open(source, "r:*") as tar:
@@ -430,7 +425,7 @@ def _cifar_members(source: Path) -> dict[str, tuple[str, bytes]]:
     except DKGMError:
         raise
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        raise DKGMError(f"dataset cifar10: cannot read the archive {source} ({_one_line(exc)})") from None
+        raise DKGMError(f"dataset cifar10: cannot read the archive {source} ({one_line(exc)})") from None
     missing = [b for b in CIFAR_BATCHES if b not in found]
     if missing:
         raise DKGMError(f"dataset cifar10: the archive {source} has no {CIFAR_FOLDER}/{missing[0]} "
@@ -483,7 +478,7 @@ def _download(files: Sequence[tuple[str, str, str]], dest: Path, what: str) -> N
             try:
                 download_url(url, tmp, filename=filename, md5=md5)
             except Exception as exc:  # noqa: BLE001 - no network, HTTP errors, a full disk
-                raise DKGMError(f"dataset {what}: downloading {url} failed: {_one_line(exc)}") from None
+                raise DKGMError(f"dataset {what}: downloading {url} failed: {one_line(exc)}") from None
             os.replace(Path(tmp) / filename, dest / filename)
 
 
@@ -544,7 +539,7 @@ def list_image_files(path: str | Path) -> ImageFiles:
                 infos = zf.infolist()
         except (zipfile.BadZipFile, OSError) as exc:
             raise DKGMError(f"dataset image_folder: {path} is neither a folder nor a readable .zip "
-                            f"({_one_line(exc)})") from None
+                            f"({one_line(exc)})") from None
         names = [i.filename for i in infos if not i.is_dir() and i.filename.lower().endswith(IMAGE_EXTENSIONS)
                  and not any(_skipped(p) for p in i.filename.split("/"))]
         if len(set(names)) != len(names):
@@ -585,7 +580,7 @@ def decode_image(raw: bytes, size: int, name: str) -> np.ndarray:
     except UnidentifiedImageError:
         raise DKGMError(f"dataset image_folder: cannot decode {name} (not an image PIL can identify)") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for a bad file
-        raise DKGMError(f"dataset image_folder: cannot decode {name} ({_one_line(exc)})") from None
+        raise DKGMError(f"dataset image_folder: cannot decode {name} ({one_line(exc)})") from None
     return arr.transpose(2, 0, 1)
 
 
@@ -626,7 +621,7 @@ def load_image_folder(path: str | Path, size: int, limit: int | None = None, see
             else:
                 raw = (files.source / files.names[i]).read_bytes()
         except (OSError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
-            raise DKGMError(f"dataset image_folder: cannot read {name} ({_one_line(exc)})") from None
+            raise DKGMError(f"dataset image_folder: cannot read {name} ({one_line(exc)})") from None
         return hashlib.sha256(raw).hexdigest(), decode_image(raw, size, name)
 
     try:

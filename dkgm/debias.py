@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from dkgm.errors import DKGMError
+from dkgm.errors import DKGMError, torch_load_reason
 
 
 class Denoiser(nn.Module):
@@ -115,7 +115,7 @@ def load_denoiser(path, device: str | torch.device = "cpu") -> tuple[Denoiser, d
         snap = torch.load(path, map_location="cpu", weights_only=True)
         cfg = NetworkConfig.from_dict(snap["network"])
     except Exception as exc:
-        raise DKGMError(f"cannot read debiaser snapshot {path}: {exc}") from None
+        raise DKGMError(f"cannot read debiaser snapshot {path}: {torch_load_reason(exc)}") from None
     den = Denoiser(build_network(cfg), snap["sigma_data"])
     try:
         den.load_state_dict(snap["ema"])

