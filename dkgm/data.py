@@ -90,7 +90,12 @@ def to_float(images: np.ndarray) -> np.ndarray:
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """float [-1, 1] -> uint8 [0, 255], clipped and rounded (the inverse of to_float on the grid)."""
+    """float [-1, 1] -> uint8 [0, 255], clipped and rounded (the inverse of to_float on the grid).
+    NaN or Inf is an error: it would otherwise become a black or white pixel and be scored."""
+    images = np.asarray(images)
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        bad = int((~np.isfinite(images)).reshape(len(images), -1).any(axis=1).sum()) if images.ndim > 1 else 1
+        raise DKGMError(f"cannot convert to uint8 pixels: {bad} image(s) hold NaN or Inf")
     return np.clip(np.rint((np.asarray(images, dtype=np.float64) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 

@@ -19,3 +19,19 @@ def torch_load_reason(exc: BaseException) -> str:
         detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
         return f"refused: it holds objects other than tensors and plain containers ({detail[0] if detail else 'unknown'})"
     return one_line(exc)
+
+
+# errors of the machine, not of the code: a full disk, a read-only or unwritable folder
+ENVIRONMENT_ERRNOS = frozenset({"ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EFBIG", "EMFILE", "ENFILE"})
+
+
+def environment_error(exc: OSError, doing: str) -> DKGMError | None:
+    """The one-line DKGMError for an OSError the user must fix on the machine (None for others)."""
+    import errno
+
+    if errno.errorcode.get(exc.errno or -1) not in ENVIRONMENT_ERRNOS:
+        return None
+    where = f" {exc.filename}" if exc.filename else ""
+    hint = {"ENOSPC": "free some space", "EDQUOT": "free some space", "EFBIG": "free some space or raise the file "
+            "size limit"}.get(errno.errorcode[exc.errno], "check the folder's permissions")
+    return DKGMError(f"{doing}: cannot write{where}: {exc.strerror or one_line(exc)} ({hint}); nothing was published")

@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.WARNING if getattr(args, "quiet", False) else logging.INFO)
     try:
         return _dispatch(args)
-    except DKGMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except DKGMError as exc:  # one line, whatever the message quotes (a key or a value with a line break)
+        print("error: " + str(exc).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
         return EXIT_USAGE
 
 

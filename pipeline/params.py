@@ -66,7 +66,8 @@ def _known_keys(model: type[BaseModel], path: list[str]) -> list[str]:
 
 
 def _describe(err: dict[str, Any]) -> str:
-    parts = [str(p) for p in err["loc"] if not str(p).startswith(("literal[", "float", "union[", "function-"))]
+    parts = [str(p) if str(p).isprintable() and str(p).strip() else repr(str(p))  # a key like "\r" shown as '\r'
+             for p in err["loc"] if not str(p).startswith(("literal[", "float", "union[", "function-"))]
     key = ".".join(parts)
     kind = err["type"]
     if kind == "extra_forbidden" and key in MOVED:
@@ -108,9 +109,13 @@ def load_params(path: str | Path = PARAMS_FILE) -> BaseModel:
     if not path.is_file():
         raise ParamsError(f"{path}: file not found (run from the project root, or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if raw is None:  # DVC reads each stage's keys from this file: an empty one is never meant
+        raise ParamsError(f"{path}: empty (expected a mapping of sections such as prepare:, kde:, debiaser:)")
     return validate(raw, str(path))
 
 

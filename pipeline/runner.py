@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dkgm.errors import DKGMError
+from dkgm.errors import DKGMError, environment_error
 from pipeline import registry
 from pipeline.params import load_params, section
 from stages.contract import Stage
@@ -44,10 +44,16 @@ def run_stage_direct(name: str, params_path: str | Path, root: str | Path) -> An
     cfg = section(params, stage.section) if stage.section else None
     check_inputs(stage, root)
     t0 = time.perf_counter()
-    if stage.reads:
-        result = stage.run(cfg, root, {key: section(params, key) for key in stage.reads})
-    else:
-        result = stage.run(cfg, root)
+    try:
+        if stage.reads:
+            result = stage.run(cfg, root, {key: section(params, key) for key in stage.reads})
+        else:
+            result = stage.run(cfg, root)
+    except OSError as exc:  # a full disk or an unwritable folder: one line, the staged outputs are gone
+        err = environment_error(exc, f"stage {stage.name}")
+        if err is None:
+            raise
+        raise err from None
     if stage.gate:
         return result
     missing = [o.path for o in stage.outs if not (root / o.path).exists()]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from dkgm.errors import DKGMError
-from stages.common import read_json, read_parquet
+from stages.common import check_finite, read_json, read_npy, read_npz, read_parquet
 
 PREPARED = "data/prepared"  # data.npy, manifest.parquet (index, label, split), meta.json
 BANDWIDTH = "data/kde/bandwidth.json"  # fit_kde's bandwidth record
@@ -72,12 +72,17 @@ def load_prepared(root: Path) -> Prepared:
     base = root / PREPARED
     meta = read_json(base / "meta.json", "prepared dataset metadata")
     manifest = read_parquet(base / "manifest.parquet", "prepared dataset manifest")
-    npy = base / "data.npy"
-    if not npy.is_file():
-        raise DKGMError(f"prepared data not found: {npy} (run the prepare stage first, or `dvc repro`)")
-    data = np.load(npy)
-    if len(data) != len(manifest):
-        raise DKGMError(f"{npy} has {len(data)} items but its manifest lists {len(manifest)}: re-run prepare")
+    for key in ("kind", "dataset", "shape"):
+        if key not in meta:
+            raise DKGMError(f"{base / 'meta.json'} has no {key!r}: re-run prepare")
+    for col in ("index", "label", "split"):
+        if col not in manifest.columns:
+            raise DKGMError(f"{base / 'manifest.parquet'} has no column {col!r}: re-run prepare")
+    data = read_npy(base / "data.npy", "prepared data", dtypes=("uint8",) if meta["kind"] == "images" else ("float32",),
+                    shape=tuple(meta["shape"]), count=len(manifest))
+    index = manifest["index"].to_numpy()
+    if len(index) and (index.min() < 0 or index.max() >= len(data)):
+        raise DKGMError(f"{base / 'manifest.parquet'} lists rows outside data.npy (0..{len(data) - 1}): re-run prepare")
     return Prepared(data=data, manifest=manifest, meta=meta)
 
 
@@ -133,10 +138,12 @@ def load_samples(root: Path, rel: str, what: str, mmap: bool = False) -> tuple[n
     base = root / rel
     meta = read_json(base / "meta.json", f"{what} metadata")
     manifest = read_parquet(base / "manifest.parquet", f"{what} manifest")
-    npy = base / "samples.npy"
-    if not npy.is_file():
-        raise DKGMError(f"{what} not found: {npy} (run the stage that produces it first, or `dvc repro`)")
-    return np.load(npy, mmap_mode="r" if mmap else None), manifest, meta
+    if "n" in meta and int(meta["n"]) != len(manifest):
+        raise DKGMError(f"{base / 'manifest.parquet'} lists {len(manifest)} samples but {base / 'meta.json'} says "
+                        f"{meta['n']}: re-run the stage that wrote {rel}")
+    x = read_npy(base / "samples.npy", what, dtypes=("uint8", "float32"),
+                 shape=tuple(meta["shape"]) if "shape" in meta else None, count=len(manifest), mmap=mmap)
+    return x, manifest, meta
 
 
 # ----------------------------------------------------------------------------- reference features
@@ -149,10 +156,13 @@ def load_reference(root: Path, prepared: Prepared) -> tuple[dict[str, np.ndarray
         raise DKGMError(f"{REFERENCE} was computed for {meta.get('dataset')} but {PREPARED} holds "
                         f"{prepared.meta['dataset']} with a different split: re-run reference (or `dvc repro`)")
     path = root / REFERENCE / "features.npz"
-    if not path.is_file():
-        raise DKGMError(f"reference features not found: {path} (run the reference stage first, or `dvc repro`)")
-    with np.load(path) as z:
-        ref = {k: z[k] for k in z.files}
+    ref = read_npz(path, "reference features")
+    for key in ("train_rows", "test_rows"):
+        if key not in ref:
+            raise DKGMError(f"reference features {path} has no array {key!r}: re-run reference (or `dvc repro`)")
+    for key, arr in ref.items():
+        if arr.dtype.kind == "f":
+            check_finite(arr, f"reference features {path} ({key})")
     if not (np.array_equal(ref["test_rows"], prepared.split_rows("test"))
             and np.array_equal(ref.get("val_rows", prepared.split_rows("val")), prepared.split_rows("val"))
             and np.isin(ref["train_rows"], prepared.split_rows("train")).all()):

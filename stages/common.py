@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from dkgm import atomic
-from dkgm.errors import DKGMError
+from dkgm.errors import DKGMError, one_line
 
 log = logging.getLogger("dkgm")
 STAGING = ".dkgm/staging"  # outputs are written here first, then renamed into place
@@ -39,6 +39,20 @@ class StagedOutputs:
         self.root = Path(root)
         self.dir = self.root / STAGING / f"{stage}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._pending: dict[Path, Path] = {}
+        self._clear_stale(stage)
+
+    def _clear_stale(self, stage: str) -> None:
+        """Remove what a killed run of this stage left in the staging folder (its process is gone)."""
+        staging = self.root / STAGING
+        if not staging.is_dir():
+            return
+        for d in staging.iterdir():
+            name, _, rest = d.name.rpartition("-")  # <stage>-<pid>-<hex>
+            stage_name, _, pid = name.rpartition("-")
+            if stage_name != stage or not pid.isdigit() or _alive(int(pid)):
+                continue
+            log.info("%s: removing %s, left by a run that did not finish", stage, d.relative_to(self.root))
+            shutil.rmtree(d, ignore_errors=True)
 
     def path(self, rel: str) -> Path:
         """Where to write the output that will end up at root/rel (parent folders created)."""
@@ -60,6 +74,18 @@ class StagedOutputs:
         staging = self.root / STAGING
         if staging.is_dir() and not any(staging.iterdir()):
             staging.rmdir()
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextmanager
@@ -120,13 +146,67 @@ def peak_memory() -> dict[str, float]:
     return peak
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
+def _require_file(path: Path, what: str) -> None:
     if not path.is_file():
         raise DKGMError(f"{what} not found: {path} (run the stage that produces it first, or `dvc repro`)")
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    _require_file(path, what)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DKGMError(f"{what} is not valid JSON: {path}: {exc}") from None
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DKGMError(f"{what} is not valid JSON: {path}: {one_line(exc)} (re-run the stage that wrote it)") from None
+    if not isinstance(value, dict):
+        raise DKGMError(f"{what} {path}: expected a JSON object, found {type(value).__name__}")
+    return value
+
+
+def read_npy(path: Path, what: str, *, dtypes: tuple[str, ...] = (), shape: tuple[int, ...] | None = None,
+             count: int | None = None, mmap: bool = False) -> np.ndarray:
+    """An .npy artifact, checked: it parses in full (a truncated file is named, not a traceback), its
+    dtype is one of `dtypes`, its item shape is `shape`, it holds `count` items, and a float array
+    holds no NaN or Inf (checked in blocks, so a memory-mapped array is never read whole)."""
+    _require_file(path, what)
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DKGMError(f"{what} {path} is corrupt or truncated ({one_line(exc)}): re-run the stage that wrote it") from None
+    if not isinstance(arr, np.ndarray) or arr.ndim < 1:
+        raise DKGMError(f"{what} {path}: expected an array of items, found {type(arr).__name__}")
+    if dtypes and arr.dtype.name not in dtypes:
+        raise DKGMError(f"{what} {path} has dtype {arr.dtype.name}, expected {' or '.join(dtypes)}")
+    if shape is not None and tuple(arr.shape[1:]) != tuple(shape):
+        raise DKGMError(f"{what} {path} holds items of shape {tuple(arr.shape[1:])}, but its metadata says "
+                        f"{tuple(shape)}")
+    if count is not None and len(arr) != count:
+        raise DKGMError(f"{what} {path} has {len(arr)} items but its manifest lists {count}: re-run the stage "
+                        "that wrote it")
+    if arr.dtype.kind == "f":
+        check_finite(arr, f"{what} {path}")
+    return arr
+
+
+def check_finite(arr: np.ndarray, what: str, block: int = 4096) -> None:
+    """Raise one line naming the first item with a NaN or Inf (in blocks of items: no full copy)."""
+    for start in range(0, len(arr), block):
+        ok = np.isfinite(arr[start:start + block]).reshape(min(block, len(arr) - start), -1).all(axis=1)
+        if not ok.all():
+            first = start + int(np.argmin(ok))
+            bad = int((~np.isfinite(arr[start:])).reshape(len(arr) - start, -1).any(axis=1).sum())
+            raise DKGMError(f"{what}: {bad} item(s) hold NaN or Inf, the first at index {first}")
+
+
+def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz artifact, read in full (a truncated or corrupt archive is one line)."""
+    import zipfile
+
+    _require_file(path, what)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise DKGMError(f"{what} {path} is corrupt or truncated ({one_line(exc)}): re-run the stage that wrote it") from None
 
 
 def write_png(path: Path, array: np.ndarray) -> None:
@@ -207,9 +287,13 @@ def write_parquet(path: Path, columns: dict[str, Any]) -> None:
 def read_parquet(path: Path, what: str):
     import pandas as pd
 
-    if not path.is_file():
-        raise DKGMError(f"{what} not found: {path} (run the stage that produces it first, or `dvc repro`)")
-    return pd.read_parquet(path)
+    import pyarrow as pa
+
+    _require_file(path, what)
+    try:
+        return pd.read_parquet(path)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DKGMError(f"{what} {path} is corrupt or truncated ({one_line(exc)}): re-run the stage that wrote it") from None
 
 
 def new_figure(width: float = 6.0, height: float = 4.0):
