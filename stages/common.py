@@ -7,6 +7,7 @@ input therefore leaves no half-written artifact, and the previous complete one u
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -156,7 +157,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DKGMError(f"{what} is not valid JSON: {path}: {one_line(exc)} (re-run the stage that wrote it)") from None
+        raise DKGMError(f"{what} {path} is not valid JSON ({one_line(exc)}): re-run the stage that wrote it") from None
     if not isinstance(value, dict):
         raise DKGMError(f"{what} {path}: expected a JSON object, found {type(value).__name__}")
     return value
@@ -184,6 +185,23 @@ def read_npy(path: Path, what: str, *, dtypes: tuple[str, ...] = (), shape: tupl
                         "that wrote it")
     if arr.dtype.kind == "f":
         check_finite(arr, f"{what} {path}")
+    return arr
+
+
+def open_npy(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
+    """A new .npy file of `shape`, memory-mapped for writing in batches, with its disk space
+    reserved first: a full disk is an ENOSPC error here (one line), not a SIGBUS crash when a page
+    of a sparse file is written back later."""
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=tuple(shape))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # filesystems without it
+            del arr
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        os.close(fd)
     return arr
 
 

@@ -36,6 +36,7 @@ from stages.common import (
     labeled_grid,
     log,
     new_figure,
+    open_npy,
     save_figure,
     staged_outputs,
     write_json,
@@ -114,8 +115,7 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
         base.mkdir()
         # the input is memory-mapped and the output written batch by batch into the staged file:
         # memory holds one batch of samples, iterates and anchors, whatever n is
-        out = np.lib.format.open_memmap(base / "samples.npy", mode="w+", dtype=np.float32 if points else np.uint8,
-                                        shape=x_kde.shape)
+        out = open_npy(base / "samples.npy", np.float32 if points else np.uint8, x_kde.shape)
         t0 = time.perf_counter()
         bar = Progress("refine", n)
         for s in range(0, n, cfg.batch_size):

@@ -33,6 +33,7 @@ from stages.common import (
     labeled_grid,
     log,
     new_figure,
+    open_npy,
     save_figure,
     staged_outputs,
     write_json,
@@ -78,8 +79,7 @@ def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
         base = out.path(KDE_SAMPLES)
         base.mkdir()
         # written batch by batch into the staged file: memory holds one batch, not n_samples x d
-        samples = np.lib.format.open_memmap(base / "samples.npy", mode="w+", dtype=np.float32,
-                                            shape=(cfg.n_samples, *train.shape[1:]))
+        samples = open_npy(base / "samples.npy", np.float32, (cfg.n_samples, *train.shape[1:]))
         t0 = time.perf_counter()
         bar = Progress("sample_kde", cfg.n_samples)
         for s in range(0, cfg.n_samples, cfg.batch_size):
