@@ -44,6 +44,33 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (ours, or another user's)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temporary files that write_atomic calls killed mid-write left in `folder`
+    (`.<name>.<pid>.<hex>.tmp` whose process is gone); returns what was removed."""
+    removed = []
+    if not Path(folder).is_dir():
+        return removed
+    for p in Path(folder).glob(".*.tmp"):
+        parts = p.name.rsplit(".", 3)  # ['.<name>', '<pid>', '<hex>', 'tmp']
+        if len(parts) == 4 and parts[1].isdigit() and not pid_alive(int(parts[1])):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def replace(tmp: Path, final: Path) -> None:
     """Move a finished file or folder `tmp` to `final` (same filesystem), replacing what is there.
 

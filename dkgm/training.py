@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dkgm.atomic import write_atomic
+from dkgm.atomic import remove_stale_temps, write_atomic
 from dkgm.debias import Denoiser, denoising_loss, sample_sigmas
 from dkgm.errors import DKGMError, torch_load_reason
 
@@ -206,6 +206,9 @@ def train(
     resumed_from = None
     earlier_seconds = 0.0  # training time of the invocations this one resumes
 
+    if state_dir is not None and rank == 0:
+        for p in remove_stale_temps(state_dir):
+            log.info("removed %s, left by a run killed while it wrote a state", p.name)
     found = newest_usable_state(state_dir, total_nimg) if state_dir is not None else None
     if found is not None:
         path, st = found
@@ -242,6 +245,11 @@ def train(
     acc_total = torch.zeros((), dtype=stats_dtype, device=device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
     acc_steps = 0
+    if found is not None and "acc" in st:  # the log row in progress when the state was saved
+        acc_loss.copy_(st["acc"]["loss"].to(device, stats_dtype))
+        acc_n.copy_(st["acc"]["n"].to(device, stats_dtype))
+        acc_total.fill_(float(st["acc"]["total"]))
+        acc_steps = int(st["acc"]["steps"])
     next_state = (nimg // int(cfg.state_every_kimg * 1000) + 1) * int(cfg.state_every_kimg * 1000)
     stop_at = total_nimg if stop_after_kimg is None else min(total_nimg, int(round(stop_after_kimg * 1000)))
     t0 = time.perf_counter()
@@ -263,6 +271,8 @@ def train(
                 "step": step,
                 "log": log_rows,
                 "config": cfg.trajectory_key(),
+                # the loss statistics of the log row in progress: a resumed run logs the same rows
+                "acc": {"loss": acc_loss.cpu(), "n": acc_n.cpu(), "total": float(acc_total), "steps": acc_steps},
                 "train_seconds": earlier_seconds + time.perf_counter() - t0 if train_seconds is None else train_seconds,
             },
             state_dir / f"state-{nimg:09d}.pt",
@@ -309,8 +319,9 @@ def train(
             acc_n.index_add_(0, bucket, torch.ones_like(ps))
             acc_total += ps.mean()
             acc_steps += 1
-        at_log, at_state = step % cfg.log_every == 0 or nimg >= stop_at, nimg >= next_state
-        if (at_log or at_state) and int(first_bad) >= 0:  # one host sync per log row or state
+        # the last row comes at the end of training, not where an early stop (stop_after_kimg) falls
+        at_log, at_state = step % cfg.log_every == 0 or nimg >= total_nimg, nimg >= next_state
+        if (at_log or at_state or nimg >= stop_at) and int(first_bad) >= 0:  # one host sync per row or state
             kept = f"; the last good state is kept in {state_dir}" if state_dir is not None else ""
             bad = int(first_bad)
             raise NonFiniteLoss(f"non-finite loss at step {bad} ({(bad - 1) * cfg.batch_size} images seen; "

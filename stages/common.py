@@ -50,7 +50,7 @@ class StagedOutputs:
         for d in staging.iterdir():
             name, _, rest = d.name.rpartition("-")  # <stage>-<pid>-<hex>
             stage_name, _, pid = name.rpartition("-")
-            if stage_name != stage or not pid.isdigit() or _alive(int(pid)):
+            if stage_name != stage or not pid.isdigit() or atomic.pid_alive(int(pid)):
                 continue
             log.info("%s: removing %s, left by a run that did not finish", stage, d.relative_to(self.root))
             shutil.rmtree(d, ignore_errors=True)
@@ -75,18 +75,6 @@ class StagedOutputs:
         staging = self.root / STAGING
         if staging.is_dir() and not any(staging.iterdir()):
             staging.rmdir()
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 @contextmanager

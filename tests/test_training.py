@@ -121,7 +121,8 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(tmp_path):
     pts, _ = SwissRoll().sample(1000, seed=0)
     data = torch.from_numpy(pts)
     cfg = TrainConfig(batch_size=32, total_kimg=1.6, lr=2e-3, warmup_kimg=0.3, sigma_min=0.01, sigma_max=0.1,
-                      state_every_kimg=0.32, keep_states=2, log_every=5, ema_halflife_kimg=0.3)
+                      state_every_kimg=0.32, keep_states=2, log_every=7, ema_halflife_kimg=0.3)
+    # a state every 10 steps, a log row every 7: a state falls inside a log row, whose statistics must resume
     whole = train(_mlp(dropout=0.1), data, cfg, state_dir=tmp_path / "a")
     part = train(_mlp(dropout=0.1), data, cfg, state_dir=tmp_path / "b", stop_after_kimg=0.8)
     assert part.nimg < 1600
