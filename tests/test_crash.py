@@ -93,7 +93,7 @@ def _same_file(root: Path, ref: Path, rel: str) -> None:
         assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir()), rel
         for p in b.iterdir():
             _same_file(root, ref, f"{rel}/{p.name}")
-    elif rel.endswith("timings.json") or rel.endswith(".png") or rel.endswith("log.parquet"):
+    elif rel.endswith(("timings.json", ".png", "log.parquet")):
         assert a.stat().st_size > 0  # times differ between runs; complete is all that is asked
     elif rel.endswith(".pt"):
         sa, sb = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
