@@ -133,3 +133,38 @@ def test_mmd_rbf_in_chunks_equals_the_full_kernel_matrix():
     full = ((kxx.sum() - np.trace(kxx)) / (120 * 119) + (kyy.sum() - np.trace(kyy)) / (90 * 89) - 2 * kxy.mean())
     assert M.mmd_rbf(x, y, bandwidth=bw) == pytest.approx(full, rel=1e-12)
     assert M._rbf_sum(x, y, bw, budget=7) == pytest.approx(kxy.sum(), rel=1e-12)  # tiny chunks, same sum
+
+
+def test_fid_with_fewer_samples_than_dimensions_matches_clean_fid():
+    """The n x n path (the one the stages use: 500 samples, 2048 features) against clean-fid's own
+    frechet_distance on the full d x d statistics."""
+    from cleanfid.fid import frechet_distance as cleanfid_frechet
+
+    rng = np.random.default_rng(11)
+    d = 64
+    ref = rng.normal(size=(400, d)) @ rng.normal(size=(d, d)) / 8
+    mu, sigma = ref.mean(axis=0), np.cov(ref, rowvar=False)
+    for n in (10, 40, 63):  # n - 1 < d: the small path
+        f = rng.normal(size=(n, d)) * 1.3 + 0.2
+        want = cleanfid_frechet(f.mean(axis=0), np.cov(f, rowvar=False), mu, sigma)
+        assert M.fid_to_reference(f, mu, sigma) == pytest.approx(want, rel=1e-6), n
+
+
+def test_copy_fraction_known_answer_at_the_threshold():
+    """A copy is d1/d2 < 1/3 (DESIGN 2.6; Meehan et al.): the ratios straddle the threshold."""
+    ratios = np.array([0.10, 0.30, 0.33, 0.34, 0.36, 0.39, 0.45, 0.80])
+    d2 = np.full(len(ratios), 2.0)
+    assert M.copy_fraction(ratios * d2, d2) == 3 / 8
+    assert M.copy_fraction(ratios * d2, d2, threshold=0.4) == 6 / 8
+
+
+def test_the_copy_threshold_is_one_third_everywhere():
+    import yaml
+
+    from stages.calibrate import CalibrateParams
+    from stages.evaluate import EvaluateParams
+    from tests.conftest import REPO
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert raw["evaluate"]["copy_ratio"] == pytest.approx(1 / 3) and raw["calibrate"]["copy_ratio"] == pytest.approx(1 / 3)
+    assert EvaluateParams().copy_ratio == pytest.approx(1 / 3) and CalibrateParams().copy_ratio == pytest.approx(1 / 3)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from dkgm.data import SwissRoll
 from dkgm.debias import Denoiser, denoising_loss, denoising_mse, load_denoiser, make_snapshot
 from dkgm.errors import DKGMError
 from dkgm.networks import NetworkConfig, build_network, count_parameters
-from dkgm.training import NonFiniteLoss, TrainConfig, list_states, load_state, train
+from dkgm.training import NonFiniteLoss, TrainConfig, ema_beta, list_states, load_state, train
 from pipeline.runner import run_gate
 from stages import artifacts, gates, train_debiaser
 from stages.train_debiaser import DebiaserParams
@@ -77,6 +78,46 @@ def test_wrong_architecture_for_the_data_is_one_clear_error():
         build_network(NetworkConfig(arch="mlp", shape=(1, 16, 16)))
     with pytest.raises(DKGMError, match="use mlp for points"):
         build_network(NetworkConfig(arch="unet", shape=(2,)))
+
+
+def test_edm_preconditioning_known_coefficients():
+    """Karras et al. 2022, table 1: c_skip = sd^2/(s^2+sd^2), c_out = s sd/sqrt(s^2+sd^2),
+    c_in = 1/sqrt(s^2+sd^2), c_noise = ln(s)/4; here at sigma_data = 0.5."""
+    den = Denoiser(build_network(NetworkConfig(arch="mlp", channels=8, shape=(2,))), sigma_data=0.5)
+    sigma = torch.tensor([0.5, 1.2, 0.05], dtype=torch.float64)
+    c_skip, c_out, c_in, c_noise = den.coefficients(sigma)
+    # at sigma = sigma_data: 1/2, sd/sqrt(2), 1/(sd sqrt(2)), ln(0.5)/4
+    torch.testing.assert_close(c_skip[0], torch.tensor(0.5, dtype=torch.float64))
+    torch.testing.assert_close(c_out[0], torch.tensor(0.5 / math.sqrt(2), dtype=torch.float64))
+    torch.testing.assert_close(c_in[0], torch.tensor(1 / (0.5 * math.sqrt(2)), dtype=torch.float64))
+    torch.testing.assert_close(c_noise[0], torch.tensor(math.log(0.5) / 4, dtype=torch.float64))
+    # at sigma = 1.2: s^2 + sd^2 = 1.69, sqrt = 1.3
+    torch.testing.assert_close(c_skip[1], torch.tensor(0.25 / 1.69, dtype=torch.float64))
+    torch.testing.assert_close(c_out[1], torch.tensor(1.2 * 0.5 / 1.3, dtype=torch.float64))
+    torch.testing.assert_close(c_in[1], torch.tensor(1 / 1.3, dtype=torch.float64))
+    # the network's training target (x - c_skip (x + n)) / c_out has unit variance at every sigma
+    target_var = ((1 - c_skip) ** 2 * 0.25 + c_skip**2 * sigma**2) / c_out**2
+    torch.testing.assert_close(target_var, torch.ones(3, dtype=torch.float64))
+
+
+def test_ema_halves_the_weight_of_old_images_every_half_life():
+    """ema_beta per step of `batch` images: after ema_halflife_kimg x 1000 images the weight of the
+    EMA's starting value is 1/2 (no ramp-up), and with the ramp-up the half-life is at most
+    ratio x images seen."""
+    cfg = TrainConfig(ema_halflife_kimg=2.0, ema_rampup_ratio=None)
+    beta = ema_beta(cfg, nimg=100_000, batch=50)
+    assert beta ** (2000 / 50) == pytest.approx(0.5, rel=1e-12)
+    ramp = TrainConfig(ema_halflife_kimg=2.0, ema_rampup_ratio=0.1)
+    assert ema_beta(ramp, nimg=5000, batch=50) ** (500 / 50) == pytest.approx(0.5, rel=1e-12)  # 0.1 x 5000 = 500
+    assert ema_beta(ramp, nimg=100_000, batch=50) == pytest.approx(beta, rel=1e-15)  # 0.1 x 1e5 > 2000
+    # and the trainer applies it: a network whose weights jump from 0 to 1 at step 1 and stay
+    net = torch.nn.Linear(1, 1, bias=False)
+    ema = torch.nn.Linear(1, 1, bias=False)
+    ema.weight.data.zero_()
+    net.weight.data.fill_(1.0)
+    for _ in range(2000 // 50):
+        ema.weight.data.lerp_(net.weight.data, 1 - beta)
+    assert ema.weight.item() == pytest.approx(0.5, rel=1e-9)
 
 
 def test_snapshot_round_trip_is_bit_exact(tmp_path):
