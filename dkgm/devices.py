@@ -108,3 +108,31 @@ def resolve_precision(choice: str, device: torch.device, key: str = "the stage's
     if device.type == "cuda":
         return "bf16" if cuda_has_bf16(device) else "fp32"
     return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process as torchrun sets them (0, 1 when run alone)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(choice: str, key: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun, the process group started (NCCL on CUDA, bound to
+    this rank's GPU first, else gloo); (0, 1, resolve_device(choice)) when run alone."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(choice, key)
+    use_cuda = torch.cuda.is_available() and choice != "cpu"
+    device = torch.device("cpu")
+    if use_cuda:  # bind this process to its GPU before NCCL starts, or every rank's communicator lands on GPU 0
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        if use_cuda:
+            torch.distributed.init_process_group("nccl", device_id=device)
+        else:
+            torch.distributed.init_process_group("gloo")
+    return torch.distributed.get_rank(), world, resolve_device(device)

@@ -23,6 +23,7 @@ import os
 import sys
 from pathlib import Path
 
+from dkgm.devices import process_rank
 from dkgm.errors import DKGMError
 
 EXIT_NO_GO, EXIT_USAGE = 1, 2
@@ -274,7 +275,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _gate(args.stage, args)
     from pipeline.runner import check_inputs
 
-    check_inputs(registry.get(args.stage), Path(args.root))
+    stage = registry.get(args.stage)
+    rank = process_rank()[0]
+    if rank != 0 and not stage.distributed:  # under torchrun: a single-process stage runs on rank 0 only
+        print(f"rank {rank}: {stage.name} runs on rank 0 only", file=sys.stderr)
+        return 0
+    check_inputs(stage, Path(args.root))
+    if rank != 0:  # the other ranks share the work; rank 0 alone reports to Prefect and writes
+        from pipeline.runner import run_stage_direct
+
+        run_stage_direct(args.stage, args.params, args.root)
+        return 0
     if args.no_prefect or os.environ.get("DKGM_NO_PREFECT", "") not in ("", "0"):
         from pipeline.runner import run_stage_direct
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dkgm.devices import process_rank
 from dkgm.errors import DKGMError, environment_error
 from pipeline import registry
 from pipeline.params import load_params, section
@@ -56,6 +57,8 @@ def run_stage_direct(name: str, params_path: str | Path, root: str | Path) -> An
         raise err from None
     if stage.gate:
         return result
+    if process_rank()[0] != 0:  # under torchrun only rank 0 writes the outputs
+        return dict(result or {})
     missing = [o.path for o in stage.outs if not (root / o.path).exists()]
     if missing:
         hint = " (write metrics with stages.common.write_metrics: it writes timings.json too)" if any(

@@ -232,6 +232,7 @@ SHARED_TRAINING = tuple(f"debiaser.{k}" for k in td.SHARED_KEYS)
 STAGES = (
     Stage(
         name="train_baseline",
+        distributed=True,
         doc="train the diffusion baseline: the debiaser's network, trainer and budget over EDM's noise range",
         section="baseline",
         params=BaselineParams,

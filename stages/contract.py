@@ -77,7 +77,7 @@ class Out:
         return self.kind == "data"
 
 
-TIMING_KEYS = frozenset({"device", "precision", "resumed_from_kimg"})  # run conditions, not results
+TIMING_KEYS = frozenset({"device", "precision", "resumed_from_kimg", "world_size"})  # run conditions, not results
 
 
 def timings_path(metrics_path: str) -> str:
@@ -116,6 +116,9 @@ class Stage:
     # training stages use): run(cfg, root, shared) then gets {key: value} for exactly these keys
     reads: tuple[str, ...] = ()
     code_module: str = ""  # the module whose import closure is the stage's code (default: run's module)
+    # runs on every torchrun process, sharing the work (rank 0 alone writes the outputs and talks to
+    # Prefect); a stage without it runs on rank 0 only, the other ranks exit at once
+    distributed: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # stage-specific facts for the report
 
     def __post_init__(self) -> None:

@@ -6,6 +6,7 @@ seed s alone (stream "refine"), so sample s is the same whatever the batch size 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +16,7 @@ from pydantic import Field, field_validator
 
 from dkgm import data as ds
 from dkgm.debias import load_denoiser
-from dkgm.devices import resolve_device, resolve_precision
+from dkgm.devices import init_distributed, resolve_precision
 from dkgm.errors import DKGMError
 from dkgm.sampler import make_ladder
 from stages.artifacts import (
@@ -80,7 +81,7 @@ def figure_steps(k: int) -> list[int]:
 def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
     prepared = load_prepared(root)
     x_kde, manifest, kde_meta = load_samples(root, KDE_SAMPLES, "KDE samples", mmap=True)
-    device = resolve_device(cfg.device, "refine.device")
+    rank, world, device = init_distributed(cfg.device, "refine.device")  # torchrun: batches shared by rank
     denoiser, snap = load_denoiser(root / DEBIASER_SNAPSHOT, device)
     shape = tuple(snap["network"]["shape"])
     if tuple(x_kde.shape[1:]) != shape:
@@ -105,20 +106,29 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
     all_k = list(range(cfg.steps + 1))
     shown = figure_steps(cfg.steps)
     per_k = np.zeros((len(all_k), n))  # distance to the anchor (images) or to the spiral (points)
-    traj = {k: [] for k in shown}  # images: the first samples; points: every sample
+    traj: dict[int, dict[int, np.ndarray]] = {k: {} for k in shown}  # k -> {batch start: iterates}: images the first samples, points all
     seeds = manifest["seed"].to_numpy()
     precision = resolve_precision(cfg.precision, device, "refine.precision")
     fn = denoise_fn(denoiser, device, precision)
+    # under torchrun each rank takes every world-th batch: a sample's noise comes from its own seed,
+    # so which process refines it does not change it (bit-identical to one process on the CPU)
+    mine = list(range(0, n, cfg.batch_size))[rank::world]
 
-    with staged_outputs(root, "refine") as outs:
-        base = outs.path(REFINED)
-        base.mkdir()
+    with staged_outputs(root, "refine") if rank == 0 else contextlib.nullcontext() as outs:
         # the input is memory-mapped and the output written batch by batch into the staged file:
         # memory holds one batch of samples, iterates and anchors, whatever n is
-        out = open_npy(base / "samples.npy", np.float32 if points else np.uint8, x_kde.shape)
+        if rank == 0:
+            base = outs.path(REFINED)
+            base.mkdir()
+            out = open_npy(base / "samples.npy", np.float32 if points else np.uint8, x_kde.shape)
+        if world > 1:  # the other ranks write their rows into rank 0's staged file (one machine, or a shared disk)
+            shared = [str(base / "samples.npy") if rank == 0 else None]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            if rank != 0:
+                out = np.load(shared[0], mmap_mode="r+")
         t0 = time.perf_counter()
-        bar = Progress("refine", n)
-        for s in range(0, n, cfg.batch_size):
+        bar = Progress("refine", n) if rank == 0 else None
+        for i, s in enumerate(mine):
             rows = slice(s, s + cfg.batch_size)
             x_out, kept = debias_batch(fn, np.array(x_kde[rows]), seeds[rows], ladder, cfg.solver, device, keep=all_k)
             bad = ~np.isfinite(x_out.reshape(len(x_out), -1)).all(axis=1)
@@ -136,10 +146,23 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
                 else:
                     per_k[j, rows] = np.sqrt(((xk - anchors) ** 2).reshape(len(xk), -1).mean(1))
                 if k in traj and (points or s < cfg.trajectory_samples):
-                    traj[k].append(xk if points else xk[: cfg.trajectory_samples - s])
-            bar(min(s + cfg.batch_size, n))
-        bar.close()
+                    traj[k][s] = xk if points else xk[: cfg.trajectory_samples - s]
+            if bar is not None:
+                bar(min((i + 1) * cfg.batch_size * world, n))
         out.flush()
+        if world > 1:
+            per_k_t = torch.from_numpy(per_k)
+            torch.distributed.all_reduce(per_k_t)  # each sample's row is filled by exactly one rank
+            per_k = per_k_t.numpy()
+            pieces: list[Any] = [None] * world
+            torch.distributed.all_gather_object(pieces, traj)
+            traj = {k: {s: v for part in pieces for s, v in part[k].items()} for k in shown}
+            torch.distributed.barrier()  # every rank's rows are in the file
+            if rank != 0:
+                del out
+                return {}
+        stacked = {k: np.concatenate([traj[k][s] for s in sorted(traj[k])]) for k in shown}
+        bar.close()
         seconds = time.perf_counter() - t0
         metrics: dict[str, Any] = {
             "n_samples": n,
@@ -155,6 +178,7 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
             "seconds": seconds,
             "device": str(device),
             "precision": precision,
+            "world_size": world,
         }
         curve = per_k.mean(axis=1)
         if points:
@@ -171,7 +195,6 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
                                         "storage": "float32" if points else "uint8 [0, 255]", "ladder": ladder.sigmas,
                                         "schedule": cfg.schedule, "solver": cfg.solver, "eta": eta,
                                         "bandwidth_scale": kde_meta.get("bandwidth_scale")})
-        stacked = {k: np.concatenate(v) for k, v in traj.items()}
         if points:
             _grid_points(outs.path(GRID), out, prepared.split("train"))
             _swissroll_figure(outs.path(TRAJECTORY), stacked, prepared.split("train"), roll, cfg)
@@ -250,6 +273,7 @@ def _progress_plot(path: Path, sigmas: list[float], curve: np.ndarray, points: b
 STAGES = (
     Stage(
         name="refine",
+        distributed=True,
         doc="debias the stage-1 KDE samples with the trained debiaser (the iterative update on a noise ladder from h)",
         section="refine",
         params=RefineParams,

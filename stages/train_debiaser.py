@@ -22,7 +22,7 @@ from pydantic import Field
 import dkgm
 from dkgm import data as ds
 from dkgm.debias import Denoiser, denoising_mse, make_snapshot
-from dkgm.devices import resolve_device, resolve_precision
+from dkgm.devices import init_distributed, resolve_precision
 from dkgm.errors import DKGMError
 from dkgm.networks import NetworkConfig, build_network, count_parameters
 from dkgm.training import TrainConfig, train
@@ -165,23 +165,6 @@ def code_version() -> str:
     return f"dkgm {dkgm.__version__} src {digest.hexdigest()[:12]}"
 
 
-def _init_distributed(device_choice: str) -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, resolve_device(device_choice, "debiaser.device")
-    use_cuda = torch.cuda.is_available() and device_choice != "cpu"
-    device = torch.device("cpu")
-    if use_cuda:  # bind this process to its GPU before NCCL starts, or every rank's communicator lands on GPU 0
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        if use_cuda:
-            torch.distributed.init_process_group("nccl", device_id=device)
-        else:
-            torch.distributed.init_process_group("gloo")
-    return torch.distributed.get_rank(), world, resolve_device(device)
-
-
 @dataclass
 class Fitted:
     rank: int
@@ -204,7 +187,7 @@ def fit(cfg: DebiaserParams, prepared: Prepared, root: Path, *, h: float, data_e
         want = "mlp" if prepared.kind == "points" else "unet or dae"
         raise DKGMError(f"debiaser.arch {cfg.arch} does not fit {prepared.meta['dataset']} ({prepared.kind}): use {want}")
     train_np = prepared.split("train")
-    rank, world, device = _init_distributed(cfg.device)  # a CUDA device comes back with TF32 and cudnn.benchmark on
+    rank, world, device = init_distributed(cfg.device, "debiaser.device")  # a CUDA device comes back with TF32 and cudnn.benchmark on
     shape = tuple(train_np.shape[1:])
     net_cfg, train_cfg = configs(cfg, h, shape, device, **noise_range)
     data = torch.from_numpy(train_np)
@@ -361,6 +344,7 @@ GATE = Gate("debiaser", METRICS, DebiaserGateParams, debiaser_checks,
 STAGES = (
     Stage(
         name="train_debiaser",
+        distributed=True,
         doc="train the noise-level-conditioned debiaser D(x; sigma) (resumable; the EMA snapshot is the output)",
         section="debiaser",
         params=DebiaserParams,
