@@ -28,7 +28,7 @@ from pydantic import Field
 
 from dkgm import data as ds
 from dkgm.debias import denoising_mse, load_denoiser, make_snapshot
-from dkgm.devices import resolve_device, resolve_precision
+from dkgm.devices import process_rank, resolve_device, resolve_precision
 from dkgm.errors import DKGMError
 from dkgm.networks import count_parameters
 from dkgm.rng import randn_per_sample, sample_generators
@@ -96,6 +96,8 @@ def debiaser_params(shared: dict[str, Any]) -> td.DebiaserParams:
 def train_run(cfg: BaselineParams, root: Path, shared: dict[str, Any]) -> dict[str, Any]:
     root = Path(root)
     if not cfg.enabled:
+        if process_rank()[0] != 0:  # under torchrun: rank 0 writes the skipped record
+            return {}
         metrics = {"skipped": True, "reason": SKIPPED}
         with staged_outputs(root, "train_baseline") as out:
             torch.save({"skipped": True, "reason": SKIPPED}, out.path(BASELINE_SNAPSHOT))

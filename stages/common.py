@@ -292,7 +292,6 @@ def write_parquet(path: Path, columns: dict[str, Any]) -> None:
 
 def read_parquet(path: Path, what: str):
     import pandas as pd
-
     import pyarrow as pa
 
     _require_file(path, what)

@@ -73,8 +73,8 @@ def test_train_debiaser_and_refine_under_torchrun_match_one_process(base, tmp_pa
     assert "Traceback" not in r.stderr
 
     # refine from the one-process debiaser, alone and on two ranks
+    shutil.copy(one / artifacts.DEBIASER_SNAPSHOT, two / artifacts.DEBIASER_SNAPSHOT)
     for d in (one, two):
-        shutil.copy(one / artifacts.DEBIASER_SNAPSHOT, d / artifacts.DEBIASER_SNAPSHOT)
         run_stages(d, "gate_debiaser")
         pin_point(d)
         run_stages(d, "sample_kde")
