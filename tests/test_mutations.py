@@ -4,6 +4,7 @@ matches exactly one place in the current code, and applying it changes the file.
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 
@@ -11,6 +12,7 @@ from tests.conftest import REPO
 
 spec = importlib.util.spec_from_file_location("mutation_check", REPO / "scripts" / "mutation_check.py")
 mutation_check = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = mutation_check  # its dataclasses look their module up there
 spec.loader.exec_module(mutation_check)
 
 
