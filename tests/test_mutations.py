@@ -21,7 +21,7 @@ def test_each_mutation_applies_to_exactly_one_place(m, tmp_path):
     text = (REPO / m.file).read_text()
     assert text.count(m.old) == 1, f"{m.name}: the code moved; update scripts/mutation_check.py"
     assert m.old != m.new and all((REPO / t).is_file() for t in m.tests)
-    (tmp_path / m.file).parent.mkdir(parents=True)
+    (tmp_path / m.file).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / m.file).write_text(text)
     mutation_check.apply(tmp_path, m)
     assert (tmp_path / m.file).read_text() != text
