@@ -152,7 +152,8 @@ def test_refine_killed_repeatedly_then_rerun_gives_identical_samples(trained, tm
     ref = _copy(trained, tmp_path / "ref")
     seconds = _run(ref, "refine")
     run = _copy(trained, tmp_path / "run")
-    killed = _kill_repeatedly(run, ref, "refine", "refine:", 0.7 * seconds, seed=2, kills=2)
+    # refine logs its progress every 10 s at the earliest: kills are timed from its start, past the imports
+    killed = _kill_repeatedly(run, ref, "refine", None, 0.95 * seconds, seed=2, kills=2, start=0.4)
     assert killed >= 1
     assert not (run / artifacts.REFINED).exists() or (run / artifacts.REFINED / "samples.npy").is_file()
     _run(run, "refine")
