@@ -14,13 +14,19 @@ sigma_hat_k (not on the last step, where sigma_hat = 0).
 
 `robbins_monro`: a_k = a0 / (k+1)^gamma, the classic stochastic-approximation step size, with
 sigma_{k+1} implied by sigma_{k+1}^2 = (1 - a_k)^2 sigma_k^2 + b_k^2; its last step jumps to D.
+
+Churn (EDM's stochastic sampler, Karras et al. 2022, Alg. 2): on the steps whose sigma_k lies in
+[churn_min, churn_max], first raise the level to sigma_k (1 + gamma), gamma = min(churn / K,
+sqrt(2) - 1), with fresh noise of std sqrt((sigma_k (1 + gamma))^2 - sigma_k^2), then take the
+step from that level. It re-noises where the network is most accurate and corrects errors of
+earlier steps; eta re-noises after the step, everywhere.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -39,6 +45,11 @@ class Ladder:
     a: list[float]  # K step sizes
     b: list[float]  # K noise scales
     sigma_hat: list[float]  # K levels the deterministic part reaches
+    sigma_up: list[float] | None = None  # K levels each step starts from after churn (None: no churn, sigmas[:-1])
+
+    def start(self, k: int) -> float:
+        """The level step k denoises at: sigma_k, raised by churn where it applies."""
+        return self.sigmas[k] if self.sigma_up is None else self.sigma_up[k]
 
     @property
     def steps(self) -> int:
@@ -64,6 +75,9 @@ def make_ladder(
     rho: float = 7.0,
     a0: float = 0.5,
     gamma: float = 0.75,
+    churn: float = 0.0,
+    churn_min: float = 0.0,
+    churn_max: float = float("inf"),
 ) -> Ladder:
     if steps < 1:
         raise DKGMError(f"the number of refinement steps K must be at least 1, got {steps}")
@@ -75,6 +89,10 @@ def make_ladder(
         raise DKGMError(f"the starting noise level sigma_0 = h must be positive, got {sigma0}")
     if not 0 < sigma_min <= sigma0:
         raise DKGMError(f"sigma_min must be in (0, sigma_0 = {sigma0:.4g}], got {sigma_min}")
+    if not churn >= 0:
+        raise DKGMError(f"churn must be non-negative, got {churn}")
+    if churn > 0 and schedule == "robbins_monro":
+        raise DKGMError("churn applies to the geometric and karras ladders, not to robbins_monro")
 
     if schedule == "robbins_monro":
         if not 0.5 < gamma <= 1.0:
@@ -106,8 +124,38 @@ def make_ladder(
     if steps > 1:
         levels[0], levels[-1] = sigma0, sigma_min  # exact ends, free of pow() rounding
     sigmas = levels + [0.0]
-    coeffs = [_coefficients(sigmas[k], sigmas[k + 1], eta) for k in range(steps)]
-    return Ladder(sigmas, [c[0] for c in coeffs], [c[1] for c in coeffs], [c[2] for c in coeffs])
+    up = [s * (1 + min(churn / steps, math.sqrt(2) - 1)) if churn > 0 and churn_min <= s <= churn_max else s
+          for s in levels]
+    coeffs = [_coefficients(up[k], sigmas[k + 1], eta) for k in range(steps)]
+    return Ladder(sigmas, [c[0] for c in coeffs], [c[1] for c in coeffs], [c[2] for c in coeffs],
+                  up if any(u != s for u, s in zip(up, levels)) else None)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """The ladder and solver of a sampling run, whatever its start (DESIGN 2.3)."""
+
+    schedule: str = "karras"
+    steps: int = 10
+    solver: str = "euler"
+    sigma_min: float = 0.002
+    rho: float = 7.0
+    a0: float = 0.3
+    gamma: float = 0.55
+    churn: float = 0.0
+    churn_min: float = 0.05
+    churn_max: float = 1.0
+
+    def ladder(self, sigma0: float, eta: float, steps: int | None = None) -> Ladder:
+        return make_ladder(sigma0, self.steps if steps is None else steps, self.schedule, eta, self.sigma_min,
+                           self.rho, self.a0, self.gamma, self.churn, self.churn_min, self.churn_max)
+
+    def describe(self) -> str:
+        churn = f", churn {self.churn:g} on [{self.churn_min:g}, {self.churn_max:g}]" if self.churn > 0 else ""
+        return f"{self.schedule} ladder, K = {self.steps}, {self.solver}{churn}"
+
+
+SAMPLER_FIELDS = tuple(f.name for f in fields(SamplerConfig))
 
 
 @torch.no_grad()
@@ -126,9 +174,14 @@ def debias(
         raise DKGMError(f"unknown solver {solver!r}: expected euler or heun")
     if noise is None and any(b > 0 for b in ladder.b):
         raise DKGMError("eta > 0 needs a noise source")
+    if noise is None and ladder.sigma_up is not None:
+        raise DKGMError("churn needs a noise source")
     kept = {0: x.clone()} if 0 in keep else {}
     for k in range(ladder.steps):
-        s, a, b, s_hat = ladder.sigmas[k], ladder.a[k], ladder.b[k], ladder.sigma_hat[k]
+        s, a, b, s_hat = ladder.start(k), ladder.a[k], ladder.b[k], ladder.sigma_hat[k]
+        if s > ladder.sigmas[k]:  # churn: raise the level first
+            assert noise is not None
+            x = x + math.sqrt(s * s - ladder.sigmas[k] ** 2) * noise(k, x.shape)
         d = denoise(x, s)
         if solver == "heun" and s_hat > 0:
             slope = (x - d) / s

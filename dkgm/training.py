@@ -49,7 +49,7 @@ class TrainConfig:
     ema_rampup_ratio: float | None = 0.1  # half-life at most this fraction of images seen (None = off)
     sigma_min: float = 0.002
     sigma_max: float = 1.0
-    sigma_dist: str = "loguniform"  # loguniform (DKGM) | lognormal (EDM: ln sigma ~ N(p_mean, p_std^2))
+    sigma_dist: str = "lognormal"  # lognormal (EDM: ln sigma ~ N(p_mean, p_std^2), clipped) | lognormal_truncated | loguniform
     p_mean: float = -1.2
     p_std: float = 1.2
     seed: int = 0
@@ -72,9 +72,6 @@ class TrainConfig:
         d = self.to_dict()
         for k in ("total_kimg", "log_every", "state_every_kimg", "keep_states"):
             d.pop(k)
-        if self.sigma_dist == "loguniform":  # fields added later: at their default, states made before still resume
-            for k in ("sigma_dist", "p_mean", "p_std"):
-                d.pop(k)
         return d
 
 

@@ -22,7 +22,18 @@ from stages.contract import Section
 
 PARAMS_FILE = "params.yaml"
 # keys that moved: an old params.yaml gets told where they went, not only that they are unknown
-MOVED = {"kde.bandwidth_scale": "sample_kde.bandwidth_scale (auto: calibrate's operating point, or a number)"}
+MOVED = {
+    "kde.bandwidth_scale": "sample_kde.bandwidth_scale (auto: calibrate's operating point, or a number)",
+    "debiaser.sigma_max_factor": "debiaser.sigma_max_margin (sigma_max = margin x the largest calibrate.scales x h_kde)",
+    "calibrate.steps": "refine.steps (calibrate probes with refine's own sampler: schedule, steps, solver, churn)",
+    "calibrate.eval_samples": "evaluate.n_samples (calibrate reads it)",
+    "calibrate.min_zu": "gates.eval.min_zu_pixel (calibrate applies the evaluation gate's rule, plus calibrate.margin)",
+    "calibrate.copy_floor_factor": "gates.eval.copy_floor_factor (calibrate reads it)",
+    "calibrate.copy_allowance": "gates.eval.copy_allowance (calibrate reads it)",
+    "calibrate.max_authenticity_drop": "gates.eval.max_authenticity_drop (calibrate reads it)",
+    "calibrate.copy_ratio": "evaluate.copy_ratio (calibrate reads it)",
+    "comparison.control_kde_steps": "refine.steps (the control runs refine's own sampler)",
+}
 
 
 class ParamsError(DKGMError):

@@ -126,7 +126,7 @@ def check_noise_range(snapshot: dict[str, Any], sigma0: float, params_key: str) 
     top = float(snapshot.get("sigma_max", float("inf")))
     if sigma0 > top * (1 + 1e-6):
         raise DKGMError(f"the sampler starts at sigma = {sigma0:.4g} but the debiaser was trained only up to "
-                        f"sigma_max = {top:.4g}: lower {params_key}, or raise debiaser.sigma_max_factor and re-train")
+                        f"sigma_max = {top:.4g}: lower {params_key}, or widen calibrate.scales (the debiaser's range follows them) and re-train")
 
 
 # ----------------------------------------------------------------------------- sample sets

@@ -3,7 +3,7 @@ the same run.
 
 The same network, the same trainer and the same training budget (images seen) as the debiaser:
 `train_baseline` reads those keys of the `debiaser` section one by one (`reads`), so a change to
-them re-runs both branches, while DKGM-only keys (debiaser.sigma_max_factor, kde.*, calibrate.*,
+them re-runs both branches, while DKGM-only keys (debiaser.sigma_max_margin and its noise distribution, kde.*, calibrate.*,
 sample_kde.*, refine.*) leave this branch alone, and `baseline.*` leaves DKGM alone. (The
 scoring is its own module, stages/evaluate_baseline.py, so that an edit to the evaluation code
 re-scores the baseline without re-training it.) It differs

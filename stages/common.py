@@ -301,13 +301,13 @@ def read_parquet(path: Path, what: str):
         raise DKGMError(f"{what} {path} is corrupt or truncated ({one_line(exc)}): re-run the stage that wrote it") from None
 
 
-def new_figure(width: float = 6.0, height: float = 4.0):
+def new_figure(width: float = 6.0, height: float = 4.0, ncols: int = 1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width, height), dpi=110)
+    return plt.subplots(1, ncols, figsize=(width, height), dpi=110)
 
 
 def save_figure(fig, path: Path) -> None:

@@ -5,13 +5,19 @@ Rows, all at `comparison.n_samples` samples with the same per-sample seeds, scor
 evaluation's code (so FID's bias at this n is the same for every row, and the held-out floor is
 drawn at the same n):
 
-- DKGM at its operating point (calibrate's s and eta): the KDE samples at sigma_0 = h refined on
-  the geometric ladder, K in `dkgm_steps`, with each solver of `dkgm_solvers`;
+- DKGM at its operating point (calibrate's s and eta): the KDE samples at sigma_0 = h refined with
+  refine's sampler (its ladder and churn: the comparison reads the refine section), K in
+  `dkgm_steps`, with each solver of `dkgm_solvers`;
 - the baseline from pure noise at its sigma_max on the Karras ladder, K in `baseline_steps`;
 - control "baseline net, KDE start": the baseline's network started from the same KDE samples at
-  sigma_0 = h with DKGM's ladder (same start, wide training range);
+  sigma_0 = h with refine's exact sampler (same start, same sampler and NFE as refine, the other
+  network): when it beats DKGM's own network, DKGM's training recipe is what limits it;
 - control "DKGM net, noise start": the debiaser started from pure noise at its own sigma_max on
   the Karras ladder (it never learned higher noise: expected to fail; the table shows by how much).
+
+Beside the rows: the held-out denoising error of both networks against sigma, on the same images and
+noise draws, over the range the operating point uses (reports/comparison/denoise_error.*): where one
+network denoises better, the samples it starts from there come out better.
 
 Training cost comes from each training log (images seen; seconds estimated from the logged images/s,
 so a resumed run still reports its whole training). A switched-off baseline leaves its rows
@@ -31,7 +37,6 @@ from pydantic import Field
 from dkgm import data as ds
 from dkgm.debias import load_denoiser
 from dkgm.devices import resolve_device, resolve_precision
-from dkgm.sampler import make_ladder
 from stages import baseline as bl
 from stages import evaluate as ev
 from stages import train_debiaser as td
@@ -58,9 +63,11 @@ from stages.common import (
 )
 from stages.contract import Device, Out, Section, Stage
 from stages.evaluate_baseline import SETTINGS
-from stages.sampling import debias_batch, denoise_fn
+from stages.sampling import SAMPLER_KEYS, debias_batch, denoise_fn, sampler_config
 
 TABLE = "reports/comparison/table.csv"
+DENOISE_TABLE = "reports/comparison/denoise_error.csv"
+DENOISE_FIGURE = "reports/comparison/denoise_error.png"
 FIGURE = "reports/comparison/fid_vs_nfe.png"
 SAMPLES = "reports/comparison/samples.png"
 METRICS = "reports/comparison/metrics.json"
@@ -71,12 +78,12 @@ COLUMNS = ("row", "method", "network", "start", "solver", "steps", "nfe", "fid",
 
 class ComparisonParams(Section):
     n_samples: int = Field(100, ge=4)  # samples per row (the first n seeds of sample_kde); FID at this n
-    dkgm_steps: tuple[int, ...] = (2, 5, 10, 20)  # DKGM's K on its geometric ladder from h
+    dkgm_steps: tuple[int, ...] = (2, 5, 10, 20)  # DKGM's K on refine's ladder from h
     dkgm_solvers: tuple[Literal["euler", "heun"], ...] = ("euler", "heun")
     baseline_steps: tuple[int, ...] = (6, 10, 18, 40)  # the baseline's K (heun: NFE 11, 19, 35, 79)
     baseline_solver: Literal["euler", "heun"] = "heun"
-    control_kde_steps: int = Field(10, ge=1)  # baseline net from the KDE samples: K on DKGM's ladder
     control_noise_steps: int = Field(18, ge=1)  # DKGM net from noise: K on the Karras ladder
+    denoise_images: int = Field(200, ge=2)  # held-out images for the denoising error curves of both networks
     batch_size: int = Field(100, ge=1)  # speed only
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Device = "auto"
@@ -93,7 +100,8 @@ def train_cost(log_path: Path, kimg: float) -> tuple[float, float]:
 
 def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, Any]:
     root = Path(root)
-    ecfg = ev.EvaluateParams(**{key.split(".", 1)[1]: value for key, value in shared.items()})
+    ecfg = ev.EvaluateParams(**{key.split(".", 1)[1]: value for key, value in shared.items() if key in SETTINGS})
+    sampler = sampler_config(shared)
     device = resolve_device(cfg.device, "comparison.device")
     precision = resolve_precision(cfg.precision, device, "comparison.precision")
     x_kde, man, kde_meta = load_samples(root, KDE_SAMPLES, "KDE samples")
@@ -119,12 +127,15 @@ def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, 
         for k in cfg.dkgm_steps:
             plan.append({"row": f"dkgm_{solver}_k{k}", "method": "DKGM", "network": "dkgm", "start": f"KDE at h = {h:.3g}",
                          "solver": solver, "steps": k})
+    if not any(p["solver"] == sampler.solver and p["steps"] == sampler.steps for p in plan):  # refine's own row
+        plan.append({"row": f"dkgm_{sampler.solver}_k{sampler.steps}", "method": "DKGM", "network": "dkgm",
+                     "start": f"KDE at h = {h:.3g}", "solver": sampler.solver, "steps": sampler.steps})
     for k in cfg.baseline_steps:
         plan.append({"row": f"baseline_{cfg.baseline_solver}_k{k}", "method": "diffusion baseline", "network": "baseline",
                      "start": f"noise at {bsnap.get('sigma_max', 80):g}" if have_baseline else "noise",
                      "solver": cfg.baseline_solver, "steps": k})
     plan.append({"row": "control_baseline_net_kde_start", "method": "control: baseline net, KDE start",
-                 "network": "baseline", "start": f"KDE at h = {h:.3g}", "solver": "euler", "steps": cfg.control_kde_steps})
+                 "network": "baseline", "start": f"KDE at h = {h:.3g}", "solver": sampler.solver, "steps": sampler.steps})
     plan.append({"row": "control_dkgm_net_noise_start", "method": "control: DKGM net, noise start", "network": "dkgm",
                  "start": f"noise at {dsnap['sigma_max']:.3g}", "solver": cfg.baseline_solver,
                  "steps": cfg.control_noise_steps})
@@ -138,7 +149,7 @@ def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, 
             continue
         fn, t0 = nets[row["network"]], time.perf_counter()
         if row["start"].startswith("KDE"):
-            ladder = make_ladder(h, row["steps"], "geometric", eta)
+            ladder = sampler.ladder(h, eta, steps=row["steps"])
             out = np.empty_like(x_kde)
             for b in range(0, n, cfg.batch_size):
                 out[b : b + cfg.batch_size], _ = debias_batch(fn, x_kde[b : b + cfg.batch_size],
@@ -169,10 +180,15 @@ def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, 
              **{k: m.get(f"real_{k}") for k in ("fid", "kid", "precision", "recall", "zu_pixel", "copy_fraction",
                                                  "authenticity_pixel", "mean_distance_to_manifold")}}
     rows = [*plan, floor]
-    metrics = headline(rows, cfg, n, have_baseline)
+    metrics = headline(rows, cfg, n, have_baseline, f"dkgm_{sampler.solver}_k{sampler.steps}")
     metrics["score_seconds"] = time.perf_counter() - t0
+    raw = {"dkgm": dkgm, **({"baseline": base} if have_baseline else {})}
+    curve = denoise_curves(raw, root, h, float(dsnap["sigma_max"]), device, cfg.denoise_images)
+    metrics.update({f"{name}_denoise_ratio_at_start": _at_start(curve, name, h) for name in raw})
     with staged_outputs(root, "comparison") as outs:
         _write_table(outs.path(TABLE), rows)
+        curve.to_csv(outs.path(DENOISE_TABLE), index=False, float_format="%.6g")
+        _denoise_figure(outs.path(DENOISE_FIGURE), curve, h, float(dsnap["sigma_max"]))
         _figure(outs.path(FIGURE), rows, n)
         _samples_figure(outs.path(SAMPLES), sets, plan, cfg, len(shape) == 3)
         write_metrics(outs, METRICS, metrics)
@@ -182,8 +198,11 @@ def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, 
     return metrics
 
 
-def headline(rows: list[dict[str, Any]], cfg: ComparisonParams, n: int, have_baseline: bool) -> dict[str, Any]:
-    """The few numbers worth a `dvc metrics diff`: each method's best FID and its NFE, the controls, the floor."""
+def headline(rows: list[dict[str, Any]], cfg: ComparisonParams, n: int, have_baseline: bool,
+             refine_row: str) -> dict[str, Any]:
+    """The few numbers worth a `dvc metrics diff`: each method's best FID and its NFE, DKGM with refine's
+    sampler against the control that starts the baseline's network from the same KDE samples with the
+    same sampler, the controls, the floor."""
     out: dict[str, Any] = {"n_samples": n, "baseline_run": have_baseline}
     for method, prefix in (("DKGM", "dkgm"), ("diffusion baseline", "baseline")):
         done = [r for r in rows if r["method"] == method and r.get("fid") is not None]
@@ -194,7 +213,57 @@ def headline(rows: list[dict[str, Any]], cfg: ComparisonParams, n: int, have_bas
     for r in rows:
         if r["row"].startswith("control_") or r["row"] == "real_heldout":
             out[f"{'floor' if r['row'] == 'real_heldout' else r['row']}_fid"] = r.get("fid")
+    mine = next((r for r in rows if r["row"] == refine_row), None)
+    if mine is not None and mine.get("fid") is not None:
+        out.update(dkgm_refine_fid=mine["fid"], dkgm_refine_nfe=mine["nfe"])
+        control = out.get("control_baseline_net_kde_start_fid")
+        if control is not None:
+            # > 0: the baseline's network, started where DKGM starts with DKGM's sampler, does better than DKGM's own
+            out["control_beats_dkgm_by"] = mine["fid"] - control
     return out
+
+
+def denoise_curves(nets: dict[str, Any], root: Path, h: float, sigma_max: float, device: torch.device,
+                   images: int) -> Any:
+    """Held-out denoising error of each network over sigma (log-spaced from 0.02 to DKGM's sigma_max,
+    plus the operating point's start h), on the same validation images and noise draws."""
+    import pandas as pd
+
+    from dkgm.debias import denoising_curve
+    from stages.artifacts import load_prepared
+
+    val = torch.from_numpy(load_prepared(root).split("val")[:images])
+    sigmas = sorted({*np.geomspace(0.02, sigma_max, 12).tolist(), h})
+    frames = []
+    for name, net in nets.items():
+        rows = denoising_curve(net, val, sigmas, device=device)
+        frames.append(pd.DataFrame(rows).assign(network=name))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _at_start(curve: Any, name: str, h: float) -> float:
+    sub = curve[curve["network"] == name]
+    return float(sub.loc[(sub["sigma"] - h).abs().idxmin(), "ratio"])
+
+
+def _denoise_figure(path: Path, curve: Any, h: float, sigma_max: float) -> None:
+    fig, ax = new_figure(7, 4.2)
+    labels = {"dkgm": "DKGM's network", "baseline": "baseline's network"}
+    for name, color in (("dkgm", "C0"), ("baseline", "C3")):
+        sub = curve[curve["network"] == name].sort_values("sigma")
+        if len(sub):
+            ax.plot(sub["sigma"], sub["mse"], "o-", ms=3, color=color, label=labels[name])
+    first = curve.sort_values("sigma").drop_duplicates("sigma")
+    ax.plot(first["sigma"], np.minimum(first["identity_mse"], first["mean_mse"]), "k:", lw=1,
+            label="better trivial denoiser (identity or mean image)")
+    ax.axvline(h, color="grey", ls="--", lw=1, label=f"operating point's start σ0 = {h:.3g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("noise level σ")
+    ax.set_ylabel("held-out MSE per coordinate (lower is better)")
+    ax.set_title(f"denoising error over the range DKGM samples (up to its σ_max = {sigma_max:.3g})", fontsize=10)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
 
 
 def _write_table(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -284,13 +353,18 @@ STAGES = (
                 "floor, every row at the same n and seeds"),
             Out(SAMPLES, "figure", "Comparison samples", "rows: DKGM (K = 10), the baseline (middle K), the "
                 "baseline net from the KDE start, the DKGM net from noise", "not drawn for point data"),
+            Out(DENOISE_TABLE, "table"),
+            Out(DENOISE_FIGURE, "figure", "Denoising error of both networks over σ",
+                "held-out MSE of DKGM's and the baseline's networks against the noise level, on the same images and "
+                "noise, with the operating point's start marked: where the samples' quality is decided"),
             Out(METRICS, "metrics"),
         ),
         run=run,
-        reads=SETTINGS,
+        reads=(*SETTINGS, *SAMPLER_KEYS),
         summary=(("dkgm_best_fid", "DKGM best FID"), ("dkgm_best_fid_nfe", "at NFE"),
                  ("baseline_best_fid", "baseline best FID"), ("baseline_best_fid_nfe", "at NFE"),
-                 ("control_baseline_net_kde_start_fid", "control: baseline net, KDE start"),
+                 ("dkgm_refine_fid", "DKGM with refine's sampler"),
+                 ("control_baseline_net_kde_start_fid", "control: baseline net, KDE start (same sampler)"),
                  ("control_dkgm_net_noise_start_fid", "control: DKGM net, noise start"), ("floor_fid", "floor FID"),
                  ("n_samples", "samples per row")),
     ),

@@ -37,6 +37,8 @@ def evaluate_run(cfg: None, root: Path, shared: dict[str, Any]) -> dict[str, Any
         metrics = {"kind": scorer.kind, "n_samples": n, "nfe": int(meta.get("nfe", 0)),
                    **{k: v for k, v in scored.items() if not k.startswith("real_")},
                    "seconds": time.perf_counter() - t0}
+        if scored.get("real_fid"):  # against the held-out floor at the same n, as evaluate reports DKGM's
+            metrics["baseline_fid_ratio"] = scored["baseline_fid"] / scored["real_fid"]
     with staged_outputs(root, "evaluate_baseline") as out:
         write_metrics(out, EVAL_METRICS, metrics)
     if not metrics.get("skipped"):

@@ -19,7 +19,6 @@ from dkgm import data as ds
 from dkgm.debias import load_denoiser
 from dkgm.devices import init_distributed, resolve_precision
 from dkgm.errors import DKGMError
-from dkgm.sampler import make_ladder
 from stages.artifacts import (
     DEBIASER_SNAPSHOT,
     KDE_SAMPLES,
@@ -48,7 +47,7 @@ from stages.common import (
 )
 from stages.contract import AutoOr, Device, Out, Section, Stage, auto_or_number
 from stages.gates import gate_token
-from stages.sampling import debias_batch, denoise_fn
+from stages.sampling import debias_batch, denoise_fn, sampler_config
 
 GRID = "reports/refine/grid.png"
 TRAJECTORY = "reports/refine/trajectory.png"
@@ -67,6 +66,9 @@ class RefineParams(Section):
     rho: float = Field(7.0, gt=0.0)  # karras ladder exponent
     a0: float = Field(0.3, gt=0.0, lt=1.0)  # robbins_monro: a_k = a0 / (k+1)^gamma
     gamma: float = Field(0.55, gt=0.5, le=1.0)  # robbins_monro exponent, in (1/2, 1]
+    churn: float = Field(0.0, ge=0.0)  # EDM's S_churn: raise sigma_k by gamma = min(churn / K, sqrt(2) - 1) before the step (0: off)
+    churn_min: float = Field(0.05, ge=0.0)  # churn only on steps with sigma_k in [churn_min, churn_max]
+    churn_max: float = Field(1.0, gt=0.0)
     batch_size: int = Field(250, ge=1)  # speed only: samples do not depend on it
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # network evaluations; auto: bf16 on CUDA and bf16 CPUs
     device: Device = "auto"  # auto | cpu | cuda | cuda:N
@@ -94,10 +96,7 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
     check_noise_range(snap, h, "sample_kde.bandwidth_scale")
     point = load_point(root)
     eta, eta_source = resolve_value(cfg.eta, point, "eta", "refine.eta")
-    if point.get("steps") not in (None, cfg.steps):
-        log.warning("refine: refine.steps = %d but the operating point was calibrated at K = %d "
-                    "(calibrate.steps): its novelty may differ at this K", cfg.steps, point["steps"])
-    ladder = make_ladder(h, cfg.steps, cfg.schedule, eta, cfg.sigma_min, cfg.rho, cfg.a0, cfg.gamma)
+    ladder = sampler_config(cfg).ladder(h, eta)
     nfe = ladder.nfe(cfg.solver)
 
     n = len(x_kde)
@@ -171,6 +170,7 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
             "nfe": nfe,
             "schedule": cfg.schedule,
             "solver": cfg.solver,
+            "churn": cfg.churn,
             "eta": eta,
             "eta_source": eta_source,
             "bandwidth_scale": float(kde_meta.get("bandwidth_scale", 1.0)),
@@ -194,11 +194,11 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
             "anchor_index": anchor_rows, "nfe": np.full(n, nfe, dtype=np.int64)})
         write_json(base / "meta.json", {"kind": prepared.kind, "shape": list(shape), "n": n, "h": h, "nfe": nfe,
                                         "storage": "float32" if points else "uint8 [0, 255]", "ladder": ladder.sigmas,
-                                        "schedule": cfg.schedule, "solver": cfg.solver, "eta": eta,
+                                        "schedule": cfg.schedule, "solver": cfg.solver, "churn": cfg.churn, "eta": eta,
                                         "bandwidth_scale": kde_meta.get("bandwidth_scale")})
         if points:
             _grid_points(outs.path(GRID), out, prepared.split("train"))
-            _swissroll_figure(outs.path(TRAJECTORY), stacked, prepared.split("train"), roll, cfg)
+            _swissroll_figure(outs.path(TRAJECTORY), stacked, prepared.split("train"), roll, cfg, eta)
         else:
             m = min(cfg.grid_samples, n)
             write_png(outs.path(GRID), image_grid(np.asarray(out[:m]), ncol=8))
@@ -230,7 +230,8 @@ def _grid_points(path: Path, out: np.ndarray, train: np.ndarray) -> None:
     save_figure(fig, path)
 
 
-def _swissroll_figure(path: Path, stacked: dict[int, np.ndarray], train: np.ndarray, roll, cfg: RefineParams) -> None:
+def _swissroll_figure(path: Path, stacked: dict[int, np.ndarray], train: np.ndarray, roll, cfg: RefineParams,
+                      eta: float) -> None:
     """The paper's panels: the KDE input, the iterates at several k, the ground truth."""
     import matplotlib.pyplot as plt
 
@@ -248,7 +249,7 @@ def _swissroll_figure(path: Path, stacked: dict[int, np.ndarray], train: np.ndar
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"iterative debiasing, {cfg.schedule}/{cfg.solver}, eta = {cfg.eta}", fontsize=10)
+    fig.suptitle(f"iterative debiasing, {cfg.schedule}/{cfg.solver}, eta = {eta:g}", fontsize=10)
     save_figure(fig, path)
 
 

@@ -8,13 +8,25 @@ stream, so sample s is the same whatever the batch it falls in.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from dkgm.debias import Denoiser
 from dkgm.rng import randn_per_sample, sample_generators
-from dkgm.sampler import DenoiseFn, Ladder, debias
+from dkgm.sampler import SAMPLER_FIELDS, DenoiseFn, Ladder, SamplerConfig, debias
+
+# the refine section's sampler keys: calibrate and the comparison read these, so the operating point is
+# chosen, and DKGM compared, with the sampler refine will run
+SAMPLER_KEYS = tuple(f"refine.{name}" for name in SAMPLER_FIELDS)
+
+
+def sampler_config(values: dict[str, Any] | Any) -> SamplerConfig:
+    """A SamplerConfig from the refine section (a model with those fields) or from {"refine.<key>": value}."""
+    if isinstance(values, dict):
+        return SamplerConfig(**{k.split(".", 1)[1]: v for k, v in values.items() if k in SAMPLER_KEYS})
+    return SamplerConfig(**{name: getattr(values, name) for name in SAMPLER_FIELDS})
 
 
 def denoise_fn(denoiser: Denoiser, device: torch.device, precision: str) -> DenoiseFn:

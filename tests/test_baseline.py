@@ -43,7 +43,10 @@ def test_branches_share_network_trainer_and_budget_and_differ_only_in_noise_rang
     assert json.loads((both / baseline.TRAIN_METRICS).read_text())["parameters"] == n
     assert dkgm["kimg"] == base["kimg"] == 0.64  # the same images seen
     differ = {k for k in dkgm["train"] if dkgm["train"][k] != base["train"][k]}
-    assert differ == {"sigma_max", "sigma_dist"}  # p_mean/p_std are unused by the log-uniform range
+    # the noise range only (and the distribution, when DKGM's is set apart from EDM's): optimizer, EMA,
+    # clipping, warm-up and budget are one recipe
+    assert "sigma_max" in differ and differ <= {"sigma_max", "sigma_dist", "p_mean", "p_std"}
+    assert base["train"]["betas"] == dkgm["train"]["betas"] and base["train"]["grad_clip"] == dkgm["train"]["grad_clip"]
     assert base["train"]["sigma_max"] == 80.0 and dkgm["train"]["sigma_max"] < 5
     # and the start: a KDE sample at h against pure noise at sigma_max, with the same seeds
     refined = json.loads((both / artifacts.REFINED / "meta.json").read_text())
@@ -65,21 +68,31 @@ def test_baseline_scored_like_dkgm(both):
 def test_comparison_rows_and_headline(both):
     df = pd.read_csv(both / comparison.TABLE)
     rows = list(df["row"])
-    assert rows == ["dkgm_euler_k1", "dkgm_euler_k2", "baseline_heun_k2", "control_baseline_net_kde_start",
-                    "control_dkgm_net_noise_start", "real_heldout"]
-    assert list(df["nfe"][:5]) == [1, 2, 3, 2, 3]  # heun: 2K - 1
+    # refine's own sampler (euler, K = 10 here) is always a DKGM row: the control runs exactly it
+    assert rows == ["dkgm_euler_k1", "dkgm_euler_k2", "dkgm_euler_k10", "baseline_heun_k2",
+                    "control_baseline_net_kde_start", "control_dkgm_net_noise_start", "real_heldout"]
+    assert list(df["nfe"][:6]) == [1, 2, 10, 3, 10, 3]  # heun: 2K - 1
     m = json.loads((both / comparison.METRICS).read_text())
     dk = df[df["method"] == "DKGM"]
     # the table keeps 6 significant digits
     assert m["dkgm_best_fid"] == pytest.approx(dk["fid"].min(), rel=1e-5)
     assert m["floor_fid"] == pytest.approx(df["fid"].iloc[-1], rel=1e-5)
-    assert (df["train_kimg"][:5] == 0.64).all() and (df["train_seconds"][:5] > 0).all()
+    assert (df["train_kimg"][:6] == 0.64).all() and (df["train_seconds"][:6] > 0).all()
+    # DKGM with refine's sampler against the baseline's network from the same start with the same sampler
+    assert m["dkgm_refine_fid"] == pytest.approx(df.loc[df["row"] == "dkgm_euler_k10", "fid"].item(), rel=1e-5)
+    assert m["control_beats_dkgm_by"] == pytest.approx(m["dkgm_refine_fid"] - m["control_baseline_net_kde_start_fid"])
+    # both networks' denoising error on the same images: the trivial baselines are shared, the networks differ
+    curve = pd.read_csv(both / comparison.DENOISE_TABLE)
+    a, b = (curve[curve["network"] == n].reset_index(drop=True) for n in ("dkgm", "baseline"))
+    assert len(a) == len(b) > 5 and (a["sigma"] == b["sigma"]).all()
+    assert a["identity_mse"].to_numpy() == pytest.approx(a["sigma"].to_numpy() ** 2, rel=1e-5)
+    assert (a["mean_mse"] == b["mean_mse"]).all() and not (a["mse"] == b["mse"]).all()
 
 
 def test_baseline_params_do_not_touch_dkgm_and_dkgm_only_params_do_not_touch_the_baseline():
     stages = registry.all_stages()
     keys = {name: set(dvcyaml.params_keys(s)) for name, s in stages.items() if not s.all_params}
-    dkgm_only = {"debiaser.sigma_max_factor", "kde.bandwidth", "calibrate.scales", "sample_kde.bandwidth_scale",
+    dkgm_only = {"debiaser.sigma_max_margin", "debiaser.sigma_dist", "debiaser.p_mean", "kde.bandwidth", "calibrate.scales", "sample_kde.bandwidth_scale",
                  "refine.eta"}
     for name in BRANCH:
         assert not keys[name] & dkgm_only, name

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dkgm import kde
+from dkgm import operating_point as op
 from dkgm.errors import DKGMError
 from stages import artifacts, calibrate, gates
 from stages.gates import NO_GO
@@ -23,30 +24,60 @@ UP_TO_CALIBRATE = ("prepare", "fit_kde", "gate_kde", "reference", "train_debiase
 def test_probe_inputs_are_what_sample_kde_draws_for_the_same_seeds():
     train = np.random.default_rng(0).standard_normal((50, 1, 4, 4)).astype(np.float32)
     seeds = np.arange(7) + 123
-    anchors, unit = calibrate.probe_inputs(train, seeds)
+    anchors, unit = op.probe_inputs(train, seeds)
     for scale in (1.0, 2.5):
         x, _ = kde.sample_kde(torch.from_numpy(train), scale * 0.3, seeds.tolist())
         np.testing.assert_allclose(anchors + scale * 0.3 * unit, x.numpy(), atol=1e-6)
 
 
 def test_the_rule_names_each_failed_condition():
-    cfg = calibrate.CalibrateParams()
+    rule = op.NoveltyRule()  # the evaluation gate's defaults: Z_U >= -3, + margin 2
 
     class Ref:
         floor_copy, floor_authenticity = 0.0, 0.6
 
     good = {"zu_pixel_at_eval": -0.5, "copy_fraction": 0.0, "authenticity": 0.55}
-    assert calibrate.passes(good, Ref, cfg) == (True, [])
-    ok, why = calibrate.passes({"zu_pixel_at_eval": -1.5, "copy_fraction": 0.02, "authenticity": 0.4}, Ref, cfg)
+    assert rule.passes(good, Ref) == (True, [])
+    ok, why = rule.passes({"zu_pixel_at_eval": -1.5, "copy_fraction": 0.02, "authenticity": 0.4}, Ref)
     assert not ok and len(why) == 3 and why[0].startswith("Z_U -1.50 < -1")  # min_zu -3 + margin 2
-    assert calibrate.passes({**good, "zu_pixel_at_eval": float("nan")}, Ref, cfg)[0] is False
+    assert rule.passes({**good, "zu_pixel_at_eval": float("nan")}, Ref)[0] is False
+
+
+@pytest.mark.parametrize("threshold", [0.7, 3.2, 5.99, 6.0, 7.5, 100.0])
+def test_the_search_finds_the_passing_scale_nearest_the_threshold(threshold):
+    """Known answer: novelty that passes from `threshold` on. After the grid the bisection narrows the
+    bracket between the last failing and the first passing grid scale to 1/2^k of the grid step, and the
+    nearest passing scale lies within that of the threshold, never below it."""
+    seen = []
+
+    def evaluate(s):
+        seen.append(s)
+        return {"passed": s >= threshold}
+
+    rows = op.search_scale(evaluate, [8.0, 1.0, 2.0, 4.0, 6.0, 2.0], bisect_steps=4)
+    assert [r["scale"] for r in rows[:5]] == [1.0, 2.0, 4.0, 6.0, 8.0]  # the grid in order, duplicates once
+    best = op.nearest_passing(rows)
+    if threshold > 8.0:
+        assert best is None and len(rows) == 5  # nothing passes: nothing to bisect
+    elif threshold <= 1.0:
+        assert best["scale"] == 1.0 and len(rows) == 5  # the smallest scale passes: nothing to bisect
+    else:
+        grid = [1.0, 2.0, 4.0, 6.0, 8.0]
+        first = next(g for g in grid if g >= threshold)
+        step = first - grid[grid.index(first) - 1]
+        assert len(rows) == 9 and [r["search"] for r in rows[5:]] == ["bisection"] * 4
+        assert threshold <= best["scale"] <= threshold + step / 2**4 + 1e-12
+    assert seen == [r["scale"] for r in rows]  # one evaluation per row, no hidden ones
 
 
 def test_calibrate_stage_grid_choice_and_outputs(project):
-    # 100 x h lies beyond sigma_max; a loose rule so that some candidates pass and get their FID
-    write_params(project, {"calibrate": {"scales": [1.0, 2.0, 100.0], "min_zu": -1e6, "copy_allowance": 1.0,
-                                         "max_authenticity_drop": 1.0}})
-    run_stages(project, *UP_TO_CALIBRATE)
+    # the network's range follows the grid it was trained for ([1, 2]: up to 1.5 x 2 x h); a scale
+    # added later (100 x h) lies beyond it until train_debiaser re-runs: recorded, never refined
+    run_stages(project, *UP_TO_CALIBRATE[:-1])
+    snap = torch.load(project / artifacts.DEBIASER_SNAPSHOT, weights_only=True)
+    assert snap["sigma_max"] == pytest.approx(1.5 * 2.0 * snap["h"])
+    write_params(project, {"calibrate": {"scales": [1.0, 2.0, 100.0]}})
+    run_stages(project, "calibrate")
     table = pd.read_parquet(project / calibrate.CANDIDATES)
     m = json.loads((project / calibrate.METRICS).read_text())
     point = json.loads((project / artifacts.OPERATING_POINT).read_text())
@@ -69,17 +100,21 @@ def test_calibrate_stage_grid_choice_and_outputs(project):
         assert (project / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_default_rule_is_what_the_table_says(project):
+def test_the_rule_is_the_evaluation_gates_and_the_table_applies_it(project):
+    # calibrate reads the evaluation gate's thresholds (no copy of them to keep equal by hand)
+    write_params(project, {"gates": {"eval": {"min_zu_pixel": -3.0, "copy_allowance": 0.01, "copy_floor_factor": 2.0,
+                                              "max_authenticity_drop": 0.1}}})
     run_stages(project, *UP_TO_CALIBRATE)
     table = pd.read_parquet(project / calibrate.CANDIDATES)
     m = json.loads((project / calibrate.METRICS).read_text())
-    for r in table.itertuples():
+    assert m["min_zu_rule"] == -3 + 2
+    for r in table[table["trained"]].itertuples():
         assert r.passed == ((r.zu_pixel_at_eval >= -3 + 2) and r.copy_fraction <= max(2 * m["floor_copy_fraction"], 0.01)
                             and r.authenticity >= m["floor_authenticity"] - 0.1)
 
 
 def test_no_passing_candidate_stops_at_the_gate_with_the_key_to_widen(project):
-    write_params(project, {"calibrate": {"min_zu": 1e6}, "gates": {"calibrate": {"enforce": True}}})
+    write_params(project, {"gates": {"eval": {"min_zu_pixel": 1e6}, "calibrate": {"enforce": True}}})
     run_stages(project, *UP_TO_CALIBRATE, "gate_calibrate")
     m = json.loads((project / calibrate.METRICS).read_text())
     point = json.loads((project / artifacts.OPERATING_POINT).read_text())

@@ -100,6 +100,36 @@ def test_edm_preconditioning_known_coefficients():
     torch.testing.assert_close(target_var, torch.ones(3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dist", ["lognormal", "lognormal_truncated", "loguniform"])
+def test_training_noise_levels_follow_their_law(dist):
+    """Known answers: the clipped log-normal keeps N(p_mean, p_std) inside the range and piles the
+    tails onto its ends; the truncated one is the same law conditioned on the range; the
+    log-uniform is uniform in ln sigma."""
+    from scipy import stats
+
+    from dkgm.debias import sample_sigmas
+
+    lo, hi, pm, ps = 0.002, 1.5, -1.2, 1.2
+    s = sample_sigmas(200_000, lo, hi, torch.Generator().manual_seed(0), dist, pm, ps).double()
+    assert s.dtype == torch.float64 and s.min() >= lo - 1e-9 and s.max() <= hi + 1e-6
+    ln = s.log().numpy()
+    a, b = (math.log(lo) - pm) / ps, (math.log(hi) - pm) / ps
+    if dist == "lognormal":
+        at_top = float((s >= hi * (1 - 1e-6)).double().mean())
+        assert at_top == pytest.approx(stats.norm.sf(b), abs=3e-3)  # the upper tail clipped onto sigma_max
+        inside = ln[(ln > math.log(lo) + 1e-6) & (ln < math.log(hi) - 1e-6)]
+        assert inside.mean() == pytest.approx(stats.truncnorm.mean(a, b, pm, ps), abs=0.01)
+    elif dist == "lognormal_truncated":
+        assert float((s >= hi * (1 - 1e-6)).double().mean()) < 1e-3  # nothing piles up at the end
+        assert ln.mean() == pytest.approx(stats.truncnorm.mean(a, b, pm, ps), abs=0.01)
+        assert ln.std() == pytest.approx(stats.truncnorm.std(a, b, pm, ps), abs=0.01)
+    else:
+        u = (ln - math.log(lo)) / (math.log(hi) - math.log(lo))
+        assert u.mean() == pytest.approx(0.5, abs=0.005) and u.var() == pytest.approx(1 / 12, abs=0.002)
+    with pytest.raises(DKGMError, match="unknown sigma distribution"):
+        sample_sigmas(4, lo, hi, torch.Generator(), "uniform")
+
+
 def test_ema_halves_the_weight_of_old_images_every_half_life():
     """ema_beta per step of `batch` images: after ema_halflife_kimg x 1000 images the weight of the
     EMA's starting value is 1/2 (no ramp-up), and with the ramp-up the half-life is at most
@@ -288,7 +318,8 @@ def test_swissroll_denoiser_beats_identity_and_mean():
     pts, _ = roll.sample(3000, seed=0)
     val, _ = roll.sample(500, seed=1)
     h = 0.05
-    cfg = TrainConfig(batch_size=256, total_kimg=120, lr=2e-3, warmup_kimg=5, grad_clip=0.0, sigma_min=0.005,
+    cfg = TrainConfig(batch_size=256, total_kimg=120, lr=2e-3, warmup_kimg=5, grad_clip=0.0, sigma_dist="loguniform",
+                      sigma_min=0.005,
                       sigma_max=1.5 * h, log_every=50, ema_halflife_kimg=20)
     den = Denoiser(build_network(NetworkConfig(arch="mlp", channels=128, num_blocks=3, shape=(2,))), float(pts.std()))
     result = train(den, torch.from_numpy(pts), cfg)
@@ -338,6 +369,36 @@ def test_train_stage_outputs_resume_and_gate(project):
     result = run_gate("debiaser", project / "params.yaml", project)
     assert result.stops and [c.params_key for c in result.failures()] == ["gates.debiaser.max_error_ratio"]
     assert not (project / gates.gate_token("debiaser")).exists()
+
+
+def test_a_state_of_other_training_code_is_never_resumed(project, tmp_path, monkeypatch, caplog):
+    """Change one line of the network's code: the finished state of the old code stays where it is,
+    ignored with one line, and the stage trains afresh (the key holds a hash of networks.py,
+    debias.py and training.py; other library files leave finished states usable)."""
+    import logging
+    import shutil
+
+    import dkgm
+
+    run_stages(project, "prepare", "fit_kde", "gate_kde", "train_debiaser")
+    old = sorted((project / train_debiaser.STATES).iterdir())
+    assert len(old) == 1 and json.loads((old[0] / train_debiaser.KEY_FILE).read_text())["code"] == train_debiaser.training_code()
+    edited = tmp_path / "dkgm"
+    shutil.copytree(REPO / "dkgm", edited)
+    src = (edited / "networks.py").read_text()
+    (edited / "networks.py").write_text(src.replace("ARCHS = (", "ARCHS: tuple[str, ...] = (", 1))
+    monkeypatch.setattr(dkgm, "__file__", str(edited / "__init__.py"))
+    with caplog.at_level(logging.INFO, logger="dkgm"):
+        run_stages(project, "train_debiaser")
+    timings = json.loads((project / "reports/train/timings.json").read_text())
+    assert timings["resumed_from_kimg"] == 0  # trained, not resumed
+    folders = sorted((project / train_debiaser.STATES).iterdir())
+    assert len(folders) == 2 and old[0] in folders
+    assert [r for r in caplog.messages if "ignored the training states in " + old[0].name in r]
+    # a library file outside the training code (the metrics) leaves the key alone
+    (edited / "metrics.py").write_text((edited / "metrics.py").read_text() + "\n# an edit\n")
+    assert train_debiaser.training_code() == json.loads((folders[-1] if folders[-1] != old[0] else folders[0])
+                                                        .joinpath(train_debiaser.KEY_FILE).read_text())["code"]
 
 
 def test_train_stage_rejects_mismatched_architecture(project):
