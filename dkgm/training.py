@@ -44,6 +44,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_kimg: float = 2.0  # linear learning-rate warm-up
+    lr_schedule: str = "constant"  # after the warm-up: constant | cosine (down to 0 at total_kimg)
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     ema_halflife_kimg: float = 5.0  # EMA half-life in thousands of images
     ema_rampup_ratio: float | None = 0.1  # half-life at most this fraction of images seen (None = off)
@@ -70,7 +71,9 @@ class TrainConfig:
         """The fields that shape the training trajectory. A state can be resumed under any
         config with the same key: a longer total_kimg extends a finished run."""
         d = self.to_dict()
-        for k in ("total_kimg", "log_every", "state_every_kimg", "keep_states"):
+        # a decaying learning rate depends on the length: a longer run is another trajectory
+        for k in ("log_every", "state_every_kimg", "keep_states") + (("total_kimg",) if self.lr_schedule == "constant"
+                                                                       else ()):
             d.pop(k)
         return d
 
@@ -150,9 +153,14 @@ def ema_beta(cfg: TrainConfig, nimg: int, batch: int) -> float:
 
 
 def learning_rate(cfg: TrainConfig, nimg: int) -> float:
-    if cfg.warmup_kimg > 0:
-        return cfg.lr * min(1.0, nimg / (cfg.warmup_kimg * 1000))
-    return cfg.lr
+    """Linear warm-up to `lr`, then constant, or (`cosine`) a half cosine from `lr` down to 0 at
+    `total_kimg`: a short budget ends on a settled network instead of one still taking full steps."""
+    warm = cfg.warmup_kimg * 1000
+    lr = cfg.lr * min(1.0, nimg / warm) if warm > 0 else cfg.lr
+    if cfg.lr_schedule == "cosine" and nimg > warm:
+        total = cfg.total_kimg * 1000
+        lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, (nimg - warm) / max(total - warm, 1.0))))
+    return lr
 
 
 # ----------------------------------------------------------------------------- loop
@@ -182,6 +190,8 @@ def train(
     """
     if cfg.precision not in ("fp32", "bf16"):
         raise DKGMError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise DKGMError(f"lr_schedule must be constant or cosine, got {cfg.lr_schedule!r}")
     if len(data) == 0:
         raise DKGMError("no training data")
     rank, world = _dist()

@@ -67,6 +67,7 @@ class DebiaserParams(Section):
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_kimg: float = Field(2.0, ge=0.0)  # linear learning-rate warm-up
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after the warm-up: constant | cosine (down to 0 at total_kimg; a longer total_kimg is then a new run)
     adam_beta2: float = Field(0.99, gt=0.0, lt=1.0)  # AdamW's second-moment decay
     grad_clip: float = Field(1.0, ge=0.0)  # max gradient norm (0 = off)
     ema_halflife_kimg: float = Field(5.0, gt=0.0)  # EMA half-life
@@ -113,6 +114,7 @@ def configs(cfg: DebiaserParams, h: float, shape: tuple[int, ...], device: torch
         betas=(0.9, cfg.adam_beta2),
         weight_decay=cfg.weight_decay,
         warmup_kimg=cfg.warmup_kimg,
+        lr_schedule=cfg.lr_schedule,
         grad_clip=cfg.grad_clip,
         ema_halflife_kimg=cfg.ema_halflife_kimg,
         ema_rampup_ratio=cfg.ema_rampup_ratio,

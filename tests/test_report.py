@@ -54,9 +54,10 @@ TITLE = "PoC review: KDE → debiaser <α & β>"
 BASE_PARAMS = {"prepare": {"limit": 800}, "report": {"title": TITLE},
                "gates": {"kde": {"enforce": True, "require_interior_optimum": True, "min_loglik_gain_per_dim": -0.2,
                                  "max_truncation_bound": 1e-3},
-                         "debiaser": {"enforce": True, "max_error_ratio": 0.99, "max_val_mse": 1.0},
+                         "debiaser": {"enforce": True, "max_error_ratio": 0.99, "max_val_mse": 1.0,
+                                      "max_start_ratio": 0.9},
                          "calibrate": {"enforce": True},
-                         "eval": {"enforce": True, "max_fid": 100.0, "min_debias_gain": 0.0, "min_zu_pixel": -3.0,
+                         "eval": {"enforce": True, "max_fid": 100.0, "max_fid_ratio": 2.5, "min_debias_gain": 0.0, "min_zu_pixel": -3.0,
                                   "min_zu_inception": -1e6, "copy_allowance": 0.01, "max_authenticity_drop": 0.1}}}
 
 KDE_METRICS = {"bandwidth_scale": 1.0, "baseline_loglik_per_dim": -0.3602, "cv_loglik_per_dim": -0.41205031666,
@@ -67,7 +68,7 @@ KDE_METRICS = {"bandwidth_scale": 1.0, "baseline_loglik_per_dim": -0.3602, "cv_l
 TRAIN_METRICS = {"arch": "unet", "device": "cpu", "error_ratio": 0.8517641683678571, "final_loss": 1.0793,
                  "identity_mse_at_h": 0.13095904350280763, "images_per_second": 378.47, "kimg": 0.64,
                  "parameters": 41609, "precision": "fp32", "train_seconds": 1.691011112000524,
-                 "val_mse_at_h": 0.11154622077941895}
+                 "val_mse_at_h": 0.11154622077941895, "worst_start_ratio": 0.8, "worst_start_scale": 2.0}
 REFINE_METRICS = {"device": "cpu", "eta": 0.0, "h": 0.363, "kde_rms_distance_to_anchor": 0.3623, "n_samples": 40,
                   "nfe": 10, "precision": "fp32", "rms_distance_to_anchor": 0.3127, "samples_per_second": 114.03,
                   "schedule": "geometric", "seconds": 0.35078986100052134, "solver": "euler", "steps": 10}
@@ -85,6 +86,7 @@ EVAL_IMAGES = {"anchor_distance_ratio": 0.78285, "copy_ratio": 1 / 3, "debias_ga
                "real_precision": 0.875, "real_recall": 0.85,
                "refined_anchor_distance": 0.27897340059280396, "refined_anchor_fraction": 0.9166666666666666,
                "refined_copy_fraction": 0.0, "refined_copy_fraction_inception": 0.0, "refined_fid": 305.46285646464736,
+               "refined_fid_ratio": 305.46285646464736 / 66.2654692521385,
                "refined_inception_score": None, "refined_kid": 0.3118677001840333,
                "refined_nn_distance": 0.2789734001197776, "refined_precision": 0.25, "refined_recall": 0.125,
                "refined_sharpness": 2.148126161649634,
@@ -109,7 +111,8 @@ OTHER_METRICS = {
     baseline.SAMPLE_METRICS: {"nfe": 35, "steps": 18, "solver": "heun", "samples_per_second": 50.0, "seconds": 0.4},
     evaluate_baseline.EVAL_METRICS: BASELINE_EVAL,
     comparison.METRICS: {"n_samples": 8, "dkgm_best_fid": 80.0, "dkgm_best_fid_nfe": 10, "baseline_best_fid": 60.0,
-                         "baseline_best_fid_nfe": 35, "floor_fid": 40.0},
+                         "baseline_best_fid_nfe": 35, "floor_fid": 40.0, "dkgm_refine_fid": 80.0, "dkgm_refine_nfe": 10,
+                         "control_baseline_net_kde_start_fid": 70.0, "control_beats_dkgm_by": 10.0},
     prepare.METRICS: {"n_items": 800, "n_test": 80, "n_train": 640, "n_val": 80},
     sample_kde.METRICS: {"h": 0.363, "kernel": "gaussian", "n_samples": 40, "samples_per_second": 12238.8,
                                "seconds": 0.0032682839992048685},
@@ -124,7 +127,8 @@ FIGURE_FILES = {prepare.PREVIEW: (140, 140, True), fit_kde.CV_PLOT: (500, 300, F
                 evaluate.NEAREST: (300, 1200, False), evaluate.MEMORIZATION: (1200, 300, False),
                 calibrate.TRADEOFF: (600, 380, False), calibrate.PROBE: (140, 106, True),
                 baseline.TRAIN_LOSS: (480, 280, False), baseline.SAMPLE_GRID: (140, 72, True),
-                comparison.FIGURE: (600, 380, False), comparison.SAMPLES: (140, 90, True)}
+                comparison.FIGURE: (600, 380, False), comparison.SAMPLES: (140, 90, True),
+                comparison.DENOISE_FIGURE: (600, 380, False)}
 
 
 def _png(path: Path, width: int, height: int, grid: bool, seed: int) -> None:
@@ -570,6 +574,11 @@ def test_verdict_is_the_first_section_and_names_the_gate_that_stopped(full):
     # the numbers that decide it, and the nearest-neighbour figure beside them
     assert "quality: FID of the refined samples" in v and "novelty: data-copying test against held-out data" in v
     assert "the diffusion baseline at equal cost" in v and "eval/nearest.png" in v
+    # FID read as a multiple of the floor at the same n, and the control that starts the baseline's network
+    # where DKGM starts: when it wins, the first screen says so, at the comparison's n
+    assert "(4.61 × the floor)" in v and "at the same n = 12" in v
+    assert "**The baseline's network started from DKGM's own KDE samples with refine's sampler beats DKGM's network**" in v
+    assert "FID 70 against 80 at 10 NFE, n = 8" in v
     verdict_html = page.split('id="verdict"', 1)[1].split("<h2", 1)[0]
     assert 'class="nogo"' in verdict_html and "<img" in verdict_html
 

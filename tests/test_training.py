@@ -130,6 +130,20 @@ def test_training_noise_levels_follow_their_law(dist):
         sample_sigmas(4, lo, hi, torch.Generator(), "uniform")
 
 
+def test_cosine_learning_rate_known_values_and_its_key():
+    from dkgm.training import learning_rate
+
+    cfg = TrainConfig(lr=1e-3, warmup_kimg=2.0, total_kimg=10.0, lr_schedule="cosine")
+    assert learning_rate(cfg, 1000) == pytest.approx(0.5e-3)  # half-way through the warm-up
+    assert learning_rate(cfg, 2000) == pytest.approx(1e-3)  # the top, where the cosine starts
+    assert learning_rate(cfg, 6000) == pytest.approx(0.5e-3)  # half-way down
+    assert learning_rate(cfg, 10000) == pytest.approx(0.0, abs=1e-12)
+    const = TrainConfig(lr=1e-3, warmup_kimg=2.0, total_kimg=10.0)
+    assert learning_rate(const, 9000) == 1e-3
+    # a decaying rate depends on the length: a longer run is another trajectory, a constant one extends
+    assert "total_kimg" in cfg.trajectory_key() and "total_kimg" not in const.trajectory_key()
+
+
 def test_ema_halves_the_weight_of_old_images_every_half_life():
     """ema_beta per step of `batch` images: after ema_halflife_kimg x 1000 images the weight of the
     EMA's starting value is 1/2 (no ramp-up), and with the ramp-up the half-life is at most
