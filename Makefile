@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 export DO_NOT_TRACK := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup repro test test-fast bench clean-outputs
+.PHONY: setup repro first-look test test-fast bench clean-outputs
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ $(STAMP): pyproject.toml Makefile
 # one local Prefect server (loopback) for the whole run instead of a temporary one per stage
 repro: setup
 	$(PY) -m pipeline serve -- dvc repro
+
+# the whole chain at smoke scale (minutes), in build/first-look/: the project's own outputs stay as they are
+first-look: setup
+	$(PY) -m pipeline first-look
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline {run,gate,check,stages,dvc-yaml,compare,ablation,serve} ...`.
+"""Command line: `python -m pipeline {run,gate,check,stages,preset,dvc-yaml,compare,ablation,first-look,serve} ...`.
 
     python -m pipeline run fit_kde              # the stage as a Prefect flow
     python -m pipeline run fit_kde --no-prefect # the stage called directly (or DKGM_NO_PREFECT=1)
@@ -10,6 +10,7 @@
     python -m pipeline compare HEAD~1 HEAD      # params that differ, metrics side by side (reports/compare.md)
     python -m pipeline ablation                 # every experiment, a table per swept param, plots (reports/ablations.md)
     python -m pipeline serve -- dvc repro       # one local Prefect server for the whole command (make repro)
+    python -m pipeline first-look               # the whole chain at smoke scale in its own workspace (make first-look)
 
 Exit status: 0 done, 1 a gate said NO-GO, 2 a bad input (one line on stderr naming what to fix).
 """
@@ -93,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
     abl.add_argument("--out", default="reports/ablations.md",
                      help="markdown file to write; plots go to its name without .md (default: reports/ablations.md; -: print only)")
     abl.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only of HEAD")
+    fl = sub.add_parser("first-look", help="the whole pipeline at smoke scale in minutes, in its own workspace",
+                        description="Copy the pipeline into its own DVC workspace (default build/first-look/), apply "
+                        "the first_look preset (a 600-digit subset, 2 kimg per network, small n, no gate enforced) and "
+                        "run `dvc repro` there: every stage, the baseline and the comparison, ending in the same "
+                        "report, marked as a smoke test. The project's own artifacts are not touched.")
+    fl.add_argument("--dir", default="build/first-look", help="the workspace (replaced; default: build/first-look)")
+    fl.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect (also: DKGM_NO_PREFECT=1)")
     srv = sub.add_parser("serve", help="run a command with one local Prefect server up (make repro uses it)",
                          description="Start one Prefect server on loopback, run COMMAND with PREFECT_API_URL set to "
                          "it, stop the server afterwards; exit with COMMAND's status. Nothing is started when "
@@ -240,6 +248,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         load_params(args.params)
         print(f"{args.params}: ok")
         return 0
+    if args.command == "first-look":
+        from pipeline.first_look import run_first_look
+
+        return run_first_look(Path("."), Path(args.dir), prefect=not args.no_prefect)
     if args.command == "compare":
         from pipeline.compare import run_compare
 

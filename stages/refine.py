@@ -56,7 +56,7 @@ METRICS = "reports/refine/metrics.json"
 
 
 class RefineParams(Section):
-    schedule: Literal["geometric", "karras", "robbins_monro"] = "geometric"  # noise ladder from sigma_0 = h
+    schedule: Literal["geometric", "karras", "robbins_monro"] = "karras"  # noise ladder from sigma_0 = h
     steps: int = Field(10, ge=1)  # K: ladder steps (network evaluations per sample with euler)
     eta: AutoOr = "auto"  # debiasing noise level in [0, 1] (0: probability-flow ODE, 1: ancestral); auto: calibrate's
 

@@ -64,14 +64,14 @@ class DebiaserParams(Section):
     p_std: float = Field(1.2, gt=0.0)
     batch_size: int = Field(64, ge=1)  # global batch
     total_kimg: float = Field(40.0, gt=0.0)  # training length, thousands of images seen
-    lr: float = Field(1e-3, gt=0.0)
+    lr: float = Field(2e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_kimg: float = Field(2.0, ge=0.0)  # linear learning-rate warm-up
     lr_schedule: Literal["constant", "cosine"] = "constant"  # after the warm-up: constant | cosine (down to 0 at total_kimg; a longer total_kimg is then a new run)
     adam_beta2: float = Field(0.99, gt=0.0, lt=1.0)  # AdamW's second-moment decay
     grad_clip: float = Field(1.0, ge=0.0)  # max gradient norm (0 = off)
     ema_halflife_kimg: float = Field(5.0, gt=0.0)  # EMA half-life
-    ema_rampup_ratio: float | None = Field(0.1, gt=0.0)  # EMA half-life <= ratio x images seen (null = off)
+    ema_rampup_ratio: float | None = Field(0.05, gt=0.0)  # EMA half-life <= ratio x images seen (null = off)
     seed: int = Field(0, ge=0)
     log_every: int = Field(20, ge=1)  # steps per log row
     state_every_kimg: float = Field(10.0, gt=0.0)  # thousands of images between resumable states

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +44,39 @@ TINY = {
 }
 
 
+class StubFeatures(torch.nn.Module):
+    """A stand-in for the Inception network, for every test that is not about Inception itself
+    (tests/test_inception.py keeps the real one): the (N, 3, 299, 299) network input average-pooled to
+    13 x 13 and sent through a fixed random projection and a tanh to 2048 features. It is fast
+    (the real network runs at ~8 images/s on 2 cores), deterministic, and distinct images get
+    distinct features, which is all the stages' code needs from it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(20261206)
+        self.register_buffer("proj", torch.randn(3 * 13 * 13, 2048, generator=gen) / (3 * 13 * 13) ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 13).reshape(x.shape[0], -1)
+        return torch.tanh(3.0 * pooled @ self.proj)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stub_features(tmp_path_factory) -> Path:
+    """The stub feature network as a TorchScript file, pinned in the tiny params (reference.weights and its
+    SHA-256), so every tiny project scores with it."""
+    from dkgm.inception import sha256_file
+
+    import warnings
+
+    path = tmp_path_factory.mktemp("stub_inception") / "stub_features.pt"
+    with warnings.catch_warnings():  # torch 2.14 deprecates TorchScript; the pipeline reads Inception as TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(StubFeatures().eval()), str(path))
+    TINY["reference"].update(weights=str(path), weights_sha256=sha256_file(path))
+    return path
+
+
 def deep_update(base: dict, upd: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in upd.items():
@@ -67,6 +101,27 @@ def project(tmp_path: Path) -> Path:
 
 FULL_CHAIN = ("prepare", "fit_kde", "gate_kde", "reference", "train_debiaser", "gate_debiaser", "calibrate",
               "gate_calibrate", "sample_kde", "refine")
+EVERY_STAGE = (*FULL_CHAIN, "evaluate", "gate_eval", "train_baseline", "sample_baseline", "evaluate_baseline",
+               "comparison", "report")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """The tiny project after every stage, run once for the whole session (about a minute with the
+    stub features): what most tests read. Read it, never write into it: a test that changes files
+    takes `tiny_copy`."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    write_params(root)
+    run_stages(root, *EVERY_STAGE)
+    return root
+
+
+@pytest.fixture
+def tiny_copy(tiny_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny run (artifacts, reports and training states) that a test may change."""
+    root = tmp_path / "tiny"
+    shutil.copytree(tiny_run, root)
+    return root
 
 
 def pin_point(root: Path, scale: float = 1.0, eta: float = 0.0) -> None:

@@ -20,27 +20,13 @@ import pytest
 from pipeline.__main__ import main
 from stages import artifacts
 from stages.common import read_npz
-from tests.conftest import REPO, cli_env, pin_point, run_stages, write_params
-
-TRAINED = ("prepare", "fit_kde", "gate_kde", "train_debiaser", "gate_debiaser")
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    """A tiny project through sample_kde (with a pinned operating point), built once per module."""
-    root = tmp_path_factory.mktemp("built")
-    write_params(root)
-    run_stages(root, *TRAINED)
-    pin_point(root)
-    run_stages(root, "sample_kde")
-    return root
+from tests.conftest import REPO, cli_env, run_stages, write_params
 
 
 @pytest.fixture
-def proj(built, tmp_path) -> Path:
-    root = tmp_path / "p"
-    shutil.copytree(built, root)
-    return root
+def proj(tiny_copy) -> Path:
+    """A copy of the session's tiny run (every stage run)."""
+    return tiny_copy
 
 
 def _run(root: Path, stage: str) -> tuple[int, str]:
@@ -119,6 +105,7 @@ def test_a_damaged_prepared_dataset_is_named_in_one_line(proj, damage, says):
     ("pickled", ["samples.npy is corrupt or truncated"]),
 ])
 def test_bad_samples_stop_refine_in_one_line(proj, damage, says):
+    shutil.rmtree(proj / artifacts.REFINED)  # as before refine's first run: a failure must publish nothing
     npy, meta = proj / KDE / "samples.npy", proj / KDE / "meta.json"
     x = np.load(npy)
     if damage == "nan":

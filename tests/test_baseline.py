@@ -12,22 +12,15 @@ import torch
 from dkgm.networks import NetworkConfig, build_network, count_parameters
 from pipeline import dvcyaml, registry
 from stages import artifacts, baseline, comparison, evaluate_baseline
-from tests.conftest import FULL_CHAIN, run_stages, write_params
+from tests.conftest import run_stages, write_params
 
 BRANCH = ("train_baseline", "sample_baseline", "evaluate_baseline")
 
 
-@pytest.fixture(scope="module")
-def both(tmp_path_factory):
-    """A tiny project after both branches, the reference and the comparison (run once)."""
-    from dkgm import inception
-
-    root = tmp_path_factory.mktemp("both")
-    write_params(root)
-    with pytest.MonkeyPatch.context() as mp:  # the same weights on every machine
-        mp.setattr(inception, "cleanfid_full_path", lambda: root / "absent" / inception.FULL_NAME)
-        run_stages(root, *FULL_CHAIN, "evaluate", *BRANCH, "comparison")
-    return root
+@pytest.fixture
+def both(tiny_run):
+    """The session's tiny run: both branches, the reference and the comparison."""
+    return tiny_run
 
 
 def _snapshot(root, rel):

@@ -18,7 +18,6 @@ from stages import artifacts, calibrate, gates
 from stages.gates import NO_GO
 from tests.conftest import run_stages, write_params
 
-UP_TO_CALIBRATE = ("prepare", "fit_kde", "gate_kde", "reference", "train_debiaser", "gate_debiaser", "calibrate")
 
 
 def test_probe_inputs_are_what_sample_kde_draws_for_the_same_seeds():
@@ -70,10 +69,10 @@ def test_the_search_finds_the_passing_scale_nearest_the_threshold(threshold):
     assert seen == [r["scale"] for r in rows]  # one evaluation per row, no hidden ones
 
 
-def test_calibrate_stage_grid_choice_and_outputs(project):
+def test_calibrate_stage_grid_choice_and_outputs(tiny_copy):
     # the network's range follows the grid it was trained for ([1, 2]: up to 1.5 x 2 x h); a scale
     # added later (100 x h) lies beyond it until train_debiaser re-runs: recorded, never refined
-    run_stages(project, *UP_TO_CALIBRATE[:-1])
+    project = tiny_copy
     snap = torch.load(project / artifacts.DEBIASER_SNAPSHOT, weights_only=True)
     assert snap["sigma_max"] == pytest.approx(1.5 * 2.0 * snap["h"])
     write_params(project, {"calibrate": {"scales": [1.0, 2.0, 100.0]}})
@@ -100,11 +99,12 @@ def test_calibrate_stage_grid_choice_and_outputs(project):
         assert (project / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_rule_is_the_evaluation_gates_and_the_table_applies_it(project):
+def test_the_rule_is_the_evaluation_gates_and_the_table_applies_it(tiny_copy):
     # calibrate reads the evaluation gate's thresholds (no copy of them to keep equal by hand)
+    project = tiny_copy
     write_params(project, {"gates": {"eval": {"min_zu_pixel": -3.0, "copy_allowance": 0.01, "copy_floor_factor": 2.0,
                                               "max_authenticity_drop": 0.1}}})
-    run_stages(project, *UP_TO_CALIBRATE)
+    run_stages(project, "calibrate")
     table = pd.read_parquet(project / calibrate.CANDIDATES)
     m = json.loads((project / calibrate.METRICS).read_text())
     assert m["min_zu_rule"] == -3 + 2
@@ -113,9 +113,10 @@ def test_the_rule_is_the_evaluation_gates_and_the_table_applies_it(project):
                             and r.authenticity >= m["floor_authenticity"] - 0.1)
 
 
-def test_no_passing_candidate_stops_at_the_gate_with_the_key_to_widen(project):
+def test_no_passing_candidate_stops_at_the_gate_with_the_key_to_widen(tiny_copy):
+    project = tiny_copy
     write_params(project, {"gates": {"eval": {"min_zu_pixel": 1e6}, "calibrate": {"enforce": True}}})
-    run_stages(project, *UP_TO_CALIBRATE, "gate_calibrate")
+    run_stages(project, "calibrate", "gate_calibrate")
     m = json.loads((project / calibrate.METRICS).read_text())
     point = json.loads((project / artifacts.OPERATING_POINT).read_text())
     assert m["passed"] is False and "widen calibrate.scales" in point["reason"]

@@ -14,41 +14,36 @@ import pytest
 from dkgm.errors import DKGMError
 from stages import artifacts, evaluate, gates, sample_kde
 from stages.gates import NO_GO
-from tests.conftest import FULL_CHAIN, pin_point, run_stages, write_params
-
-
-@pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    """A tiny project after every stage up to evaluate (run once for the module)."""
-    from dkgm import inception
-
-    root = tmp_path_factory.mktemp("eval")
-    write_params(root)
-    with pytest.MonkeyPatch.context() as mp:  # the same weights on every machine: never clean-fid's /tmp copy
-        mp.setattr(inception, "cleanfid_full_path", lambda: root / "absent" / inception.FULL_NAME)
-        run_stages(root, *FULL_CHAIN, "evaluate")
-    return root
+from tests.conftest import pin_point, run_stages, set_param, write_params
 
 
 @pytest.fixture
-def project_copy(evaluated, tmp_path):
-    root = tmp_path / "p"
-    shutil.copytree(evaluated, root)
-    return root
+def evaluated(tiny_run):
+    """The session's tiny run (every stage, scored with the stub feature network)."""
+    return tiny_run
+
+
+@pytest.fixture
+def project_copy(tiny_copy):
+    return tiny_copy
 
 
 def metrics(root) -> dict:
     return json.loads((root / evaluate.METRICS).read_text())
 
 
-def test_metrics_file_names_the_network_and_scores_both_stages(evaluated):
+def test_metrics_file_names_the_network_and_scores_both_stages(evaluated, stub_features):
+    from dkgm.inception import sha256_file
+
     m = metrics(evaluated)
-    assert m["feature_network"] == "default_1.pt" and len(m["weights_sha256"]) == 64 and m["weights"] == "ema"
+    # the network the reference named (here the tests' stub, pinned by its SHA-256), and the EMA weights
+    assert m["feature_network"] == stub_features.name and m["weights_sha256"] == sha256_file(stub_features)
+    assert m["weights"] == "ema"
     assert m["n_samples"] == 20 and m["n_reference"] == 40
     assert m["n_real"] == 20  # the held-out floor is scored at the samples' n (80 test images in the tiny split)
     for s in ("kde", "refined", "real"):
         assert m[f"{s}_fid"] > 0 and 0 <= m[f"{s}_precision"] <= 1 and 0 <= m[f"{s}_recall"] <= 1
-        assert m[f"{s}_inception_score"] is None  # default_1.pt has no classifier
+        assert m[f"{s}_inception_score"] is None  # a features-only network (as default_1.pt) has no classifier
     assert "no classifier" in m["inception_score_note"]
     assert m["debias_gain"] == pytest.approx(1 - m["refined_fid"] / m["kde_fid"])
     assert m["fid_gain"] == pytest.approx(m["kde_fid"] - m["refined_fid"])
@@ -138,12 +133,14 @@ def test_changed_or_missing_weights_give_one_line(project_copy, monkeypatch):
     from dkgm import inception
 
     root = project_copy
-    # weights that changed after the reference was computed are refused, not silently mixed
+    # a reference computed with a copy of the real features network (the file the auto search finds)
+    real = inception.resolve_weights("auto")
     meta_path = root / artifacts.REFERENCE / "meta.json"
     meta = json.loads(meta_path.read_text())
-    shutil.copy(meta["weights"]["path"], root / "w.pt")
-    meta["weights"]["path"] = str(root / "w.pt")
+    shutil.copy(real.path, root / "w.pt")
+    meta["weights"] = {**real.to_dict(), "path": str(root / "w.pt")}
     meta_path.write_text(json.dumps(meta))
+    # weights that changed after the reference was computed are refused, not silently mixed
     with open(root / "w.pt", "ab") as f:
         f.write(b"\0")
     with pytest.raises(DKGMError, match="changed since the reference was computed"):
@@ -153,7 +150,9 @@ def test_changed_or_missing_weights_give_one_line(project_copy, monkeypatch):
     monkeypatch.setattr(inception, "fid_helper_path", lambda: None)
     with pytest.raises(DKGMError, match="gone and not found elsewhere"):
         run_stages(root, "evaluate")
-    # no weights anywhere: one line, no partial reference artifact
+    # no weights anywhere (none named in params either): one line, no partial reference artifact
+    set_param(root, "reference.weights", "auto")
+    set_param(root, "reference.weights_sha256", None)
     monkeypatch.setattr(inception, "fid_helper_path", lambda: None)
     monkeypatch.setattr(inception, "cleanfid_full_path", lambda: root / "nowhere" / inception.FULL_NAME)
     shutil.rmtree(root / artifacts.REFERENCE)

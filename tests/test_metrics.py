@@ -158,7 +158,9 @@ def test_copy_fraction_known_answer_at_the_threshold():
     assert M.copy_fraction(ratios * d2, d2, threshold=0.4) == 6 / 8
 
 
-def test_the_copy_threshold_is_one_third_everywhere():
+def test_the_copy_threshold_is_one_third_and_lives_in_one_place():
+    """evaluate.copy_ratio is the one copy threshold: calibrate reads it (and the gate's rule) instead
+    of keeping its own copy that could drift."""
     import yaml
 
     from stages.calibrate import CalibrateParams
@@ -166,5 +168,5 @@ def test_the_copy_threshold_is_one_third_everywhere():
     from tests.conftest import REPO
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert raw["evaluate"]["copy_ratio"] == pytest.approx(1 / 3) and raw["calibrate"]["copy_ratio"] == pytest.approx(1 / 3)
-    assert EvaluateParams().copy_ratio == pytest.approx(1 / 3) and CalibrateParams().copy_ratio == pytest.approx(1 / 3)
+    assert raw["evaluate"]["copy_ratio"] == pytest.approx(1 / 3) and EvaluateParams().copy_ratio == pytest.approx(1 / 3)
+    assert "copy_ratio" not in raw["calibrate"] and "copy_ratio" not in CalibrateParams.model_fields

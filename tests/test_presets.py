@@ -87,3 +87,26 @@ def test_cli_lists_shows_and_refuses(tmp_path):
     assert params.read_text() == (REPO / "params.yaml").read_text()  # showing writes nothing
     bad = cli("nope")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "unknown preset 'nope'" in bad.stderr
+
+
+def test_first_look_workspace_is_a_project_of_its_own(tmp_path):
+    """`make first-look` runs the pipeline in a copy: the smoke-scale preset applied there, a DVC project of
+    its own (cache and lock inside), the same dvc.yaml and code, and the project's params untouched."""
+    from pipeline.first_look import prepare_workspace
+    from pipeline.params import load_params
+
+    before = (REPO / "params.yaml").read_bytes()
+    out = prepare_workspace(REPO, tmp_path / "fl")
+    params = load_params(out / "params.yaml")  # valid against the schema
+    for key, value in presets.load("first_look").items():
+        node = params
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == (tuple(value) if isinstance(value, list) else value), key
+    assert params.report.first_look and not params.gates.eval.enforce and params.prepare.limit == 600
+    assert (out / ".dvc" / "config").is_file() and (out / "dvc.yaml").read_bytes() == (REPO / "dvc.yaml").read_bytes()
+    assert all((out / pkg / "__init__.py").is_file() for pkg in ("dkgm", "stages", "pipeline"))
+    assert not list(out.rglob("__pycache__"))
+    assert (REPO / "params.yaml").read_bytes() == before
+    with pytest.raises(DKGMError, match="would overwrite the project itself"):
+        prepare_workspace(REPO, REPO)

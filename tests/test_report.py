@@ -364,7 +364,7 @@ def test_metric_table_equals_the_eval_metrics(full):
         assert derived["debias gain"] == report.fmt(m["debias_gain"]) and derived["FID gain"] == report.fmt(m["fid_gain"])
         stage = {r[0]: r[1] for t in tables if t[0] == ["quantity", "value"] for r in t[1:]}
         assert stage["density bandwidth h (selected)"] == report.fmt(KDE_METRICS["h"])
-        assert stage["chosen scale s"] == "2" and stage["pixel Z_U at s = 1, η = 0"] == "-20"
+        assert stage["chosen scale s"] == "2" and stage["pixel Z_U at s = 1 (the CV bandwidth)"] == "-20"
         assert stage["CV held-out log-lik at h_cv (nats/dim)"] == report.fmt(KDE_METRICS["cv_loglik_per_dim"])
         assert stage["held-out MSE at σ = h"] == report.fmt(TRAIN_METRICS["val_mse_at_h"])
         assert stage["error ratio"] == report.fmt(TRAIN_METRICS["error_ratio"])
@@ -602,3 +602,18 @@ def test_params_appendix_lists_what_differs_then_everything_collapsed(full):
     assert "`refine.solver`" not in changed  # at its default: only in the collapsed part
     assert "<details><summary>All " in appendix and "`solver`" in appendix.split("<details>", 1)[1]
     assert "<details><summary>All " in page and "</details>" in page
+
+
+def test_a_first_look_says_it_is_no_review_and_keeps_the_verdict(project):
+    """report.first_look (the first_look preset): the verdict opens by naming the smoke scale it was run at
+    (items, kimg, n, from the artifacts and params) and that its numbers are not a review; the decision and
+    the checks below it are the same as without it."""
+    make_inputs(project, params={"gates": {"eval": {"enforce": False}}})
+    plain = _verdict(build_direct(project)[0])
+    make_inputs(project, params={"gates": {"eval": {"enforce": False}}, "report": {"first_look": True},
+                                 "debiaser": {"total_kimg": 1.5}})
+    v = _verdict(build_direct(project)[0])
+    first = next(line for line in v.splitlines() if line.startswith("- "))
+    assert first.startswith("- First look at smoke scale") and "smoke test, not a review" in first
+    assert "800 items" in first and "1.5 kimg per network" in first and f"n = {report.fmt(EVAL_IMAGES['n_samples'])}" in first
+    assert "smoke" not in plain and v.replace(first + "\n", "").count("decision: **NO-GO (overridden)**") == 1

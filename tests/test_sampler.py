@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -16,7 +17,6 @@ from dkgm.sampler import SCHEDULES, debias, make_ladder
 from dkgm.training import TrainConfig, train
 from tests.conftest import pin_point
 
-TRAINED = ("prepare", "fit_kde", "gate_kde", "train_debiaser", "gate_debiaser")
 
 MU, S, H = 0.3, 0.5, 1.0
 RM = dict(a0=0.3, gamma=0.55)
@@ -183,7 +183,8 @@ def test_results_do_not_depend_on_batch_size():
 # ----------------------------------------------------------------------------- the refine stage
 
 
-def test_refine_stage_outputs_and_batch_invariance(project):
+def test_refine_stage_outputs_and_batch_invariance(tiny_copy):
+    project = tiny_copy  # the session's tiny run, trained
     import json
 
     import numpy as np
@@ -193,7 +194,6 @@ def test_refine_stage_outputs_and_batch_invariance(project):
     from tests.conftest import run_stages, write_params
 
     write_params(project, {"refine": {"steps": 4, "eta": 0.5, "solver": "heun", "batch_size": 16}})
-    run_stages(project, *TRAINED)
     pin_point(project)
     run_stages(project, "sample_kde", "refine")
     m = json.loads((project / refine.METRICS).read_text())
@@ -215,15 +215,16 @@ def test_refine_stage_outputs_and_batch_invariance(project):
     assert np.abs(again.astype(int) - out.astype(int)).max() <= 1 and (again == out).mean() > 0.999
 
 
-def test_refine_rejects_stale_artifacts(project):
+def test_refine_rejects_stale_artifacts(tiny_copy):
+    project = tiny_copy  # the session's tiny run, trained
     import json
 
     from stages import artifacts
     from tests.conftest import run_stages
 
-    run_stages(project, *TRAINED)
     pin_point(project)
     run_stages(project, "sample_kde")
+    shutil.rmtree(project / artifacts.REFINED)  # as before refine's first run: a refusal must publish nothing
     meta_path = project / artifacts.KDE_SAMPLES / "meta.json"
     meta = json.loads(meta_path.read_text())
     import torch
@@ -247,7 +248,8 @@ def test_refine_rejects_stale_artifacts(project):
         run_stages(project, "refine")
 
 
-def test_a_diverged_sampler_stops_refine_with_the_step_and_count(project):
+def test_a_diverged_sampler_stops_refine_with_the_step_and_count(tiny_copy):
+    project = tiny_copy  # the session's tiny run, trained
     """A network that returns NaN: refine stops with one line naming how many samples diverged and
     at which step, and writes nothing (NaN must never become black pixels that get scored)."""
     import torch
@@ -255,9 +257,9 @@ def test_a_diverged_sampler_stops_refine_with_the_step_and_count(project):
     from stages import artifacts
     from tests.conftest import run_stages
 
-    run_stages(project, *TRAINED)
     pin_point(project)
     run_stages(project, "sample_kde")
+    shutil.rmtree(project / artifacts.REFINED)  # as before refine's first run: a failure must publish nothing
     snap_path = project / artifacts.DEBIASER_SNAPSHOT
     snap = torch.load(snap_path, map_location="cpu", weights_only=True)
     for name, value in snap["ema"].items():

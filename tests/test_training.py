@@ -68,7 +68,7 @@ def test_ddpm_cifar10_configuration_is_expressible():
     from stages.train_debiaser import configs
 
     p = DebiaserParams(channels=128, channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(16,), dropout=0.1)
-    net_cfg, _ = configs(p, h=0.3, shape=(3, 32, 32), device=torch.device("cpu"))
+    net_cfg, _ = configs(p, h=0.3, shape=(3, 32, 32), device=torch.device("cpu"), sigma_max=12 * 0.3)
     n = count_parameters(build_network(net_cfg))
     assert 35.5e6 < n < 36.0e6  # DDPM reports 35.7M
 
