@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from dkgm.errors import DKGMError
+from pipeline.compare import dvc_executable as _dvc  # the venv's dvc, so stage commands use its python
 
 PRESET = "first_look"
 COPIED = ("dvc.yaml", "params.yaml", "prefect.toml", ".dvcignore")
@@ -49,11 +50,6 @@ def prepare_workspace(root: Path, out: Path) -> Path:
     for key, value in (("core.analytics", "false"), ("core.check_update", "false")):
         subprocess.run([dvc, "config", key, value], cwd=out, env=env, check=True)
     return out
-
-
-def _dvc() -> str:
-    here = Path(sys.executable).parent / "dvc"  # the venv's dvc, so stage commands use its python
-    return str(here) if here.is_file() else "dvc"
 
 
 def _env() -> dict[str, str]:
