@@ -29,11 +29,14 @@ repro: setup
 first-look: setup
 	$(PY) -m pipeline first-look
 
+# one pytest-xdist worker per core, one thread each (tests/conftest.py): most tests wait on one stage
+# subprocess at a time, so a single pytest process leaves the other core idle. TEST_WORKERS=0: one process
+TEST_WORKERS ?= auto
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 bench: setup
 	$(PY) benchmarks/bench_fit_kde.py

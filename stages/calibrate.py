@@ -242,7 +242,7 @@ def _inception_fids(root: Path, prepared: Prepared, rows: list[dict[str, Any]],
     from stages.evaluate import feature_network
 
     ref, meta = load_reference(root, prepared)
-    net = feature_network(meta.get("weights"), cfg.device, "calibrate.device")
+    net = feature_network(meta.get("weights"), cfg.device, "calibrate.device", root=root)
     n = min(cfg.fid_samples, cfg.probe_samples)
     bar = Progress("calibrate (FID of the passing candidates nearest the threshold)", len(rows))
     for i, r in enumerate(rows):

@@ -225,17 +225,21 @@ def write_png(path: Path, array: np.ndarray) -> None:
 
 
 def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
-    """Tile uint8 (N, C, H, W) images into one (rows*H', cols*W', C) uint8 array (torchvision's make_grid)."""
-    import torch
-    from torchvision.utils import make_grid
-
+    """Tile uint8 (N, C, H, W) images into one (rows*H', cols*W', C) uint8 array: `ncol` tiles per
+    row, `pad` pixels of `pad_value` around and between tiles (torchvision's make_grid layout, in
+    numpy: importing torchvision costs a stage about 2 s, more than drawing its figures)."""
     images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.uint8:
         raise DKGMError(f"image_grid expects uint8 (N, C, H, W), got {images.dtype} {images.shape}")
-    ncol = ncol or max(1, int(math.ceil(math.sqrt(len(images)))))
-    grid = make_grid(torch.from_numpy(images), nrow=ncol, padding=pad, pad_value=pad_value)
-    # make_grid repeats a single channel three times: keep grey images grey
-    return grid[: images.shape[1]].permute(1, 2, 0).numpy()
+    n, c, h, w = images.shape
+    ncol = min(ncol or max(1, int(math.ceil(math.sqrt(n)))), max(n, 1))
+    nrow = int(math.ceil(n / ncol)) if n else 0
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), pad_value, np.uint8)
+    for i, tile in enumerate(images):
+        y, x = divmod(i, ncol)
+        top, left = y * (h + pad) + pad, x * (w + pad) + pad
+        grid[top : top + h, left : left + w] = tile.transpose(1, 2, 0)
+    return grid
 
 
 TILE_TARGET = 56  # labelled grids scale each tile by the integer factor that brings it closest to this width (px)

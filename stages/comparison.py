@@ -182,6 +182,7 @@ def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, 
     rows = [*plan, floor]
     metrics = headline(rows, cfg, n, have_baseline, f"dkgm_{sampler.solver}_k{sampler.steps}")
     metrics["score_seconds"] = time.perf_counter() - t0
+    metrics["feature_cache_hits"] = m.get("feature_cache_hits", 0)  # rows refine/sample_baseline drew and evaluate scored
     raw = {"dkgm": dkgm, **({"baseline": base} if have_baseline else {})}
     curve = denoise_curves(raw, root, h, float(dsnap["sigma_max"]), device, cfg.denoise_images)
     metrics.update({f"{name}_denoise_ratio_at_start": _at_start(curve, name, h) for name in raw})

@@ -77,7 +77,8 @@ class Out:
         return self.kind == "data"
 
 
-TIMING_KEYS = frozenset({"device", "precision", "resumed_from_kimg", "world_size"})  # run conditions, not results
+# run conditions, not results (feature_cache_hits: images answered by dkgm.feature_cache, which depends on what ran before)
+TIMING_KEYS = frozenset({"device", "precision", "resumed_from_kimg", "world_size", "feature_cache_hits"})
 
 
 def timings_path(metrics_path: str) -> str:

@@ -112,7 +112,7 @@ class Scorer:
     DKGM's stages, the diffusion baseline and the comparison's sweeps."""
 
     def __init__(self, cfg: EvaluateParams, root: Path, n: int):
-        self.cfg, self.n = cfg, n
+        self.cfg, self.n, self.root = cfg, n, Path(root)
         self.prepared = prepared = load_prepared(root)
         self.ref, self.ref_meta = load_reference(root, prepared)
         self.kind = prepared.kind
@@ -147,7 +147,7 @@ class Scorer:
         copying(m, "pixel", self.train, self.real, self.second, sets, cfg)
         if self.kind == "images":
             if self.net is None:
-                self.net = feature_network(self.weights, cfg.device)
+                self.net = feature_network(self.weights, cfg.device, root=self.root)
             _image_metrics(cfg, m, sets, self.real, self.real_pick, self.ref, self.net, self.second_pick)
         else:
             _point_metrics(cfg, m, sets, self.real, self.train, self.prepared)
@@ -242,8 +242,10 @@ def copying(m: dict, space: str, train: np.ndarray, heldout: np.ndarray, second:
     m[f"ct_{space}_cells"] = len(centres)
 
 
-def feature_network(weights: dict | None, device: str, key: str = "evaluate.device") -> inception.InceptionFeatures:
-    """The reference's feature network, checked to be the same file (SHA-256) the reference used."""
+def feature_network(weights: dict | None, device: str, key: str = "evaluate.device",
+                    root: Path | None = None) -> inception.InceptionFeatures:
+    """The reference's feature network, checked to be the same file (SHA-256) the reference used;
+    with `root`, images seen before are answered from the project's feature cache."""
     if not weights:
         raise DKGMError(f"{REFERENCE} holds no Inception features: re-run reference")
     w = inception.Weights(**weights)
@@ -260,7 +262,10 @@ def feature_network(weights: dict | None, device: str, key: str = "evaluate.devi
     if digest != w.sha256:
         raise DKGMError(f"Inception weights {w.path} changed since the reference was computed "
                         f"(SHA-256 {digest}, reference {w.sha256}): re-run reference")
-    return inception.InceptionFeatures(w, resolve_device(device, key))  # the reference's resize (its meta says which)
+    net = inception.InceptionFeatures(w, resolve_device(device, key))  # the reference's resize (its meta says which)
+    if root is not None:
+        net.use_cache(root)
+    return net
 
 
 def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], real: np.ndarray,
@@ -269,14 +274,17 @@ def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], re
     m.update(feature_network=w.name, weights_sha256=w.sha256, weights_source=w.source)
     total = sum(len(x) for x in sets.values())
     bar = Progress("evaluate features", total)
-    t0 = time.perf_counter()
+    t0, hits0 = time.perf_counter(), net.cache.hits if net.cache else 0
     feats, probs, done = {}, {}, 0
     for name, x in sets.items():
         out = net(ds.to_uint8(x), cfg.batch_size, progress=lambda k, base=done: bar(base + k))
         feats[name], probs[name] = out.features, out.probs
         done += len(x)
     bar.close()
-    m["feature_images_per_second"] = total / max(time.perf_counter() - t0, 1e-9)
+    hits = (net.cache.hits if net.cache else 0) - hits0
+    m["feature_cache_hits"] = hits  # images seen before (the comparison's rows that refine/sample_baseline drew)
+    if total > hits:
+        m["feature_images_per_second"] = (total - hits) / max(time.perf_counter() - t0, 1e-9)
     tr = ref["train_features"]
     feats["real"] = ref["test_features"][real_pick]
     probs["real"] = ref["test_probs"][real_pick] if "test_probs" in ref else None

@@ -80,6 +80,10 @@ def test_comparison_rows_and_headline(both):
     assert len(a) == len(b) > 5 and (a["sigma"] == b["sigma"]).all()
     assert a["identity_mse"].to_numpy() == pytest.approx(a["sigma"].to_numpy() ** 2, rel=1e-5)
     assert (a["mean_mse"] == b["mean_mse"]).all() and not (a["mse"] == b["mse"]).all()
+    # refine's own row is the same bytes that refine drew and evaluate scored: answered by the feature
+    # cache, not featurised again (the other rows are new images)
+    timings = json.loads((both / "reports/comparison/timings.json").read_text())
+    assert timings["feature_cache_hits"] == m["n_samples"] == 8
 
 
 def test_baseline_params_do_not_touch_dkgm_and_dkgm_only_params_do_not_touch_the_baseline():

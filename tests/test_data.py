@@ -83,6 +83,15 @@ def test_image_grid_layout():
     assert grid[1, 1, 0] == 0 and grid[1, 5, 0] == 1 and grid[9, 1, 0] == 4 and grid[9, 5, 0] == 255
 
 
+@pytest.mark.parametrize("n, c, ncol, pad", [(5, 1, 2, 1), (7, 3, 3, 2), (2, 1, 8, 2), (9, 3, None, 0)])
+def test_image_grid_matches_torchvision_make_grid(n, c, ncol, pad):
+    torch = pytest.importorskip("torch")
+    make_grid = pytest.importorskip("torchvision.utils").make_grid
+    imgs = np.random.default_rng(n).integers(0, 256, (n, c, 4, 5), dtype=np.uint8)
+    ref = make_grid(torch.from_numpy(imgs), nrow=ncol or 3, padding=pad, pad_value=255)[:c].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(image_grid(imgs, ncol=ncol, pad=pad), ref)
+
+
 def test_labeled_grid_scales_tiles_and_draws_labels_in_its_margins():
     from dkgm.errors import DKGMError
     from stages.common import labeled_grid

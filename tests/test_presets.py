@@ -104,7 +104,12 @@ def test_first_look_workspace_is_a_project_of_its_own(tmp_path):
             node = getattr(node, part)
         assert node == (tuple(value) if isinstance(value, list) else value), key
     assert params.report.first_look and not params.gates.eval.enforce and params.prepare.limit == 600
-    assert (out / ".dvc" / "config").is_file() and (out / "dvc.yaml").read_bytes() == (REPO / "dvc.yaml").read_bytes()
+    assert (out / "dvc.yaml").read_bytes() == (REPO / "dvc.yaml").read_bytes()
+    from pipeline.compare import dvc_executable
+
+    listed = subprocess.run([dvc_executable(), "config", "--list", "--project"], cwd=out, capture_output=True,
+                            text=True, check=True).stdout.split()  # the hand-written config, as DVC reads it
+    assert {"core.no_scm=True", "core.analytics=false", "core.check_update=false"} <= set(listed)
     assert all((out / pkg / "__init__.py").is_file() for pkg in ("dkgm", "stages", "pipeline"))
     assert not list(out.rglob("__pycache__"))
     assert (REPO / "params.yaml").read_bytes() == before
