@@ -9,9 +9,9 @@ cache answers those from disk and computes only what it has not seen.
 Keys:
 - an image: BLAKE2b-128 of its uint8 bytes and its shape (what the network sees is a function of
   exactly these: the resize and the normalisation are fixed by the network's key);
-- the network: the weights' SHA-256, the resize, the device type (a GPU's kernels give other last
-  digits) and a digest of this package's `inception.py` source, so that a change to the
-  preprocessing or the feature code can never be answered with old rows.
+- the network: the weights' SHA-256, the resize, the device type and torch's version (another
+  device or build gives other last digits) and a digest of this package's `inception.py` source,
+  so that a change to the preprocessing or the feature code can never be answered with old rows.
 
 Storage: `<dir>/<network key>/<shard>.npz`, one shard per call that computed anything (keys,
 features and, with the full network, the IS probabilities), each written to a temporary name and
@@ -49,11 +49,11 @@ def image_keys(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def network_key(weights_sha256: str, resize: str, device_type: str, code: str | None = None) -> str:
+def network_key(weights_sha256: str, resize: str, device: str, code: str | None = None) -> str:
     """The feature network's part of the key (hex, 24 characters)."""
     if code is None:
         code = hashlib.sha256((Path(__file__).parent / "inception.py").read_bytes()).hexdigest()
-    text = "\n".join((weights_sha256, resize, device_type, code))
+    text = "\n".join((weights_sha256, resize, device, code))
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

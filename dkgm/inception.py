@@ -321,13 +321,15 @@ class InceptionFeatures:
 
     def use_cache(self, root: str | Path) -> FeatureCache | None:
         """Answer images seen before from the project's feature cache (dkgm.feature_cache: keyed by
-        each image's bytes and by these weights, this resize, this device type and this file's code)."""
+        each image's bytes and by these weights, this resize, this device type, torch's version and
+        this file's code)."""
         directory = cache_dir(root)
         if directory is None or not isinstance(self.resize, str):  # a callable resize has no stable name
             self.cache = None
         else:
+            # torch's version too: another build's kernels give other last digits
             self.cache = FeatureCache(directory, network_key(self.weights.sha256, self.resize_description,
-                                                             self.device.type))
+                                                             f"{self.device.type}, torch {torch.__version__}"))
         return self.cache
 
     @property

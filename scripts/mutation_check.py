@@ -65,6 +65,11 @@ MUTATIONS = (
     Mutation("KID without the diagonal removed", "dkgm/metrics.py",
              "return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1))",
              "return float((kxx.sum()) / (m * (m - 1))", ("tests/test_metrics.py",)),
+    Mutation("feature cache key without the code digest", "dkgm/feature_cache.py",
+             'text = "\\n".join((weights_sha256, resize, device, code))',
+             'text = "\\n".join((weights_sha256, resize, device))', ("tests/test_feature_cache.py",)),
+    Mutation("feature cache puts computed rows in the wrong place", "dkgm/inception.py",
+             "cached_f[i] = new.features[j]", "cached_f[i] = new.features[0]", ("tests/test_feature_cache.py",)),
 )
 
 
