@@ -6,8 +6,9 @@ code that dvc.yaml lists as dependencies, prefect.toml) into `build/first-look/`
 makes that a DVC project of its own (`dvc init --no-scm`: its cache and lock stay there), and runs
 `dvc repro` in it. The stages are called directly (DKGM_NO_PREFECT=1) unless `prefect=True`: a
 Prefect server's first start in a fresh workspace takes ~20 s and each flow run ~3 s, a fifth of a
-five-minute budget spent on orchestration that `make repro` exercises anyway. The project's own artifacts, dvc.lock and reports are not touched. It ends by naming the
-report, whose verdict says that the run is a smoke test.
+five-minute budget spent on orchestration that `make repro` exercises anyway. The project's own
+artifacts, dvc.lock and reports are not touched. It ends by naming the report, whose verdict says
+that the run is a smoke test.
 """
 
 from __future__ import annotations
