@@ -45,7 +45,7 @@ def _parse(pairs: list[str]) -> dict:
     return out
 
 
-def train(name: str, overrides: dict) -> None:
+def train(name: str, overrides: dict, where: Path = SWEEP) -> dict:
     import torch
 
     from dkgm.debias import make_snapshot
@@ -61,11 +61,11 @@ def train(name: str, overrides: dict) -> None:
     sigma_max = float(edm_sigma_max) if edm_sigma_max else td.sigma_max_for(cfg, h, CalibrateParams().scales)
     if edm_sigma_max:
         overrides["sigma_max"] = edm_sigma_max
-    folder = SWEEP / name
+    folder = where / name
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     fitted = td.fit(cfg, prepared, ROOT, h=h, data_extra={"h": h}, label=f"sweep {name}", sigma_max=sigma_max,
-                    states=f"benchmarks/.sweep/{name}/states")
+                    states=str((folder / "states").relative_to(ROOT)))
     ema = fitted.result.ema.eval()
     snap = make_snapshot(ema, fitted.net_cfg.to_dict(), sigma_min=fitted.train_cfg.sigma_min,
                          sigma_max=fitted.train_cfg.sigma_max, h=h, train=fitted.train_cfg.to_dict(),
@@ -76,15 +76,16 @@ def train(name: str, overrides: dict) -> None:
               "final_loss": fitted.result.log[-1]["loss"] if fitted.result.log else None}
     (folder / "train.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record))
+    return record
 
 
 SAMPLER_KEYS = ("schedule", "steps", "solver", "sigma_min", "rho", "churn", "churn_min", "churn_max")
-EVAL_KEYS = ("fid", "kid", "precision", "recall", "zu_pixel", "zu_inception", "copy_fraction", "authenticity_pixel",
+EVAL_KEYS = ("fid", "fid_se", "kid", "precision", "recall", "zu_pixel", "zu_inception", "copy_fraction", "authenticity_pixel",
              "ct_pixel", "sharpness")
 
 
 def score(name: str, sampler: dict, etas: list[float], scales: list[float], tag: str, n_eval: int, probe: int,
-          bisect_steps: int, margin: float, at: float | None = None) -> None:
+          bisect_steps: int, margin: float, at: float | None = None, where: Path = SWEEP) -> list[dict]:
     import numpy as np
 
     from dkgm import data as ds
@@ -100,7 +101,7 @@ def score(name: str, sampler: dict, etas: list[float], scales: list[float], tag:
     import torch
 
     device = torch.device("cpu")
-    den, snap = load_denoiser(SWEEP / name / "snapshot.pt")
+    den, snap = load_denoiser(where / name / "snapshot.pt")
     fn = denoise_fn(den, device, "fp32")
     samp = SamplerConfig(**{k: v for k, v in sampler.items() if k in SAMPLER_KEYS})
     train = prepared.split("train")
@@ -121,7 +122,8 @@ def score(name: str, sampler: dict, etas: list[float], scales: list[float], tag:
         return ds.to_float(ds.to_uint8(out)), ladder.nfe(samp.solver)
 
     scorer = Scorer(EvaluateParams(n_samples=n_eval), ROOT, n_eval)
-    rows_out = SWEEP / "rows.jsonl"
+    rows_out = where / "rows.jsonl"
+    records = []
     for eta in etas:
         t0 = time.perf_counter()
 
@@ -138,10 +140,11 @@ def score(name: str, sampler: dict, etas: list[float], scales: list[float], tag:
             rows = [{**evaluate(at), "scale": at, "search": "fixed"}]
             best = rows[0]
         probe_seconds = time.perf_counter() - t0
-        record = {"name": name, "tag": tag, "recipe": json.loads((SWEEP / name / "train.json").read_text())["recipe"],
+        record = {"name": name, "tag": tag, "recipe": json.loads((where / name / "train.json").read_text())["recipe"],
                   "sampler": sampler, "eta": eta, "margin": margin, "probe_seconds": probe_seconds,
                   "candidates": [{k: r[k] for k in ("scale", "zu_pixel_at_eval", "copy_fraction", "authenticity", "passed")}
                                  for r in rows]}
+        records.append(record)
         if best is None:
             record["passed"] = False
             print(json.dumps(record))
@@ -157,6 +160,7 @@ def score(name: str, sampler: dict, etas: list[float], scales: list[float], tag:
         print(json.dumps(record))
         with rows_out.open("a") as f:
             f.write(json.dumps(record) + "\n")
+    return records
 
 
 def load_rows(path: Path) -> list[dict]:

@@ -73,6 +73,40 @@ def fid_to_reference(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray,
     return float(max(0.0, ((mu1 - mu2) ** 2).sum() + trace1 + np.trace(s2) - 2.0 * cross))
 
 
+def fid_bootstrap(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray, n_boot: int = 200,
+                  seed: int = 0) -> np.ndarray:
+    """FIDs of `n_boot` bootstrap resamples of the samples (rows drawn with replacement, the
+    reference fixed): the spread of the FID that comes from which n samples were drawn.
+
+    All resamples share two n x n Gram matrices, K = f f^T and G = f sigma f^T (computed once);
+    a resample with row indices i and centring C = I - 11^T/n has Tr(S1) = Tr(C K[i,i] C)/(n-1)
+    and the cross term's eigenvalues from C G[i,i] C/(n-1), as in fid_to_reference. So a resample
+    costs one n x n eigendecomposition, whatever the feature dimension. Resamples hold duplicate
+    rows, so their FIDs sit above the point estimate: read the spread (std), not the centre."""
+    f = _features(features, "features")
+    n, d = f.shape
+    mu2, s2 = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if mu2.shape != (d,) or s2.shape != (d, d):
+        raise DKGMError(f"fid_bootstrap: features have {d} dimensions, reference {mu2.shape}, {s2.shape}")
+    if n_boot < 1:
+        raise DKGMError(f"fid_bootstrap: n_boot must be >= 1, got {n_boot}")
+    shift = f.mean(axis=0)  # Gram matrices of shifted rows: centring removes the shift again, and it keeps them small
+    g = f - shift
+    gram, cross_gram = g @ g.T, g @ s2 @ g.T
+    rng = np.random.default_rng(seed)
+    tr2 = float(np.trace(s2))
+    out = np.empty(n_boot)
+    for b in range(n_boot):
+        i = rng.integers(0, n, n)
+        k, c = gram[np.ix_(i, i)], cross_gram[np.ix_(i, i)]
+        k = k - k.mean(0) - k.mean(1)[:, None] + k.mean()  # C K C
+        c = c - c.mean(0) - c.mean(1)[:, None] + c.mean()
+        cross = np.sqrt(np.clip(np.linalg.eigvalsh((c + c.T) / (2 * (n - 1))), 0.0, None)).sum()
+        mean_b = shift + g[i].mean(axis=0)
+        out[b] = max(0.0, ((mean_b - mu2) ** 2).sum() + np.trace(k) / (n - 1) + tr2 - 2.0 * cross)
+    return out
+
+
 def fid(features1: np.ndarray, features2: np.ndarray) -> float:
     return frechet_distance(*feature_stats(features1), *feature_stats(features2))
 

@@ -115,21 +115,28 @@ def _state_nimg(path: Path) -> int:
     return int(STATE_RE.match(path.name).group(1))
 
 
-def newest_usable_state(state_dir: Path, total_nimg: int) -> tuple[Path, dict[str, Any]] | None:
+def newest_usable_state(state_dir: Path, total_nimg: int, set_aside: bool = True) -> tuple[Path, dict[str, Any]] | None:
     """The newest state at or below `total_nimg` images that loads, and its contents.
 
     States beyond `total_nimg` (a longer run before `total_kimg` was lowered) are skipped: resuming
     one would return a model trained longer than asked for. A state that does not load (a crash while
     the disk lost a write, a truncated copy) is set aside as `<name>.corrupt` with one warning, and
-    the state before it is tried."""
+    the state before it is tried. With `set_aside` false (every rank but 0 under torchrun) it is
+    only skipped: one process renames, the others reach the same earlier state (a state renamed
+    away meanwhile does not load either)."""
     for path in reversed(list_states(state_dir)):
         if _state_nimg(path) > total_nimg:
             continue
         try:
             return path, load_state(path)
         except DKGMError as exc:
+            if not set_aside:
+                continue
             aside = path.with_name(path.name + ".corrupt")
-            os.replace(path, aside)
+            try:
+                os.replace(path, aside)
+            except FileNotFoundError:  # gone meanwhile
+                continue
             log.warning("%s; set aside as %s, resuming from the state before it", exc, aside.name)
     return None
 
@@ -216,7 +223,7 @@ def train(
     if state_dir is not None and rank == 0:
         for p in remove_stale_temps(state_dir):
             log.info("removed %s, left by a run killed while it wrote a state", p.name)
-    found = newest_usable_state(state_dir, total_nimg) if state_dir is not None else None
+    found = newest_usable_state(state_dir, total_nimg, set_aside=rank == 0) if state_dir is not None else None
     if found is not None:
         path, st = found
         saved, now = st.get("config") or {}, cfg.trajectory_key()

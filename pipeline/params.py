@@ -104,7 +104,7 @@ def validate(raw: dict[str, Any], source: str = PARAMS_FILE) -> BaseModel:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return params_model().model_validate(raw)
+        params = params_model().model_validate(raw)
     except ValidationError as exc:
         errors = exc.errors()
         # a union (e.g. bandwidth: cv|...|number) reports one error per branch; keep the first per key
@@ -113,6 +113,52 @@ def validate(raw: dict[str, Any], source: str = PARAMS_FILE) -> BaseModel:
             line = _describe(e)
             seen.setdefault(line.split(":", 1)[0], line)
         raise ParamsError("; ".join(f"{source}: {line}" for line in seen.values())) from None
+    broken = cross_section_problems(params)
+    if broken:
+        raise ParamsError("; ".join(f"{source}: {line}" for line in broken))
+    return params
+
+
+def cross_section_problems(p: BaseModel) -> list[str]:
+    """Keys of different sections that must agree, one line per broken rule naming both keys: a
+    mistake that would otherwise surface inside a later stage (after the training) or be capped
+    without a word is refused by `pipeline check` and before any stage starts."""
+    out = []
+    ev, skde, sbase = p.evaluate, p.sample_kde, p.sample_baseline
+    if ev.n_samples > skde.n_samples:
+        out.append(f"evaluate.n_samples ({ev.n_samples}) exceeds sample_kde.n_samples ({skde.n_samples}): evaluate "
+                   "scores the first evaluate.n_samples of the samples drawn; raise sample_kde.n_samples or lower "
+                   "evaluate.n_samples")
+    if p.baseline.enabled and ev.n_samples > sbase.n_samples:
+        out.append(f"evaluate.n_samples ({ev.n_samples}) exceeds sample_baseline.n_samples ({sbase.n_samples}): "
+                   "evaluate_baseline scores the first evaluate.n_samples of the baseline's samples; raise "
+                   "sample_baseline.n_samples")
+    if sbase.seed != skde.seed:
+        out.append(f"sample_baseline.seed ({sbase.seed}) differs from sample_kde.seed ({skde.seed}): both seed "
+                   "sample s with seed + s, so that sample s of each stage is paired; set them equal")
+    top = p.debiaser.sigma_max_margin * max(p.calibrate.scales)
+    if isinstance(skde.bandwidth_scale, (int, float)) and skde.bandwidth_scale > top:
+        out.append(f"sample_kde.bandwidth_scale ({skde.bandwidth_scale:g}) lies beyond the debiaser's noise range, "
+                   f"debiaser.sigma_max_margin x max(calibrate.scales) = {p.debiaser.sigma_max_margin:g} x "
+                   f"{max(p.calibrate.scales):g}: refine would start where the network never trained; add the scale "
+                   "to calibrate.scales or raise debiaser.sigma_max_margin")
+    if p.refine.sigma_min < p.debiaser.sigma_min:
+        out.append(f"refine.sigma_min ({p.refine.sigma_min:g}) is below debiaser.sigma_min ({p.debiaser.sigma_min:g}): "
+                   "refine's last noise levels would lie where the network never trained")
+    cal = p.calibrate
+    if cal.fidelity == "inception" and cal.fid_samples > cal.probe_samples:
+        out.append(f"calibrate.fid_samples ({cal.fid_samples}) exceeds calibrate.probe_samples ({cal.probe_samples}): "
+                   "a candidate's FID is taken on its probe samples")
+    return out
+
+
+def _yaml_problem(path: Path, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}" if mark is not None else "somewhere"
+    if "'\\t'" in str(getattr(exc, "problem", "")):  # PyYAML: "found character '\t' that cannot start any token"
+        return f"{path}: {where}: tabs are not allowed in YAML indentation: use spaces"
+    reason = getattr(exc, "problem", None) or str(exc)
+    return f"{path}: not valid YAML at {where}: {reason}".replace("\n", " ")
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> BaseModel:
@@ -124,7 +170,7 @@ def load_params(path: str | Path = PARAMS_FILE) -> BaseModel:
     except UnicodeDecodeError as exc:
         raise ParamsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+        raise ParamsError(_yaml_problem(path, exc)) from None
     if raw is None:  # DVC reads each stage's keys from this file: an empty one is never meant
         raise ParamsError(f"{path}: empty (expected a mapping of sections such as prepare:, kde:, debiaser:)")
     return validate(raw, str(path))
@@ -162,3 +208,26 @@ def field_comments(model: type[BaseModel]) -> dict[str, str]:
             if m and m.group(1) in model.model_fields:
                 found[m.group(1)] = m.group(2).strip()
     return found
+
+
+# keys that do not change what a network or a sampler is (speed, devices, logging, bookkeeping)
+_NOT_RECIPE = {"seed", "device", "precision", "compile", "log_every", "state_every_kimg", "keep_states", "eval_images"}
+
+
+def training_recipe(params: BaseModel) -> dict[str, Any]:
+    """What makes two runs' networks and samples comparable apart from the training seed: the debiaser
+    and baseline sections (both networks' recipe), the sampler and the data. A seed-spread table made
+    under another recipe does not describe this run (pipeline.report says so)."""
+    dump = params.model_dump(mode="json")
+    return {"prepare": {k: v for k, v in dump["prepare"].items() if k not in ("allow_download", "path")},
+            "debiaser": {k: v for k, v in dump["debiaser"].items() if k not in _NOT_RECIPE},
+            "baseline": dump["baseline"],
+            "refine": {k: v for k, v in dump["refine"].items() if k not in _NOT_RECIPE | {"batch_size", "grid_samples",
+                                                                                         "trajectory_samples"}},
+            "sample_baseline": {k: dump["sample_baseline"][k] for k in ("steps", "solver", "eta", "rho", "sigma_min")}}
+
+
+def recipe_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two training_recipe dicts."""
+    return sorted(f"{sec}.{k}" for sec in set(a) | set(b) for k in set(a.get(sec, {})) | set(b.get(sec, {}))
+                  if a.get(sec, {}).get(k) != b.get(sec, {}).get(k))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import html
 import importlib.metadata
+import math
 import os
 import platform
 import re
@@ -39,7 +40,7 @@ import yaml
 from pydantic import BaseModel, Field
 
 from dkgm.errors import DKGMError
-from pipeline.params import defaults, load_params
+from pipeline.params import defaults, load_params, recipe_differences, training_recipe
 from stages.artifacts import PREPARED
 from stages.common import read_json, read_parquet, staged_outputs
 from stages.contract import Out, Section, Stage
@@ -369,6 +370,16 @@ VERDICT_FIGURE = "nearest"  # evaluate's figure shown beside the verdict: the on
 CONTROL_MARGIN = 0.05  # the verdict names a winner between DKGM's network and the control only beyond this relative gap
 
 
+def control_margin(mine: float, se_mine: float | None, se_control: float | None) -> tuple[float, str]:
+    """The FID gap the cost row needs before it names a winner, and how to say it: twice the two rows'
+    combined bootstrap spread (which n samples were drawn) when the comparison measured it, else
+    CONTROL_MARGIN of DKGM's FID. Neither includes the spread over training seeds."""
+    if se_mine is not None and se_control is not None:
+        two_se = 2.0 * math.hypot(se_mine, se_control)
+        return two_se, f"twice the rows' sampling spread ({fmt(two_se)}; training-seed spread not included)"
+    return CONTROL_MARGIN * mine, f"{CONTROL_MARGIN:.0%} of each other"
+
+
 def decide(inp: Inputs) -> tuple[Cell, list[str]]:
     """The review's decision and why, in words: an enforced NO-GO wins, then an overridden one (a
     warning, never a pass), then gates that did not run; GO only when every gate ran and passed."""
@@ -427,19 +438,52 @@ def _equal_cost(inp: Inputs) -> tuple[CellLike, str]:
     control, mine = cm.get("control_baseline_net_kde_start_fid"), cm.get("dkgm_refine_fid")
     if control is not None and mine is not None:
         n, nfe = fmt(cm.get("n_samples", ABSENT)), fmt(cm.get("dkgm_refine_nfe"))
-        if mine - control > CONTROL_MARGIN * mine:
+        margin, within = control_margin(mine, cm.get("dkgm_refine_fid_se"), cm.get("control_baseline_net_kde_start_fid_se"))
+        if mine - control > margin:
             note += (f". **The baseline's network started from DKGM's own KDE samples with refine's sampler beats "
-                     f"DKGM's network**: FID {fmt(control)} against {fmt(mine)} at {nfe} NFE, n = {n}: DKGM's "
-                     "training recipe, not its start, limits its quality")
-        elif control - mine > CONTROL_MARGIN * mine:
+                     f"DKGM's network**: FID {fmt(control)} against {fmt(mine)} at {nfe} NFE, n = {n}, a gap beyond "
+                     f"{within}: DKGM's training recipe, not its start, limits its quality")
+        elif control - mine > margin:
             note += (f". Control: the baseline's network from the same KDE start with the same sampler scores FID "
-                     f"{fmt(control)} against DKGM's {fmt(mine)} at {nfe} NFE (n = {n}): DKGM's own network is the "
-                     "better one there")
+                     f"{fmt(control)} against DKGM's {fmt(mine)} at {nfe} NFE (n = {n}), a gap beyond {within}: DKGM's "
+                     "own network is the better one there")
         else:
             note += (f". Control: from the same KDE start with the same sampler, the baseline's network scores FID "
-                     f"{fmt(control)} against DKGM's {fmt(mine)} at {nfe} NFE (n = {n}): within "
-                     f"{CONTROL_MARGIN:.0%} of each other, no winner at this n")
-    return text, note
+                     f"{fmt(control)} against DKGM's {fmt(mine)} at {nfe} NFE (n = {n}): within {within}, no winner "
+                     "at this n")
+    return text, note + seed_spread_note(inp.root)
+
+
+SEED_SPREAD = "benchmarks/results/seed_spread.json"  # benchmarks/seed_spread.py table (not a DVC dep: `dvc repro -f report` after a new table)
+
+
+def seed_spread_note(root: Path) -> str:
+    """The cost row's reading of the spread over training seeds: per row the range of FID over the
+    seeds and whether the sign of DKGM - baseline (and DKGM - control) holds on every seed; said to
+    be another recipe's when the table was measured under other training or sampler settings."""
+    path = root / SEED_SPREAD
+    if not path.is_file():
+        return (". Training-seed spread: not measured for this project (`python benchmarks/seed_spread.py`): a gap "
+                "from one seed is not a decision")
+    spread = read_json(path, "seed-spread table")
+    try:
+        differs = recipe_differences(spread.get("recipe") or {}, training_recipe(load_params(root / "params.yaml")))
+    except DKGMError:
+        differs = ["params.yaml"]
+    seeds = spread.get("seeds") or []
+    if differs:
+        return (f". Training-seed spread: {SEED_SPREAD} was measured under another recipe (differs in "
+                f"{', '.join(differs[:4])}{', ...' if len(differs) > 4 else ''}): it does not describe this run")
+    rows = spread.get("rows") or {}
+    parts = [f"{name} {fmt(r['min'])} to {fmt(r['max'])}" for name, r in rows.items()]
+    gaps = []
+    for other in ("baseline", "control"):
+        g = spread.get(f"dkgm_minus_{other}")
+        if g:
+            gaps.append(f"DKGM - {other} from {fmt(g['min'])} to {fmt(g['max'])} ("
+                        + ("the same sign on every seed" if g["same_sign"] else "the sign changes: no winner") + ")")
+    return (f". Training-seed spread over {len(seeds)} seeds at n = {fmt(spread.get('n'))} "
+            f"(benchmarks/results/seed_spread.md): FID {'; '.join(parts)}; {'; '.join(gaps)}")
 
 
 def first_look_note(inp: Inputs, params: BaseModel) -> str:

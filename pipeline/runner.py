@@ -10,6 +10,7 @@ from dkgm.devices import process_rank
 from dkgm.errors import DKGMError, environment_error
 from pipeline import registry
 from pipeline.params import load_params, section
+from stages.common import recover_staging
 from stages.contract import Stage
 from stages.gates import NO_GO, GateResult, gate_record, gate_token
 
@@ -43,6 +44,8 @@ def run_stage_direct(name: str, params_path: str | Path, root: str | Path) -> An
     stage = registry.get(name)
     params = load_params(params_path)
     cfg = section(params, stage.section) if stage.section else None
+    if process_rank()[0] == 0:  # a killed run's half-published outputs: completed (or undone) before anything reads them
+        recover_staging(root)
     check_inputs(stage, root)
     t0 = time.perf_counter()
     try:

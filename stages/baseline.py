@@ -74,7 +74,7 @@ class SampleBaselineParams(Section):
     rho: float = Field(7.0, gt=0.0)
     sigma_min: float = Field(0.002, gt=0.0)
     n_samples: int = Field(500, ge=1)  # evaluate scores the first evaluate.n_samples
-    seed: int = Field(1_000_000, ge=0)  # sample s uses seed + s: keep equal to sample_kde.seed (the same seeding)
+    seed: int = Field(1_000_000, ge=0)  # sample s uses seed + s: must equal sample_kde.seed (checked: sample s of both is paired)
     batch_size: int = Field(250, ge=1)  # speed only
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Device = "auto"

@@ -33,27 +33,22 @@ STAGING = ".dkgm/staging"  # outputs are written here first, then renamed into p
 # ----------------------------------------------------------------------------- atomic outputs
 
 
+JOURNAL = "publish.json"  # in a staging folder: the outputs to rename into place, written once all are complete
+
+
 class StagedOutputs:
-    """Hand out temporary paths for a stage's outputs and publish them all on success."""
+    """Hand out temporary paths for a stage's outputs and publish them all on success, as one set.
+
+    Publishing writes a journal (the list of outputs, fsynced) before the first rename: a run killed
+    between two renames leaves its journal, and the next stage to start (recover_staging) completes
+    the renames, so the outputs are never a mix of two runs once any stage runs again. A run killed
+    before the journal leaves the old outputs untouched and its staging folder is removed."""
 
     def __init__(self, root: Path, stage: str):
         self.root = Path(root)
         self.dir = self.root / STAGING / f"{stage}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._pending: dict[Path, Path] = {}
-        self._clear_stale(stage)
-
-    def _clear_stale(self, stage: str) -> None:
-        """Remove what a killed run of this stage left in the staging folder (its process is gone)."""
-        staging = self.root / STAGING
-        if not staging.is_dir():
-            return
-        for d in staging.iterdir():
-            name, _, rest = d.name.rpartition("-")  # <stage>-<pid>-<hex>
-            stage_name, _, pid = name.rpartition("-")
-            if stage_name != stage or not pid.isdigit() or atomic.pid_alive(int(pid)):
-                continue
-            log.info("%s: removing %s, left by a run that did not finish", stage, d.relative_to(self.root))
-            shutil.rmtree(d, ignore_errors=True)
+        recover_staging(self.root)
 
     def path(self, rel: str) -> Path:
         """Where to write the output that will end up at root/rel (parent folders created)."""
@@ -66,15 +61,67 @@ class StagedOutputs:
         for final, tmp in self._pending.items():
             if not tmp.exists():
                 raise RuntimeError(f"stage declared output {final} but did not write it")
-        for final, tmp in self._pending.items():
-            atomic.replace(tmp, final)  # fsynced, then renamed over the old output
+        for tmp in self._pending.values():
+            atomic.fsync_tree(tmp)
+        rels = [str(final.relative_to(self.root)) for final in self._pending]
+        atomic.write_atomic(self.dir / JOURNAL, lambda t: t.write_text(json.dumps(rels)))  # the commit point
+        _complete(self.root, self.dir, rels)
         self.discard()
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
         staging = self.root / STAGING
         if staging.is_dir() and not any(staging.iterdir()):
+            try:
+                staging.rmdir()
+            except OSError:  # another stage's process staged something meanwhile
+                pass
+
+
+def _complete(root: Path, folder: Path, rels: list[str]) -> None:
+    """Rename every staged output of a journal that is still in `folder` into place (the ones
+    already renamed are gone from it), and remove the old folders a killed rename left aside."""
+    for rel in rels:
+        tmp, final = folder / rel, root / rel
+        if tmp.exists() or tmp.is_symlink():
+            atomic.replace(tmp, final)
+        for aside in final.parent.glob(f".{final.name}.old-*") if final.parent.is_dir() else ():
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_staging(root: Path) -> list[str]:
+    """Finish or undo what killed runs left in the staging folder (their process is gone): a folder
+    with a journal had all its outputs complete, so its renames are completed (roll forward); one
+    without is removed (the old outputs were never touched). Returns what was done, one line each."""
+    staging = Path(root) / STAGING
+    done: list[str] = []
+    if not staging.is_dir():
+        return done
+    for d in sorted(staging.iterdir()):
+        name, _, _hex = d.name.rpartition("-")  # <stage>-<pid>-<hex>
+        stage_name, _, pid = name.rpartition("-")
+        if not d.is_dir() or not pid.isdigit() or atomic.pid_alive(int(pid)):
+            continue
+        journal = d / JOURNAL
+        rels = None
+        if journal.is_file():
+            try:
+                rels = json.loads(journal.read_text())
+            except (OSError, ValueError):  # a journal cut short is no commit: nothing was renamed yet
+                rels = None
+        if isinstance(rels, list):
+            _complete(Path(root), d, rels)
+            done.append(f"{stage_name}: completed the publishing of {len(rels)} outputs that a killed run began")
+        else:
+            done.append(f"{stage_name}: removed {d.relative_to(root)}, left by a run that did not finish")
+        shutil.rmtree(d, ignore_errors=True)
+        log.info("%s", done[-1])
+    if not any(staging.iterdir()):
+        try:
             staging.rmdir()
+        except OSError:
+            pass
+    return done
 
 
 @contextmanager

@@ -71,7 +71,7 @@ DENOISE_FIGURE = "reports/comparison/denoise_error.png"
 FIGURE = "reports/comparison/fid_vs_nfe.png"
 SAMPLES = "reports/comparison/samples.png"
 METRICS = "reports/comparison/metrics.json"
-COLUMNS = ("row", "method", "network", "start", "solver", "steps", "nfe", "fid", "kid", "precision", "recall",
+COLUMNS = ("row", "method", "network", "start", "solver", "steps", "nfe", "fid", "fid_se", "kid", "precision", "recall",
            "zu_pixel", "copy_fraction", "authenticity_pixel", "mean_distance_to_manifold", "train_kimg", "train_seconds",
            "sample_seconds", "samples_per_second")
 
@@ -172,12 +172,12 @@ def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, 
     m, _ = scorer.score(sets)
     for row in plan:
         name = row["row"]
-        for key in ("fid", "kid", "precision", "recall", "zu_pixel", "copy_fraction", "authenticity_pixel",
+        for key in ("fid", "fid_se", "kid", "precision", "recall", "zu_pixel", "copy_fraction", "authenticity_pixel",
                     "mean_distance_to_manifold"):
             row[key] = m.get(f"{name}_{key}") if not row.get("skipped") else None
     floor = {"row": "real_heldout", "method": "real held-out images (floor)", "network": "—", "start": "—",
              "solver": "—", "steps": None, "nfe": None,
-             **{k: m.get(f"real_{k}") for k in ("fid", "kid", "precision", "recall", "zu_pixel", "copy_fraction",
+             **{k: m.get(f"real_{k}") for k in ("fid", "fid_se", "kid", "precision", "recall", "zu_pixel", "copy_fraction",
                                                  "authenticity_pixel", "mean_distance_to_manifold")}}
     rows = [*plan, floor]
     metrics = headline(rows, cfg, n, have_baseline, f"dkgm_{sampler.solver}_k{sampler.steps}")
@@ -214,9 +214,13 @@ def headline(rows: list[dict[str, Any]], cfg: ComparisonParams, n: int, have_bas
     for r in rows:
         if r["row"].startswith("control_") or r["row"] == "real_heldout":
             out[f"{'floor' if r['row'] == 'real_heldout' else r['row']}_fid"] = r.get("fid")
+            if r.get("fid_se") is not None:
+                out[f"{'floor' if r['row'] == 'real_heldout' else r['row']}_fid_se"] = r["fid_se"]
     mine = next((r for r in rows if r["row"] == refine_row), None)
     if mine is not None and mine.get("fid") is not None:
         out.update(dkgm_refine_fid=mine["fid"], dkgm_refine_nfe=mine["nfe"])
+        if mine.get("fid_se") is not None:
+            out["dkgm_refine_fid_se"] = mine["fid_se"]
         control = out.get("control_baseline_net_kde_start_fid")
         if control is not None:
             # > 0: the baseline's network, started where DKGM starts with DKGM's sampler, does better than DKGM's own

@@ -75,6 +75,7 @@ class EvaluateParams(Section):
     nn_rows: int = Field(8, ge=1)  # rows of reports/eval/nearest.png
     ct_cells: int = Field(10, ge=1)  # C_T: k-means cells fitted on the training data
     ct_tau: float = Field(0.02, ge=0.0, lt=1.0)  # C_T: cells holding at most this fraction of the samples are left out
+    fid_bootstrap: int = Field(100, ge=0)  # resamples of the samples for the FID's spread at this n (<set>_fid_se; 0: off)
 
 
 def _as_float(x: np.ndarray, kind: str) -> np.ndarray:
@@ -295,6 +296,8 @@ def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], re
     m["real_laplacian_energy"] = energy_real
     for name, f in feats.items():
         m[f"{name}_fid"] = mt.fid_to_reference(f, mu, sigma)
+        if cfg.fid_bootstrap:  # which n samples were drawn: the spread a same-model re-draw would show
+            m[f"{name}_fid_se"] = float(np.std(mt.fid_bootstrap(f, mu, sigma, cfg.fid_bootstrap, seed=cfg.seed), ddof=1))
         m[f"{name}_kid"] = mt.kid(f, tr, cfg.kid_subsets, cfg.kid_subset_size, seed=cfg.seed)
         m[f"{name}_precision"], m[f"{name}_recall"] = mt.precision_recall(sub, f, cfg.pr_k, device=cfg.device)
         d1, d2, _ = mt.nearest_two(f, tr, device=cfg.device)

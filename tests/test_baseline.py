@@ -74,6 +74,10 @@ def test_comparison_rows_and_headline(both):
     # DKGM with refine's sampler against the baseline's network from the same start with the same sampler
     assert m["dkgm_refine_fid"] == pytest.approx(df.loc[df["row"] == "dkgm_euler_k10", "fid"].item(), rel=1e-5)
     assert m["control_beats_dkgm_by"] == pytest.approx(m["dkgm_refine_fid"] - m["control_baseline_net_kde_start_fid"])
+    # every row carries the FID's bootstrap spread at n; the headline keeps the two rows the cost row reads
+    assert (df["fid_se"] > 0).all() and (df["fid_se"] < df["fid"]).all()
+    assert m["dkgm_refine_fid_se"] == pytest.approx(df.loc[df["row"] == "dkgm_euler_k10", "fid_se"].item(), rel=1e-5)
+    assert m["control_baseline_net_kde_start_fid_se"] > 0
     # both networks' denoising error on the same images: the trivial baselines are shared, the networks differ
     curve = pd.read_csv(both / comparison.DENOISE_TABLE)
     a, b = (curve[curve["network"] == n].reset_index(drop=True) for n in ("dkgm", "baseline"))

@@ -196,3 +196,48 @@ def test_stage_order_is_topological_and_keeps_gates_next_to_their_stage():
         gated = producer[gate.deps[0]]
         assert names.index(gate.name) == names.index(gated) + 1
     assert names[-1] == "report"
+
+
+@pytest.mark.parametrize(
+    "mutate, keys",
+    [
+        (lambda r: r["evaluate"].update(n_samples=r["sample_kde"]["n_samples"] + 1),
+         ("evaluate.n_samples", "sample_kde.n_samples")),
+        (lambda r: r["sample_baseline"].update(n_samples=r["evaluate"]["n_samples"] - 1),
+         ("evaluate.n_samples", "sample_baseline.n_samples")),
+        (lambda r: r["sample_baseline"].update(seed=r["sample_kde"]["seed"] + 1), ("sample_baseline.seed", "sample_kde.seed")),
+        (lambda r: r["sample_kde"].update(bandwidth_scale=1.5 * max(r["calibrate"]["scales"]) + 0.5),
+         ("sample_kde.bandwidth_scale", "debiaser.sigma_max_margin", "calibrate.scales")),
+        (lambda r: r["refine"].update(sigma_min=r["debiaser"]["sigma_min"] / 2), ("refine.sigma_min", "debiaser.sigma_min")),
+        (lambda r: r["calibrate"].update(fid_samples=r["calibrate"]["probe_samples"] + 1),
+         ("calibrate.fid_samples", "calibrate.probe_samples")),
+    ],
+)
+def test_cross_section_mistakes_are_refused_naming_both_keys(mutate, keys):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    mutate(raw)
+    with pytest.raises(P.ParamsError) as err:
+        P.validate(raw)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("params.yaml: ") and all(k in msg for k in keys), msg
+
+
+def test_cross_section_rules_hold_at_their_edges():
+    """Each rule's boundary is allowed: equal sample counts, a pinned scale at the top of the
+    trained range, the baseline's counts ignored when it is off."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["evaluate"]["n_samples"] = raw["sample_kde"]["n_samples"]
+    raw["sample_baseline"]["n_samples"] = 4
+    raw["baseline"]["enabled"] = False
+    raw["sample_kde"]["bandwidth_scale"] = raw["debiaser"]["sigma_max_margin"] * max(raw["calibrate"]["scales"])
+    raw["refine"]["sigma_min"] = raw["debiaser"]["sigma_min"]
+    raw["calibrate"]["fid_samples"] = raw["calibrate"]["probe_samples"]
+    P.validate(raw)
+
+
+def test_a_tab_in_params_is_named_with_its_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("prepare:\n  limit: 3\n\tseed: 1\n")
+    with pytest.raises(P.ParamsError) as err:
+        P.load_params(bad)
+    assert str(err.value) == f"{bad}: line 3: tabs are not allowed in YAML indentation: use spaces"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline import registry
 from stages import artifacts
@@ -175,3 +177,66 @@ def test_evaluate_killed_repeatedly_then_rerun_gives_identical_metrics(trained, 
     for rel in _outputs("evaluate"):
         _same_file(run, ref, rel)
     assert _staging_clean(run)
+
+
+def test_dvc_repro_killed_repeatedly_ends_with_the_uninterrupted_outputs(dvc_project, tmp_path):
+    """SIGKILL the whole `dvc repro` (DVC and the stage it runs, one process group) at seeded points
+    of a tiny run's first five stages: after each kill every declared output is absent or identical
+    to an uninterrupted run's once the next stage start has recovered the staging folder, and a
+    final `dvc repro` ends with the uninterrupted run's dvc.lock hashes and nothing left to do."""
+    import os
+
+    from stages.common import recover_staging
+    from tests.conftest import VENV_BIN, set_param
+
+    prefix = ["prepare", "fit_kde", "gate_kde", "train_debiaser", "gate_debiaser"]
+    root = dvc_project
+    for key, value in (("debiaser.total_kimg", 1.92), ("debiaser.state_every_kimg", 0.48)):
+        set_param(root, key, value)
+    ref = _copy(root, tmp_path / "ref")
+
+    def repro(where: Path, log: Path) -> subprocess.Popen:
+        return subprocess.Popen([str(VENV_BIN / "dvc"), "repro", prefix[-1]], cwd=where, env=cli_env(DKGM_NO_PREFECT="1"),
+                                stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    t0 = time.perf_counter()
+    assert repro(ref, tmp_path / "ref.log").wait(timeout=900) == 0, (tmp_path / "ref.log").read_text()
+    seconds = time.perf_counter() - t0
+    rng, killed, killed_in = random.Random(21), 0, []
+    for i in range(3):
+        log = tmp_path / f"kill{i}.log"
+        proc = repro(root, log)
+        if i == 1:  # one kill inside the training, a seeded moment after DVC started it
+            deadline = time.monotonic() + 600
+            while "Running stage 'train_debiaser'" not in log.read_text() and proc.poll() is None:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            delay = 3.0 + rng.uniform(0.0, 3.0)  # past the stage's imports (~2.5 s), before its end
+        else:
+            delay = seconds * rng.uniform(0.1 + 0.4 * i, 0.4 + 0.4 * i)
+        try:
+            proc.wait(timeout=delay)
+            assert proc.returncode == 0, log.read_text()
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+            killed += 1
+            killed_in += re.findall(r"Running stage '(\w+)'", log.read_text())[-1:]
+        recover_staging(root)  # what the next stage's start does
+        for stage in prefix:
+            _assert_absent_or_complete(root, ref, stage, _same_file)
+    assert killed >= 2 and "train_debiaser" in killed_in, killed_in  # at least one kill inside the training
+    final = subprocess.run([str(VENV_BIN / "dvc"), "repro", prefix[-1]], cwd=root, env=cli_env(DKGM_NO_PREFECT="1"),
+                           capture_output=True, text=True, timeout=900)
+    assert final.returncode == 0, final.stdout + final.stderr
+    lock = {r: yaml.safe_load((r / "dvc.lock").read_text())["stages"] for r in (root, ref)}
+    hashes = {r: {o["path"]: o["md5"] for s in prefix for o in lock[r][s].get("outs", [])
+                  if not (o["path"].endswith("timings.json") or o["path"] == "reports/train/log.parquet")} for r in lock}
+    assert hashes[root] == hashes[ref] and len(hashes[ref]) >= 8
+    for stage in prefix:
+        for rel in _outputs(stage):
+            _same_file(root, ref, rel)
+    status = subprocess.run([str(VENV_BIN / "dvc"), "status", prefix[-1], "--json"], cwd=root, env=cli_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert status.stdout.strip() in ("{}", ""), status.stdout
+    assert _staging_clean(root)

@@ -44,6 +44,7 @@ def test_metrics_file_names_the_network_and_scores_both_stages(evaluated, stub_f
     for s in ("kde", "refined", "real"):
         assert m[f"{s}_fid"] > 0 and 0 <= m[f"{s}_precision"] <= 1 and 0 <= m[f"{s}_recall"] <= 1
         assert m[f"{s}_inception_score"] is None  # a features-only network (as default_1.pt) has no classifier
+        assert 0 < m[f"{s}_fid_se"] < m[f"{s}_fid"]  # the bootstrap spread at this n: present, positive, smaller
     assert "no classifier" in m["inception_score_note"]
     assert m["debias_gain"] == pytest.approx(1 - m["refined_fid"] / m["kde_fid"])
     assert m["fid_gain"] == pytest.approx(m["kde_fid"] - m["refined_fid"])
@@ -167,7 +168,8 @@ def test_swissroll_evaluation_known_good_refined_set(tmp_path):
     large debiasing gain, and the KDE samples a worse distribution distance than real points."""
     root = tmp_path
     write_params(root, {"prepare": {"dataset": "swissroll", "swissroll_points": 1500, "limit": None},
-                        "sample_kde": {"n_samples": 300, "batch_size": 100}, "evaluate": {"n_samples": 300}})
+                        "sample_kde": {"n_samples": 300, "batch_size": 100}, "evaluate": {"n_samples": 300},
+                        "sample_baseline": {"n_samples": 300}})
     run_stages(root, "prepare", "fit_kde", "gate_kde")
     pin_point(root, scale=4.0)
     run_stages(root, "sample_kde", "reference")

@@ -170,3 +170,30 @@ def test_the_copy_threshold_is_one_third_and_lives_in_one_place():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     assert raw["evaluate"]["copy_ratio"] == pytest.approx(1 / 3) and EvaluateParams().copy_ratio == pytest.approx(1 / 3)
     assert "copy_ratio" not in raw["calibrate"] and "copy_ratio" not in CalibrateParams.model_fields
+
+
+def test_fid_bootstrap_resamples_are_the_fids_of_the_resampled_rows():
+    """Each bootstrap FID (two shared Gram matrices, one n x n eigendecomposition) equals the FID
+    computed from scratch on the rows that resample drew, with n below and above the dimension."""
+    rng = np.random.default_rng(5)
+    ref = rng.normal(size=(400, 24))
+    mu, sigma = ref.mean(axis=0), np.cov(ref, rowvar=False)
+    for n in (12, 60):
+        f = rng.normal(size=(n, 24)) * 1.4 + 0.3
+        boot = M.fid_bootstrap(f, mu, sigma, n_boot=6, seed=9)
+        draws = np.random.default_rng(9)
+        for b in boot:
+            i = draws.integers(0, n, n)
+            assert b == pytest.approx(M.frechet_distance(f[i].mean(0), np.cov(f[i], rowvar=False), mu, sigma), rel=1e-7)
+    assert np.array_equal(M.fid_bootstrap(f, mu, sigma, 4, seed=1), M.fid_bootstrap(f, mu, sigma, 4, seed=1))
+    with pytest.raises(DKGMError, match="n_boot"):
+        M.fid_bootstrap(f, mu, sigma, 0)
+
+
+def test_fid_bootstrap_spread_shrinks_like_one_over_root_n():
+    """The spread measures which samples were drawn: four times the samples, about half the spread."""
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(5000, 8))
+    mu, sigma = ref.mean(axis=0), np.cov(ref, rowvar=False)
+    se = [np.std(M.fid_bootstrap(rng.normal(size=(n, 8)) + 0.5, mu, sigma, 300, seed=2)) for n in (200, 800)]
+    assert 0.35 < se[1] / se[0] < 0.7

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -617,3 +618,38 @@ def test_a_first_look_says_it_is_no_review_and_keeps_the_verdict(project):
     assert first.startswith("- First look at smoke scale") and "smoke test, not a review" in first
     assert "800 items" in first and "1.5 kimg per network" in first and f"n = {report.fmt(EVAL_IMAGES['n_samples'])}" in first
     assert "smoke" not in plain and v.replace(first + "\n", "").count("decision: **NO-GO (overridden)**") == 1
+
+
+@pytest.mark.parametrize("se, verdict", [(2.0, "beats"), (4.0, "no winner")])
+def test_the_cost_row_names_a_winner_only_beyond_twice_the_sampling_spread(project, se, verdict):
+    """With the comparison's bootstrap spreads, the gap (80 vs 70) must exceed 2 x hypot(se, se):
+    2.83 at se = 2 (a winner), 11.3 at se = 4 (no winner, and the spread is named)."""
+    cm = {**OTHER_METRICS[comparison.METRICS], "dkgm_refine_fid_se": se, "control_baseline_net_kde_start_fid_se": se}
+    make_inputs(project)
+    (project / comparison.METRICS).write_text(json.dumps(cm))
+    v = _verdict(build_direct(project)[0])
+    assert ("beats DKGM's network**" in v) == (verdict == "beats")
+    assert ("no winner at this n" in v) == (verdict == "no winner")
+    assert f"twice the rows' sampling spread ({2 * math.hypot(se, se):.4g}; training-seed spread not included)" in v
+
+
+def test_the_cost_row_reads_the_seed_spread_only_under_the_same_recipe(project):
+    from pipeline.params import load_params, training_recipe
+
+    make_inputs(project)
+    assert "Training-seed spread: not measured for this project" in _verdict(build_direct(project)[0])
+    recipe = training_recipe(load_params(project / "params.yaml"))
+    spread = {"seeds": [0, 1, 2], "n": 500, "recipe": recipe,
+              "rows": {"dkgm": {"min": 34.1, "max": 36.0}, "baseline": {"min": 58.0, "max": 63.5}},
+              "dkgm_minus_baseline": {"min": -27.5, "max": -22.0, "same_sign": True},
+              "dkgm_minus_control": {"min": -1.5, "max": 0.8, "same_sign": False}}
+    path = project / report.SEED_SPREAD
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(spread))
+    v = _verdict(build_direct(project)[0])
+    assert ("Training-seed spread over 3 seeds at n = 500 (benchmarks/results/seed_spread.md): FID dkgm 34.1 to 36; "
+            "baseline 58 to 63.5; DKGM - baseline from -27.5 to -22 (the same sign on every seed); DKGM - control from "
+            "-1.5 to 0.8 (the sign changes: no winner)") in v
+    recipe["debiaser"]["lr"] = 1.0  # measured under another learning rate: not this run's spread
+    path.write_text(json.dumps({**spread, "recipe": recipe}))
+    assert "was measured under another recipe (differs in debiaser.lr)" in _verdict(build_direct(project)[0])

@@ -157,3 +157,76 @@ def test_fixed_and_rule_of_thumb_bandwidths(project):
         run_stages(project, "fit_kde")
         m = json.loads((project / fit_kde.METRICS).read_text())
         assert m["h"] == pytest.approx(m[key] if key else 0.123)
+
+
+_PUBLISH_SCRIPT = r"""
+import os, sys
+from pathlib import Path
+from dkgm import atomic
+from stages import common
+
+root, version, die_at = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+if die_at == "second_rename":  # killed between the first and the second rename of the set
+    real, calls = atomic.replace, []
+    def replace(tmp, final):
+        if Path(final).name == common.JOURNAL:  # the journal's own rename (write_atomic) is not an output
+            return real(tmp, final)
+        if calls:
+            os._exit(9)
+        calls.append(final)
+        real(tmp, final)
+    atomic.replace = replace
+elif die_at == "journal":  # killed while it wrote the journal (before the commit point)
+    atomic.write_atomic = lambda path, write: os._exit(9)
+with common.staged_outputs(root, "toy") as outs:
+    outs.path("out/a.txt").write_text(version)
+    folder = outs.path("out/b")
+    folder.mkdir()
+    (folder / "part.txt").write_text(version)
+"""
+
+
+def _publish(root, version: str, die_at: str = "never") -> int:
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    return subprocess.run([sys.executable, "-c", _PUBLISH_SCRIPT, str(root), version, die_at], env=cli_env(),
+                          capture_output=True, text=True, timeout=120).returncode
+
+
+def _versions(root) -> tuple[str, str]:
+    return (root / "out/a.txt").read_text(), (root / "out/b/part.txt").read_text()
+
+
+@pytest.mark.parametrize("die_at, after", [("second_rename", ("v2", "v2")), ("journal", ("v1", "v1"))])
+def test_outputs_are_published_as_a_set_across_a_kill(tmp_path, die_at, after):
+    """A run killed between two renames leaves a mix (a new file beside an old folder) that the
+    next stage start completes from the journal; one killed before the journal leaves the old set
+    untouched. Either way no staging folder and no folder set aside remain."""
+    assert _publish(tmp_path, "v1") == 0 and _versions(tmp_path) == ("v1", "v1")
+    assert _publish(tmp_path, "v2", die_at) == 9
+    if die_at == "second_rename":
+        assert _versions(tmp_path) == ("v2", "v1")  # the mix a kill leaves, until a stage starts
+    done = common.recover_staging(tmp_path)
+    assert len(done) == 1 and ("completed the publishing of 2 outputs" in done[0]) == (die_at == "second_rename")
+    assert _versions(tmp_path) == after
+    assert not (tmp_path / common.STAGING).exists() and not list((tmp_path / "out").glob(".*"))
+    assert common.recover_staging(tmp_path) == []  # idempotent
+
+
+def test_a_cut_journal_is_no_commit_and_a_live_run_is_left_alone(tmp_path):
+    import os
+
+    assert _publish(tmp_path, "v1") == 0
+    dead = tmp_path / common.STAGING / "toy-999999999-0123abcd"  # no process has this id
+    (dead / "out").mkdir(parents=True)
+    (dead / "out/a.txt").write_text("v2")
+    (dead / common.JOURNAL).write_text('["out/a.txt", "out/')  # cut short: nothing was renamed yet
+    live = tmp_path / common.STAGING / f"toy-{os.getpid()}-0123abcd"
+    (live / "out").mkdir(parents=True)
+    (live / common.JOURNAL).write_text('["out/a.txt"]')
+    (live / "out/a.txt").write_text("v3")
+    assert ["removed" in line for line in common.recover_staging(tmp_path)] == [True]
+    assert _versions(tmp_path) == ("v1", "v1") and not dead.exists() and live.exists()

@@ -15,7 +15,7 @@ from dkgm.data import SwissRoll
 from dkgm.debias import Denoiser, denoising_loss, denoising_mse, load_denoiser, make_snapshot
 from dkgm.errors import DKGMError
 from dkgm.networks import NetworkConfig, build_network, count_parameters
-from dkgm.training import NonFiniteLoss, TrainConfig, ema_beta, list_states, load_state, train
+from dkgm.training import NonFiniteLoss, TrainConfig, ema_beta, list_states, load_state, newest_usable_state, train
 from pipeline.runner import run_gate
 from stages import artifacts, gates, train_debiaser
 from stages.train_debiaser import DebiaserParams
@@ -262,6 +262,21 @@ def test_a_corrupt_newest_state_falls_back_to_the_one_before(tmp_path, caplog, d
     assert _same_weights(resumed.ema, whole.ema)  # resuming from the earlier state loses nothing but time
     assert (tmp_path / "run" / "state-000000640.pt.corrupt").is_file()  # kept for a look, never loaded again
     assert [p.name for p in list_states(tmp_path / "run")][-1] == "state-000000960.pt"
+
+
+def test_only_rank_0_sets_a_corrupt_state_aside(tmp_path):
+    """Under torchrun every rank looks for the newest state: the others skip a corrupt one without
+    renaming it (no race over the rename) and reach the same earlier state as rank 0."""
+    state_dir = tmp_path / "states"
+    state_dir.mkdir()
+    for nimg in (320, 640):
+        torch.save({"nimg": nimg}, state_dir / f"state-{nimg:09d}.pt")
+    (state_dir / "state-000000960.pt").write_bytes(b"\x00cut short")
+    path, st = newest_usable_state(state_dir, 960, set_aside=False)
+    assert path.name == "state-000000640.pt" and st["nimg"] == 640
+    assert (state_dir / "state-000000960.pt").is_file() and not list(state_dir.glob("*.corrupt"))
+    path, _ = newest_usable_state(state_dir, 960)  # rank 0
+    assert path.name == "state-000000640.pt" and (state_dir / "state-000000960.pt.corrupt").is_file()
 
 
 class _Payload:
