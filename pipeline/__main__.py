@@ -233,7 +233,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "stages":
         for spec in registry.all_stages().values():
             print(f"{spec.name:15s} {spec.doc}")
-            print(f"{'':15s} run: {spec.command}; params: {spec.section}; outs: {', '.join(spec.out_paths)}")
+            params = ", ".join(filter(None, (spec.section, *spec.reads))) or "none"
+            if spec.all_params:
+                params = "every key (it shows them all)"
+            print(f"{'':15s} run: {spec.command}; params: {params}; outs: {', '.join(spec.out_paths)}")
         return 0
     if args.command == "preset":
         return _preset(args)

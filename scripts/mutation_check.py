@@ -70,6 +70,23 @@ MUTATIONS = (
              'text = "\\n".join((weights_sha256, resize, device))', ("tests/test_feature_cache.py",)),
     Mutation("feature cache puts computed rows in the wrong place", "dkgm/inception.py",
              "cached_f[i] = new.features[j]", "cached_f[i] = new.features[0]", ("tests/test_feature_cache.py",)),
+    # the novelty statistics (issue 21: each one-line change of a statistic must fail a test)
+    Mutation("authenticity threshold 10% smaller", "dkgm/novelty.py",
+             "return float(np.mean(d > own[idx]))", "return float(np.mean(d > 0.9 * own[idx]))", ("tests/test_novelty.py",)),
+    Mutation("Z_U continuity correction of the wrong sign", "dkgm/novelty.py",
+             "(u - (m * n / 2 - 0.5))", "(u - (m * n / 2 + 0.5))", ("tests/test_novelty.py",)),
+    Mutation("tied ranks not averaged", "dkgm/novelty.py",
+             "mean_rank = (starts + ends + 1) / 2.0", "mean_rank = starts + 1.0", ("tests/test_novelty.py",)),
+    Mutation("Z_U effect over m + n instead of m n", "dkgm/novelty.py",
+             "return z * math.sqrt(m * n * (m + n + 1) / 12) / (m * n)",
+             "return z * math.sqrt(m * n * (m + n + 1) / 12) / (m + n)", ("tests/test_novelty.py",)),
+    Mutation("C_T weighted by the generated share", "dkgm/novelty.py",
+             "value = float((weight[kept] * z[kept]).sum() / weight[kept].sum())",
+             "value = float((share[kept] * z[kept]).sum() / share[kept].sum())", ("tests/test_novelty.py",)),
+    Mutation("FID bootstrap without re-centring the resample", "dkgm/metrics.py",
+             "k = k - k.mean(0) - k.mean(1)[:, None] + k.mean()  # C K C", "k = k  # C K C", ("tests/test_metrics.py",)),
+    Mutation("cross-section check off by one", "pipeline/params.py",
+             "if ev.n_samples > skde.n_samples:", "if ev.n_samples > skde.n_samples + 1:", ("tests/test_contract.py",)),
 )
 
 
@@ -106,21 +123,23 @@ def run_tests(root: Path, tests: tuple[str, ...]) -> tuple[bool, float, str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--list", action="store_true", help="print the mutations and exit")
+    ap.add_argument("--only", default="", help="run the mutations whose name contains this text")
     args = ap.parse_args(argv)
+    mutations = [m for m in MUTATIONS if args.only.lower() in m.name.lower()]
     if args.list:
-        for m in MUTATIONS:
+        for m in mutations:
             print(f"{m.name}: {m.file}: {m.old!r} -> {m.new!r}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         clean = Path(tmp) / "clean"
         copy_tree(clean)
-        broken, secs, last = run_tests(clean, tuple(sorted({t for m in MUTATIONS for t in m.tests})))
+        broken, secs, last = run_tests(clean, tuple(sorted({t for m in mutations for t in m.tests})))
         if broken:
             print(f"the unmutated fast tests fail ({last}): fix them first", file=sys.stderr)
             return 2
         print(f"{'mutation':42s} {'tests':26s} {'result':9s} {'s':>6s}  first failure")
         survived = 0
-        for m in MUTATIONS:
+        for m in mutations:
             work = Path(tmp) / "work"
             shutil.rmtree(work, ignore_errors=True)
             shutil.copytree(clean, work)
@@ -129,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             survived += not caught
             print(f"{m.name:42s} {','.join(Path(t).name for t in m.tests):26s} {'caught' if caught else 'SURVIVED':9s} "
                   f"{secs:6.1f}  {first if caught else ''}")
-        print(f"{len(MUTATIONS) - survived} of {len(MUTATIONS)} mutations caught")
+        print(f"{len(mutations) - survived} of {len(mutations)} mutations caught")
     return 1 if survived else 0
 
 

@@ -143,3 +143,14 @@ def test_dry_run_shows_the_device_and_the_state_of_each_input(project):
     assert "inputs (not a DVC project here: staleness unknown):" in lines
     assert f"  {artifacts.PREPARED}  (exists)" in lines
     assert f"  {artifacts.BANDWIDTH}  (missing)" in lines
+
+
+def test_stages_lists_the_keys_read_through_other_sections(project):
+    r = run_cli(["stages"], project)
+    assert r.returncode == 0 and "params: ;" not in r.stdout
+    lines = dict(zip(*[iter(r.stdout.splitlines())] * 2))
+    by_name = {head.split()[0]: body for head, body in lines.items()}
+    assert set(by_name) == set(registry.all_stages())
+    assert "params: evaluate.n_samples, evaluate.batch_size" in by_name["evaluate_baseline"]
+    assert "params: baseline, debiaser.arch, " in by_name["train_baseline"]
+    assert "params: every key" in by_name["report"]
