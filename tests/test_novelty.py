@@ -64,6 +64,13 @@ def test_authenticity_known_answers():
     assert N.authenticity(d, idx, own) == 0.0  # copies are never authentic
     assert N.authenticity(own[:100] * 2, idx, own) == 1.0
     assert N.authenticity(np.r_[own[:50] * 0.5, own[50:100] * 1.5], idx, own) == 0.5
+    # the threshold is the training point's own nearest-neighbour distance, exactly: a sample 5% inside
+    # it is not authentic, one 5% outside is, and one at the same distance is not (strictly farther)
+    assert N.authenticity(own[:100] * 0.95, idx, own) == 0.0
+    assert N.authenticity(own[:100] * 1.05, idx, own) == 1.0
+    assert N.authenticity(own[:100].copy(), idx, own) == 0.0
+    # each sample is read against the training point it is nearest to, not another one
+    assert N.authenticity(own[:100] * 1.05, idx[::-1], own) == pytest.approx(np.mean(own[:100] * 1.05 > own[:100][::-1]))
     with pytest.raises(DKGMError, match="100 distances but 3"):
         N.authenticity(d, idx[:3], own)
 
