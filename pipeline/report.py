@@ -346,11 +346,32 @@ def git_state(root: Path) -> dict[str, str]:
             return {"revision": "none: the project root is not in a git repository", "tree": "not a git repository"}
         return {"revision": "none: the repository has no commit yet", "tree": "no commit"}
     status = git("status", "--porcelain", "--untracked-files=no")
-    changed = [line for line in status.stdout.splitlines() if line.strip()]
-    tree = f"dirty: {len(changed)} tracked file{'s' if len(changed) != 1 else ''} changed" if changed else "clean"
+    changed = [line[3:].split(" -> ")[-1].strip('"') for line in status.stdout.splitlines() if line.strip()]
+    tree = describe_changes(changed) if changed else "clean"
     if status.returncode != 0:
         tree = "unknown (git status failed)"
     return {"revision": head.stdout.strip(), "tree": tree}
+
+
+def _is_run_output(path: str) -> bool:
+    """A file the pipeline itself rewrites on every run (dvc.lock, anything under reports/)."""
+    return path == "dvc.lock" or path.startswith("reports/")
+
+
+def describe_changes(changed: list[str], shown: int = 6) -> str:
+    """The work tree's changed tracked files in words: the sources by name (they make this report
+    differ from the revision above), the run's own outputs by count (a report rendered inside
+    `dvc repro` always sees dvc.lock and reports/ rewritten)."""
+    sources = [p for p in changed if not _is_run_output(p)]
+    outputs = len(changed) - len(sources)
+    parts = []
+    if sources:
+        names = ", ".join(f"`{p}`" for p in sources[:shown]) + (f" and {len(sources) - shown} more" if len(sources) > shown
+                                                                  else "")
+        parts.append(f"dirty: {len(sources)} source file{'s' if len(sources) != 1 else ''} changed ({names})")
+    if outputs:
+        parts.append(f"{outputs} output{'s' if outputs != 1 else ''} of this run, not yet committed (dvc.lock, reports/)")
+    return "; ".join(parts)
 
 
 def _is_sha(rev: str) -> bool:

@@ -480,7 +480,13 @@ def test_git_revision_and_dirty_tree(project):
     with (project / "params.yaml").open("a") as f:
         f.write("\n")
     md, _ = build(project)
-    assert f"| git revision | `{head}` |" in md and "| work tree | dirty: 1 tracked file changed |" in md
+    assert f"| git revision | `{head}` |" in md and "| work tree | dirty: 1 source file changed (`params.yaml`) |" in md
+    assert report.describe_changes(["dvc.lock", "reports/eval/metrics.json"]) == (
+        "2 outputs of this run, not yet committed (dvc.lock, reports/)")
+    many = [f"stages/s{i}.py" for i in range(8)]
+    assert report.describe_changes([*many, "dvc.lock"]) == (
+        "dirty: 8 source files changed (`stages/s0.py`, `stages/s1.py`, `stages/s2.py`, `stages/s3.py`, `stages/s4.py`, "
+        "`stages/s5.py` and 2 more); 1 output of this run, not yet committed (dvc.lock, reports/)")
 
 
 def test_deterministic_except_the_date(project, monkeypatch):
