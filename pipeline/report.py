@@ -496,12 +496,14 @@ def seed_spread_note(root: Path) -> str:
         return (f". Training-seed spread: {SEED_SPREAD} was measured under another recipe (differs in "
                 f"{', '.join(differs[:4])}{', ...' if len(differs) > 4 else ''}): it does not describe this run")
     rows = spread.get("rows") or {}
-    parts = [f"{name} {fmt(r['min'])} to {fmt(r['max'])}" for name, r in rows.items()]
+    order = ("dkgm", "control", "baseline")  # the JSON's keys are sorted; the sentence reads DKGM first
+    parts = [f"{name} {fmt(rows[name]['min'], 3)} to {fmt(rows[name]['max'], 3)}" for name in
+             sorted(rows, key=lambda k: order.index(k) if k in order else len(order))]
     gaps = []
     for other in ("baseline", "control"):
         g = spread.get(f"dkgm_minus_{other}")
         if g:
-            gaps.append(f"DKGM - {other} from {fmt(g['min'])} to {fmt(g['max'])} ("
+            gaps.append(f"DKGM - {other} from {fmt(g['min'], 3)} to {fmt(g['max'], 3)} ("
                         + ("the same sign on every seed" if g["same_sign"] else "the sign changes: no winner") + ")")
     return (f". Training-seed spread over {len(seeds)} seeds at n = {fmt(spread.get('n'))} "
             f"(benchmarks/results/seed_spread.md): FID {'; '.join(parts)}; {'; '.join(gaps)}")
