@@ -79,9 +79,8 @@ def score_noise(name: str, params, n: int) -> dict:
 
     from dkgm import data as ds
     from dkgm.debias import load_denoiser
-    from stages import baseline as bl
-    from stages.evaluate import EvaluateParams, Scorer
-    from stages.sampling import denoise_fn
+    from stages.sampling import denoise_fn, sample_from_noise
+    from stages.scoring import EvaluateParams, Scorer
 
     sb = params.sample_baseline
     device = torch.device("cpu")
@@ -89,8 +88,8 @@ def score_noise(name: str, params, n: int) -> dict:
     fn = denoise_fn(den, device, "fp32")
     seeds = sb.seed + np.arange(n, dtype=np.int64)
     t0 = time.perf_counter()
-    x, nfe = bl.sample_from_noise(fn, seeds, tuple(snap["network"]["shape"]), float(snap["sigma_max"]), sb.steps,
-                                  sb.solver, sb.eta, device, sb.batch_size, sb.rho, sb.sigma_min)
+    x, nfe = sample_from_noise(fn, seeds, tuple(snap["network"]["shape"]), float(snap["sigma_max"]), sb.steps,
+                               sb.solver, sb.eta, device, sb.batch_size, sb.rho, sb.sigma_min)
     m, _ = Scorer(EvaluateParams(n_samples=n), ROOT, n).score({"baseline": ds.to_float(ds.to_uint8(x))})
     return {"nfe": nfe, "sample_seconds": time.perf_counter() - t0,
             **{k: m.get(f"baseline_{k}") for k in sweep.EVAL_KEYS}, "floor_fid": m.get("real_fid")}

@@ -3,7 +3,7 @@
 Every row is one network trained at the same budget (images seen) on the project's prepared data,
 then taken to its novel operating point by the same search calibrate runs (dkgm.operating_point:
 the smallest bandwidth scale s whose probe passes the novelty rule, found by bisection), and
-scored at that point by the evaluation's own code (stages.evaluate.Scorer: FID, KID,
+scored at that point by the evaluation's own code (stages.scoring.Scorer: FID, KID,
 precision/recall, pixel and Inception Z_U, copies, authenticity) on the first n samples of
 sample_kde's seeds. So a row is what `dvc repro` would report with that recipe.
 
@@ -49,7 +49,7 @@ def train(name: str, overrides: dict, where: Path = SWEEP) -> dict:
     import torch
 
     from dkgm.debias import make_snapshot
-    from stages import train_debiaser as td
+    from stages import fitting as td
     from stages.artifacts import load_bandwidth, load_prepared
     from stages.calibrate import CalibrateParams
 
@@ -93,8 +93,8 @@ def score(name: str, sampler: dict, etas: list[float], scales: list[float], tag:
     from dkgm.debias import load_denoiser
     from dkgm.sampler import SamplerConfig
     from stages.artifacts import load_bandwidth, load_prepared
-    from stages.evaluate import EvaluateParams, Scorer
     from stages.sampling import debias_batch, denoise_fn
+    from stages.scoring import EvaluateParams, Scorer
 
     prepared = load_prepared(ROOT)
     h_kde = float(load_bandwidth(ROOT, prepared)["h"])

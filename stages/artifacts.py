@@ -21,9 +21,11 @@ PREPARED = "data/prepared"  # data.npy, manifest.parquet (index, label, split), 
 BANDWIDTH = "data/kde/bandwidth.json"  # fit_kde's bandwidth record
 KDE_SAMPLES = "data/samples/kde"  # samples.npy (float32), manifest.parquet (sample_id, seed, anchor_index, ...), meta.json
 DEBIASER_SNAPSHOT = "models/debiaser/snapshot.pt"  # EMA weights + resolved config
+DEBIASER_LOG = "reports/train/log.parquet"  # the debiaser's training log (the comparison reads its cost)
 REFINED = "data/samples/refined"  # samples.npy (uint8 images / float32 points), manifest.parquet, meta.json
 REFERENCE = "data/reference"  # features.npz, meta.json: Inception features of the real data
 BASELINE_SNAPSHOT = "models/baseline/snapshot.pt"  # the diffusion baseline's EMA weights + config
+BASELINE_LOG = "reports/train_baseline/log.parquet"  # its training log
 BASELINE_SAMPLES = "data/samples/baseline"  # samples.npy (uint8 images / float32 points), manifest.parquet, meta.json
 OPERATING_POINT = "data/calibrate/point.json"  # the bandwidth scale and eta chosen for novelty (stage calibrate)
 

@@ -31,10 +31,8 @@ from dkgm.debias import denoising_mse, load_denoiser, make_snapshot
 from dkgm.devices import process_rank, resolve_device, resolve_precision
 from dkgm.errors import DKGMError
 from dkgm.networks import count_parameters
-from dkgm.rng import randn_per_sample, sample_generators
-from dkgm.sampler import make_ladder
-from stages import train_debiaser as td
-from stages.artifacts import BASELINE_SAMPLES, BASELINE_SNAPSHOT, PREPARED, load_prepared
+from stages import fitting
+from stages.artifacts import BASELINE_LOG, BASELINE_SAMPLES, BASELINE_SNAPSHOT, PREPARED, load_prepared
 from stages.common import (
     Progress,
     image_grid,
@@ -48,9 +46,9 @@ from stages.common import (
     write_png,
 )
 from stages.contract import Device, Out, Section, Stage
-from stages.sampling import debias_batch, denoise_fn
+from stages.sampling import denoise_fn, sample_from_noise
 
-TRAIN_LOG = "reports/train_baseline/log.parquet"
+TRAIN_LOG = BASELINE_LOG
 TRAIN_LOSS = "reports/train_baseline/loss.png"
 TRAIN_METRICS = "reports/train_baseline/metrics.json"
 STATES = "checkpoints/baseline"
@@ -88,9 +86,9 @@ def is_skipped(meta: dict[str, Any]) -> bool:
 # ----------------------------------------------------------------------------- train_baseline
 
 
-def debiaser_params(shared: dict[str, Any]) -> td.DebiaserParams:
+def debiaser_params(shared: dict[str, Any]) -> fitting.DebiaserParams:
     """The shared network and trainer keys as a debiaser section (DKGM-only keys at their defaults, unused)."""
-    return td.DebiaserParams(**{key.split(".", 1)[1]: value for key, value in shared.items()})
+    return fitting.DebiaserParams(**{key.split(".", 1)[1]: value for key, value in shared.items()})
 
 
 def train_run(cfg: BaselineParams, root: Path, shared: dict[str, Any]) -> dict[str, Any]:
@@ -108,8 +106,9 @@ def train_run(cfg: BaselineParams, root: Path, shared: dict[str, Any]) -> dict[s
         return metrics
     dcfg = debiaser_params(shared)
     prepared = load_prepared(root)
-    fitted = td.fit(dcfg, prepared, root, h=1.0, data_extra={"branch": "diffusion baseline"}, label="train_baseline",
-                    states=STATES, sigma_max=cfg.sigma_max, sigma_dist="lognormal", p_mean=cfg.p_mean, p_std=cfg.p_std)
+    fitted = fitting.fit(dcfg, prepared, root, h=1.0, data_extra={"branch": "diffusion baseline"},
+                         label="train_baseline", states=STATES, sigma_max=cfg.sigma_max, sigma_dist="lognormal",
+                         p_mean=cfg.p_mean, p_std=cfg.p_std)
     if fitted is None:
         return {}
     result, train_cfg = fitted.result, fitted.train_cfg
@@ -129,13 +128,13 @@ def train_run(cfg: BaselineParams, root: Path, shared: dict[str, Any]) -> dict[s
         metrics[f"val_ratio_sigma_{_tag(sigma)}"] = err / (sigma * sigma)
     snapshot = make_snapshot(ema, fitted.net_cfg.to_dict(), sigma_min=train_cfg.sigma_min, sigma_max=train_cfg.sigma_max,
                              train=train_cfg.to_dict(), kimg=result.nimg / 1000, dataset=prepared.meta["dataset"],
-                             code_version=td.code_version(), branch="diffusion baseline")
+                             code_version=fitting.code_version(), branch="diffusion baseline")
     with staged_outputs(root, "train_baseline") as out:
         torch.save(snapshot, out.path(BASELINE_SNAPSHOT))
         rows = result.log
         write_parquet(out.path(TRAIN_LOG), {k: [r.get(k, float("nan")) for r in rows] for k in (rows[0] if rows else
                                                                                              {"step": 0})})
-        td.loss_plot(out.path(TRAIN_LOSS), rows, "diffusion baseline training loss (EDM range and distribution)")
+        fitting.loss_plot(out.path(TRAIN_LOSS), rows, "diffusion baseline training loss (EDM range and distribution)")
         write_metrics(out, TRAIN_METRICS, metrics)
     log.info("train_baseline: %.1f kimg at %.0f img/s, held-out error ratio at sigma = 1: %.3f", metrics["kimg"],
              metrics["images_per_second"], metrics["val_ratio_sigma_1"])
@@ -154,25 +153,6 @@ def _skipped_figure(path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- sample_baseline
-
-
-def noise_start(seeds: np.ndarray, shape: tuple[int, ...], sigma: float) -> np.ndarray:
-    """x_0 = sigma * eps, eps from each sample's own seed (stream "baseline/start")."""
-    return (sigma * randn_per_sample(sample_generators(seeds.tolist(), "baseline/start"), shape)).numpy()
-
-
-def sample_from_noise(fn, seeds: np.ndarray, shape: tuple[int, ...], sigma0: float, steps: int, solver: str, eta: float,
-                      device: torch.device, batch_size: int, rho: float = 7.0, sigma_min: float = 0.002,
-                      progress: Progress | None = None) -> tuple[np.ndarray, int]:
-    """Diffusion sampling: pure noise at sigma0, the Karras ladder, DKGM's update. (samples, NFE)."""
-    ladder = make_ladder(sigma0, steps, "karras", eta, sigma_min, rho)
-    out = np.empty((len(seeds), *shape), dtype=np.float32)
-    for s in range(0, len(seeds), batch_size):
-        sl = slice(s, s + batch_size)
-        out[sl], _ = debias_batch(fn, noise_start(seeds[sl], shape, sigma0), seeds[sl], ladder, solver, device)
-        if progress is not None:
-            progress(min(s + batch_size, len(seeds)))
-    return out, ladder.nfe(solver)
 
 
 def sample_run(cfg: SampleBaselineParams, root: Path) -> dict[str, Any]:
@@ -229,7 +209,7 @@ def sample_run(cfg: SampleBaselineParams, root: Path) -> dict[str, Any]:
     return metrics
 
 
-SHARED_TRAINING = tuple(f"debiaser.{k}" for k in td.SHARED_KEYS)
+SHARED_TRAINING = tuple(f"debiaser.{k}" for k in fitting.SHARED_KEYS)
 
 STAGES = (
     Stage(

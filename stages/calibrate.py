@@ -43,6 +43,7 @@ from dkgm import operating_point as op
 from dkgm.debias import load_denoiser
 from dkgm.devices import resolve_device, resolve_precision
 from dkgm.errors import DKGMError
+from dkgm.scoring import feature_network
 from stages.artifacts import (
     BANDWIDTH,
     DEBIASER_SNAPSHOT,
@@ -52,6 +53,7 @@ from stages.artifacts import (
     Prepared,
     load_bandwidth,
     load_prepared,
+    load_reference,
 )
 from stages.common import (
     Progress,
@@ -238,9 +240,6 @@ def _inception_fids(root: Path, prepared: Prepared, rows: list[dict[str, Any]],
                     probes: dict[tuple[float, float], np.ndarray], cfg: CalibrateParams) -> float:
     """FID (against the reference's training statistics) of each row's probe, in place; returns the
     held-out floor at the same n."""
-    from stages.artifacts import load_reference
-    from stages.evaluate import feature_network
-
     ref, meta = load_reference(root, prepared)
     net = feature_network(meta.get("weights"), cfg.device, "calibrate.device", root=root)
     n = min(cfg.fid_samples, cfg.probe_samples)

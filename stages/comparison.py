@@ -37,11 +37,11 @@ from pydantic import Field
 from dkgm import data as ds
 from dkgm.debias import load_denoiser
 from dkgm.devices import resolve_device, resolve_precision
-from stages import baseline as bl
-from stages import evaluate as ev
-from stages import train_debiaser as td
+from dkgm.scoring import as_float
 from stages.artifacts import (
+    BASELINE_LOG,
     BASELINE_SNAPSHOT,
+    DEBIASER_LOG,
     DEBIASER_SNAPSHOT,
     KDE_SAMPLES,
     OPERATING_POINT,
@@ -62,8 +62,8 @@ from stages.common import (
     write_png,
 )
 from stages.contract import Device, Out, Section, Stage
-from stages.evaluate_baseline import SETTINGS
-from stages.sampling import SAMPLER_KEYS, debias_batch, denoise_fn, sampler_config
+from stages.sampling import SAMPLER_KEYS, debias_batch, denoise_fn, sample_from_noise, sampler_config
+from stages.scoring import SETTINGS, Scorer, settings
 
 TABLE = "reports/comparison/table.csv"
 DENOISE_TABLE = "reports/comparison/denoise_error.csv"
@@ -100,7 +100,7 @@ def train_cost(log_path: Path, kimg: float) -> tuple[float, float]:
 
 def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, Any]:
     root = Path(root)
-    ecfg = ev.EvaluateParams(**{key.split(".", 1)[1]: value for key, value in shared.items() if key in SETTINGS})
+    ecfg = settings(shared)
     sampler = sampler_config(shared)
     device = resolve_device(cfg.device, "comparison.device")
     precision = resolve_precision(cfg.precision, device, "comparison.precision")
@@ -118,9 +118,9 @@ def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, 
     nets = {"dkgm": denoise_fn(dkgm, device, precision)}
     if have_baseline:
         nets["baseline"] = denoise_fn(base, device, precision)
-    cost = {"dkgm": train_cost(root / td.LOG, float(dsnap.get("kimg", float("nan"))))}
+    cost = {"dkgm": train_cost(root / DEBIASER_LOG, float(dsnap.get("kimg", float("nan"))))}
     if have_baseline:
-        cost["baseline"] = train_cost(root / bl.TRAIN_LOG, float(bsnap.get("kimg", float("nan"))))
+        cost["baseline"] = train_cost(root / BASELINE_LOG, float(bsnap.get("kimg", float("nan"))))
 
     plan: list[dict[str, Any]] = []
     for solver in cfg.dkgm_solvers:
@@ -157,18 +157,18 @@ def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, 
             row["nfe"] = ladder.nfe(row["solver"])
         else:
             sigma0 = float((bsnap if row["network"] == "baseline" else dsnap)["sigma_max"])
-            out, row["nfe"] = bl.sample_from_noise(fn, seeds, shape, sigma0, row["steps"], row["solver"], eta
+            out, row["nfe"] = sample_from_noise(fn, seeds, shape, sigma0, row["steps"], row["solver"], eta
                                                    if row["network"] == "dkgm" else 0.0, device, cfg.batch_size)
         row["sample_seconds"] = time.perf_counter() - t0
         row["samples_per_second"] = n / max(row["sample_seconds"], 1e-9)
         row["train_kimg"], row["train_seconds"] = cost[row["network"]]
-        sets[row["row"]] = ev._as_float(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=-1.0), "images"
+        sets[row["row"]] = as_float(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=-1.0), "images"
                                          if len(shape) == 3 else "points")
         bar(len(sets))
     bar.close()
 
     t0 = time.perf_counter()
-    scorer = ev.Scorer(ecfg, root, n)
+    scorer = Scorer(ecfg, root, n)
     m, _ = scorer.score(sets)
     for row in plan:
         name = row["row"]
@@ -349,8 +349,8 @@ STAGES = (
             "the two controls",
         section="comparison",
         params=ComparisonParams,
-        deps=(PREPARED, REFERENCE, KDE_SAMPLES, OPERATING_POINT, DEBIASER_SNAPSHOT, td.LOG, BASELINE_SNAPSHOT,
-              bl.TRAIN_LOG),
+        deps=(PREPARED, REFERENCE, KDE_SAMPLES, OPERATING_POINT, DEBIASER_SNAPSHOT, DEBIASER_LOG, BASELINE_SNAPSHOT,
+              BASELINE_LOG),
         outs=(
             Out(TABLE, "table"),
             Out(FIGURE, "figure", "DKGM against the diffusion baseline",

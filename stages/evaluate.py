@@ -29,9 +29,6 @@ import numpy as np
 from pydantic import Field
 
 from dkgm import data as ds
-from dkgm import inception, novelty
-from dkgm import metrics as mt
-from dkgm.devices import resolve_device
 from dkgm.errors import DKGMError
 from stages.artifacts import (
     KDE_SAMPLES,
@@ -39,12 +36,9 @@ from stages.artifacts import (
     REFERENCE,
     REFINED,
     Prepared,
-    load_prepared,
-    load_reference,
     load_samples,
 )
 from stages.common import (
-    Progress,
     log,
     new_figure,
     save_figure,
@@ -52,107 +46,15 @@ from stages.common import (
     write_metrics,
     write_parquet,
 )
-from stages.contract import Device, Out, Section, Stage
+from stages.contract import Out, Stage
 from stages.gates import Check, EnforcedSection, Gate, check
+from stages.scoring import EvaluateParams, Scorer
 
 METRICS = "reports/eval/metrics.json"
 PER_SAMPLE = "reports/eval/per_sample.parquet"  # per sample: nearest training items, distances, anchor match
 NEAREST = "reports/eval/nearest.png"
 MEMORIZATION = "reports/eval/memorization.png"
 SETS = ("kde", "refined")
-
-
-class EvaluateParams(Section):
-    n_samples: int = Field(500, ge=4)  # samples per stage evaluated: the first n (same seeds in both stages)
-    batch_size: int = Field(50, ge=1)  # speed only
-    device: Device = "auto"  # auto | cpu | cuda | cuda:N
-    kid_subsets: int = Field(100, ge=1)  # KID: random subsets averaged
-    kid_subset_size: int = Field(1000, ge=2)  # KID: subset size (capped by the smaller set)
-    pr_k: int = Field(3, ge=1)  # precision/recall: k-th nearest neighbour radius
-    copy_ratio: float = Field(1 / 3, gt=0.0, lt=1.0)  # a sample is a copy when d1/d2 < copy_ratio
-    is_splits: int = Field(10, ge=1)  # Inception Score splits (full network only)
-    seed: int = Field(0, ge=0)  # KID subsets and precision/recall reference subset
-    nn_rows: int = Field(8, ge=1)  # rows of reports/eval/nearest.png
-    ct_cells: int = Field(10, ge=1)  # C_T: k-means cells fitted on the training data
-    ct_tau: float = Field(0.02, ge=0.0, lt=1.0)  # C_T: cells holding at most this fraction of the samples are left out
-    fid_bootstrap: int = Field(100, ge=0)  # resamples of the samples for the FID's spread at this n (<set>_fid_se; 0: off)
-
-
-def _as_float(x: np.ndarray, kind: str) -> np.ndarray:
-    """Images as float in [-1, 1] after uint8 quantization (what a user would save); points as is."""
-    if kind != "images":
-        return x.astype(np.float32)
-    return ds.to_float(x if x.dtype == np.uint8 else ds.to_uint8(x))
-
-
-def _check_counts(cfg: EvaluateParams, kind: str, n: int, n_ref: int, n_real: int, has_logits: bool) -> None:
-    """Every statistic that will be computed has the items it needs (one line naming the param if not)."""
-    need: list[tuple[str, int, int, str]] = [("memorization (d1/d2)", 2, n, "samples evaluated per stage")]
-    if kind == "images":
-        for have, name in ((n, "samples evaluated per stage"), (n_ref, "reference training items")):
-            need.append(("precision/recall (evaluate.pr_k + 1)", cfg.pr_k + 1, have, name))
-            need.append(("FID/KID", 2, have, name))
-        if has_logits:
-            need.append(("the Inception Score (evaluate.is_splits)", cfg.is_splits, n, "samples evaluated per stage"))
-    else:
-        need.append(("MMD", 2, n, "samples evaluated per stage"))
-    need.append(("the held-out floor", 2, n_real, "held-out real items"))
-    for what, count, have, name in need:
-        if have < count:
-            raise DKGMError(f"evaluate: {what} needs at least {count} {name}, got {have} "
-                            "(raise sample_kde.n_samples / evaluate.n_samples / reference.train_images, "
-                            "or the dataset's test_fraction)")
-
-
-class Scorer:
-    """Everything that scoring a sample set needs, loaded once: the prepared data, the reference
-    features and weights, the held-out floor at the samples' n (a seeded subset of the test split:
-    FID's bias and the k-NN radii of precision/recall depend on the set size) and a second held-out
-    set (validation split) for the data-copying floor. `score` gives every statistic of any named
-    sets, with flat keys `<set>_<metric>` and the floor's `real_<metric>`: the same evaluation for
-    DKGM's stages, the diffusion baseline and the comparison's sweeps."""
-
-    def __init__(self, cfg: EvaluateParams, root: Path, n: int):
-        self.cfg, self.n, self.root = cfg, n, Path(root)
-        self.prepared = prepared = load_prepared(root)
-        self.ref, self.ref_meta = load_reference(root, prepared)
-        self.kind = prepared.kind
-        self.weights = self.ref_meta.get("weights")
-        _check_counts(cfg, self.kind, n, len(self.ref["train_rows"]), len(self.ref["test_rows"]),
-                      bool(self.weights and self.weights["has_logits"]))
-        self.train = prepared.split("train")
-        self.train_rows = prepared.split_rows("train")
-        self.real_pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(self.ref["test_rows"]))[:n])
-        self.real = prepared.items(self.ref["test_rows"][self.real_pick])
-        val_rows = prepared.split_rows("val")
-        self.second_pick = np.sort(np.random.default_rng(cfg.seed + 1).permutation(len(val_rows))[:n])
-        self.second = prepared.items(val_rows[self.second_pick]) if len(val_rows) > 1 else None
-        self.scale = np.sqrt(np.prod(self.train.shape[1:]))  # distances as RMS per coordinate
-        resolve_device(cfg.device, "evaluate.device")  # one line naming the key, before any pass needs it
-        self.real_d1, self.real_d2, _ = mt.nearest_two(self.real, self.train, device=cfg.device)
-        self.net = None
-
-    def as_float(self, x: np.ndarray) -> np.ndarray:
-        return _as_float(x[: self.n], self.kind)
-
-    def score(self, sets: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, tuple]]:
-        """(metrics, {set: (d1, d2, nearest training index)} in data space) of float sample sets."""
-        cfg, m = self.cfg, {}
-        m["real_copy_fraction"] = mt.copy_fraction(self.real_d1, self.real_d2, cfg.copy_ratio)
-        m["real_nn_distance"] = float(np.median(self.real_d1) / self.scale)
-        near = {}
-        for name, x in sets.items():  # memorization in data space, against every training item (one GEMM pass)
-            d1, d2, nn = near[name] = mt.nearest_two(x, self.train, device=cfg.device)
-            m[f"{name}_copy_fraction"] = mt.copy_fraction(d1, d2, cfg.copy_ratio)
-            m[f"{name}_nn_distance"] = float(np.median(d1) / self.scale)
-        copying(m, "pixel", self.train, self.real, self.second, sets, cfg)
-        if self.kind == "images":
-            if self.net is None:
-                self.net = feature_network(self.weights, cfg.device, root=self.root)
-            _image_metrics(cfg, m, sets, self.real, self.real_pick, self.ref, self.net, self.second_pick)
-        else:
-            _point_metrics(cfg, m, sets, self.real, self.train, self.prepared)
-        return m, near
 
 
 def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
@@ -216,117 +118,6 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
              m.get("real_zu_pixel", float("nan")), 100 * m["kde_copy_fraction"], 100 * m["refined_copy_fraction"],
              100 * m["real_copy_fraction"])
     return m
-
-
-def copying(m: dict, space: str, train: np.ndarray, heldout: np.ndarray, second: np.ndarray | None,
-            sets: dict[str, np.ndarray], cfg: EvaluateParams) -> None:
-    """Z_U, C_T and authenticity of every set in one space (`pixel`: data space against every
-    training item; `inception`: features against the reference subset). `real_*` is a second
-    held-out set scored the same way: its Z_U and C_T should read about 0."""
-    _, own, _ = mt.nearest_two(train, train, device=cfg.device)  # each training item's nearest other training item
-    held_nn, _, held_idx = mt.nearest_two(heldout, train, device=cfg.device)
-    centres = novelty.kmeans(train, min(cfg.ct_cells, len(train)), seed=cfg.seed)
-    m[f"real_authenticity_{space}"] = novelty.authenticity(held_nn, held_idx, own)
-    scored = {**sets, **({"real": second} if second is not None and len(second) > 1 else {})}
-    for name, x in scored.items():
-        d1, _, idx = mt.nearest_two(x, train, device=cfg.device)
-        m[f"{name}_zu_{space}"] = novelty.z_u(d1, held_nn)
-        if name != "real":
-            m[f"{name}_authenticity_{space}"] = novelty.authenticity(d1, idx, own)
-        try:
-            cells = novelty.c_t(train, heldout, x, centres, tau=cfg.ct_tau, device=cfg.device)
-        except DKGMError as exc:  # too few points for the partition: say why instead of a number
-            m[f"{name}_ct_{space}"], m[f"ct_{space}_note"] = None, str(exc)
-            continue
-        m[f"{name}_ct_{space}"] = cells.c_t
-        m[f"{name}_ct_{space}_cells"] = cells.kept
-    m[f"ct_{space}_cells"] = len(centres)
-
-
-def feature_network(weights: dict | None, device: str, key: str = "evaluate.device",
-                    root: Path | None = None) -> inception.InceptionFeatures:
-    """The reference's feature network, checked to be the same file (SHA-256) the reference used;
-    with `root`, images seen before are answered from the project's feature cache."""
-    if not weights:
-        raise DKGMError(f"{REFERENCE} holds no Inception features: re-run reference")
-    w = inception.Weights(**weights)
-    if not Path(w.path).is_file():  # e.g. a rebuilt venv: the same file found again is as good
-        try:
-            found = inception.resolve_weights("auto")
-        except DKGMError:
-            found = None
-        if found is None or found.sha256 != w.sha256:
-            raise DKGMError(f"the reference features were computed with {w.path} (SHA-256 {w.sha256[:12]}...), which is "
-                            "gone and not found elsewhere: restore it or re-run reference")
-        w = inception.Weights(found.path, w.name, w.sha256, w.verified, w.source, w.has_logits)
-    digest = inception.sha256_file(w.path)
-    if digest != w.sha256:
-        raise DKGMError(f"Inception weights {w.path} changed since the reference was computed "
-                        f"(SHA-256 {digest}, reference {w.sha256}): re-run reference")
-    net = inception.InceptionFeatures(w, resolve_device(device, key))  # the reference's resize (its meta says which)
-    if root is not None:
-        net.use_cache(root)
-    return net
-
-
-def _image_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], real: np.ndarray,
-                   real_pick: np.ndarray, ref: dict, net: inception.InceptionFeatures, second_pick: np.ndarray) -> None:
-    w = net.weights
-    m.update(feature_network=w.name, weights_sha256=w.sha256, weights_source=w.source)
-    total = sum(len(x) for x in sets.values())
-    bar = Progress("evaluate features", total)
-    t0, hits0 = time.perf_counter(), net.cache.hits if net.cache else 0
-    feats, probs, done = {}, {}, 0
-    for name, x in sets.items():
-        out = net(ds.to_uint8(x), cfg.batch_size, progress=lambda k, base=done: bar(base + k))
-        feats[name], probs[name] = out.features, out.probs
-        done += len(x)
-    bar.close()
-    hits = (net.cache.hits if net.cache else 0) - hits0
-    m["feature_cache_hits"] = hits  # images seen before (the comparison's rows that refine/sample_baseline drew)
-    if total > hits:
-        m["feature_images_per_second"] = (total - hits) / max(time.perf_counter() - t0, 1e-9)
-    tr = ref["train_features"]
-    feats["real"] = ref["test_features"][real_pick]
-    probs["real"] = ref["test_probs"][real_pick] if "test_probs" in ref else None
-    mu, sigma = ref["mu"], ref["sigma"]
-    # one reference subset for every set's precision/recall, so that KDE, refined and real are paired
-    sub = tr[np.random.default_rng(cfg.seed).choice(len(tr), min(len(tr), len(real_pick)), replace=False)]
-    energy_real = mt.laplacian_energy(real)
-    m["real_laplacian_energy"] = energy_real
-    for name, f in feats.items():
-        m[f"{name}_fid"] = mt.fid_to_reference(f, mu, sigma)
-        if cfg.fid_bootstrap:  # which n samples were drawn: the spread a same-model re-draw would show
-            m[f"{name}_fid_se"] = float(np.std(mt.fid_bootstrap(f, mu, sigma, cfg.fid_bootstrap, seed=cfg.seed), ddof=1))
-        m[f"{name}_kid"] = mt.kid(f, tr, cfg.kid_subsets, cfg.kid_subset_size, seed=cfg.seed)
-        m[f"{name}_precision"], m[f"{name}_recall"] = mt.precision_recall(sub, f, cfg.pr_k, device=cfg.device)
-        d1, d2, _ = mt.nearest_two(f, tr, device=cfg.device)
-        m[f"{name}_copy_fraction_inception"] = mt.copy_fraction(d1, d2, cfg.copy_ratio)
-        if probs[name] is not None:
-            m[f"{name}_inception_score"], m[f"{name}_inception_score_std"] = mt.inception_score(probs[name], cfg.is_splits)
-        else:
-            m[f"{name}_inception_score"] = None
-        if name != "real":
-            m[f"{name}_sharpness"] = mt.laplacian_energy(sets[name]) / max(energy_real, 1e-12)
-    if probs["real"] is None:
-        m["inception_score_note"] = (f"null: {w.name} has no classifier layer; put clean-fid's {inception.FULL_NAME} "
-                                     "in place (or name it in reference.weights) for IS")
-    second = ref["val_features"][second_pick] if "val_features" in ref else None
-    copying(m, "inception", tr, feats["real"], second, {k: feats[k] for k in sets}, cfg)
-
-
-def _point_metrics(cfg: EvaluateParams, m: dict, sets: dict[str, np.ndarray], real: np.ndarray, train: np.ndarray,
-                   prepared: Prepared) -> None:
-    roll = prepared.manifold()
-    rng = np.random.default_rng(cfg.seed)
-    # the floor: as many training points as samples, against the same held-out points
-    floor = train[rng.choice(len(train), min(len(train), max(len(x) for x in sets.values())), replace=False)]
-    bw = mt.median_distance(np.concatenate([real, floor]))  # one kernel width for every set
-    for name, x in {**sets, "real": floor}.items():
-        m[f"{name}_mean_distance_to_manifold"] = float(roll.distance(x).mean())
-        m[f"{name}_mmd"] = mt.mmd_rbf(x, real, bandwidth=bw)
-        m[f"{name}_sliced_wasserstein"] = mt.sliced_wasserstein(x, real, seed=cfg.seed)
-    m["mmd_bandwidth"] = bw
 
 
 # ----------------------------------------------------------------------------- figures

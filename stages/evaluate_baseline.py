@@ -12,27 +12,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stages import evaluate as ev
 from stages.artifacts import BASELINE_SAMPLES, PREPARED, REFERENCE, load_samples
 from stages.common import log, staged_outputs, write_metrics
 from stages.contract import Out, Stage
+from stages.scoring import SETTINGS, Scorer, settings
 
 EVAL_METRICS = "reports/eval_baseline/metrics.json"
 SKIPPED = "baseline.enabled is false"
 # the evaluation settings, key by key: read here and by the comparison, so that both score like evaluate
-SETTINGS = tuple(f"evaluate.{k}" for k in ev.EvaluateParams.model_fields)
 
 
 def evaluate_run(cfg: None, root: Path, shared: dict[str, Any]) -> dict[str, Any]:
     root = Path(root)
-    ecfg = ev.EvaluateParams(**{key.split(".", 1)[1]: value for key, value in shared.items()})
+    ecfg = settings(shared)
     x, _, meta = load_samples(root, BASELINE_SAMPLES, "baseline samples")
     if meta.get("skipped"):
         metrics = {"skipped": True, "reason": SKIPPED}
     else:
         n = min(ecfg.n_samples, len(x))
         t0 = time.perf_counter()
-        scorer = ev.Scorer(ecfg, root, n)
+        scorer = Scorer(ecfg, root, n)
         scored, _ = scorer.score({"baseline": scorer.as_float(x)})
         metrics = {"kind": scorer.kind, "n_samples": n, "nfe": int(meta.get("nfe", 0)),
                    **{k: v for k, v in scored.items() if not k.startswith("real_")},

@@ -7,7 +7,7 @@ stream, so sample s is the same whatever the batch it falls in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,7 +15,7 @@ import torch
 
 from dkgm.debias import Denoiser
 from dkgm.rng import randn_per_sample, sample_generators
-from dkgm.sampler import SAMPLER_FIELDS, DenoiseFn, Ladder, SamplerConfig, debias
+from dkgm.sampler import SAMPLER_FIELDS, DenoiseFn, Ladder, SamplerConfig, debias, make_ladder
 
 # the refine section's sampler keys: calibrate and the comparison read these, so the operating point is
 # chosen, and DKGM compared, with the sampler refine will run
@@ -48,3 +48,22 @@ def debias_batch(fn: DenoiseFn, x0: np.ndarray, seeds: Sequence[int], ladder: La
         x, kept = debias(fn, torch.from_numpy(np.ascontiguousarray(x0)).to(device), ladder, solver=solver, keep=keep,
                          noise=lambda k, shape: randn_per_sample(gens, shape[1:]).to(device))
     return x.float().cpu().numpy(), {k: v.float().cpu().numpy() for k, v in kept.items()}
+
+
+def noise_start(seeds: np.ndarray, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """x_0 = sigma * eps, eps from each sample's own seed (stream "baseline/start")."""
+    return (sigma * randn_per_sample(sample_generators(seeds.tolist(), "baseline/start"), shape)).numpy()
+
+
+def sample_from_noise(fn, seeds: np.ndarray, shape: tuple[int, ...], sigma0: float, steps: int, solver: str, eta: float,
+                      device: torch.device, batch_size: int, rho: float = 7.0, sigma_min: float = 0.002,
+                      progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, int]:
+    """Diffusion sampling: pure noise at sigma0, the Karras ladder, DKGM's update. (samples, NFE)."""
+    ladder = make_ladder(sigma0, steps, "karras", eta, sigma_min, rho)
+    out = np.empty((len(seeds), *shape), dtype=np.float32)
+    for s in range(0, len(seeds), batch_size):
+        sl = slice(s, s + batch_size)
+        out[sl], _ = debias_batch(fn, noise_start(seeds[sl], shape, sigma0), seeds[sl], ladder, solver, device)
+        if progress is not None:
+            progress(min(s + batch_size, len(seeds)))
+    return out, ladder.nfe(solver)

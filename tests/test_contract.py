@@ -105,6 +105,30 @@ def test_imports_run_one_way(package, forbidden):
         assert not bad, f"{path.relative_to(REPO)} imports {bad}"
 
 
+def test_stage_modules_never_import_each_other():
+    """A stage module reaches another stage's code only through the library or a shared helper
+    module, never by importing that stage: its code deps (the import closure) hold no other stage
+    module, so an edit to one stage re-runs that stage and what reads its outputs, nothing else."""
+    modules = {s.module for s in STAGES.values() if s.module.startswith("stages.")}  # (the report reads them all)
+    files = {m: dvcyaml.module_file(m).relative_to(REPO).as_posix() for m in modules}
+    assert len(modules) >= 10  # the registry found the stage modules
+    for module in sorted(modules):
+        closure = dvcyaml.import_closure(module)
+        others = sorted(m for m, f in files.items() if m != module and f in closure)
+        assert not others, f"{module} imports the stage modules {others} (directly or through a helper)"
+
+
+def test_the_stage_import_check_sees_an_indirect_import(tmp_path):
+    """The rule's own test: a helper that imports a stage module puts it in the closure."""
+    pkg = tmp_path / "stages"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "one.py").write_text("from stages import helper\n")
+    (pkg / "helper.py").write_text("def f():\n    from stages.two import STAGES\n    return STAGES\n")
+    (pkg / "two.py").write_text("STAGES = ()\n")
+    assert "stages/two.py" in dvcyaml.import_closure("stages.one", tmp_path)
+
+
 def test_code_deps_cover_what_each_stage_process_imports(dvc_stages):
     """Import each stage's module in a fresh interpreter: every project file it loads is a declared
     dependency (the static closure may hold more: imports inside functions)."""

@@ -164,7 +164,7 @@ def test_the_copy_threshold_is_one_third_and_lives_in_one_place():
     import yaml
 
     from stages.calibrate import CalibrateParams
-    from stages.evaluate import EvaluateParams
+    from stages.scoring import EvaluateParams
     from tests.conftest import REPO
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text())

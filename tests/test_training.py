@@ -17,8 +17,8 @@ from dkgm.errors import DKGMError
 from dkgm.networks import NetworkConfig, build_network, count_parameters
 from dkgm.training import NonFiniteLoss, TrainConfig, ema_beta, list_states, load_state, newest_usable_state, train
 from pipeline.runner import run_gate
-from stages import artifacts, gates, train_debiaser
-from stages.train_debiaser import DebiaserParams
+from stages import artifacts, fitting, gates, train_debiaser
+from stages.fitting import DebiaserParams
 from tests.conftest import REPO, run_stages, write_params
 
 TINY_IMG = dict(channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,))
@@ -65,12 +65,47 @@ def test_noise_embedding_reaches_every_block_through_a_nonlinearity():
 
 
 def test_ddpm_cifar10_configuration_is_expressible():
-    from stages.train_debiaser import configs
+    from stages.fitting import configs
 
     p = DebiaserParams(channels=128, channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(16,), dropout=0.1)
     net_cfg, _ = configs(p, h=0.3, shape=(3, 32, 32), device=torch.device("cpu"), sigma_max=12 * 0.3)
     n = count_parameters(build_network(net_cfg))
     assert 35.5e6 < n < 36.0e6  # DDPM reports 35.7M
+
+
+def test_every_config_field_comes_from_the_section_or_is_named_derived():
+    """The debiaser section is the one declaration of its keys: each field of the network and
+    trainer configs is a section key of the same name (and takes its value, non-default values
+    here so that a field left at the dataclass default is caught) or one of the named derived
+    fields. A new trainer field must be declared in one of the two places, or this fails."""
+    import dataclasses
+
+    from dkgm.networks import NetworkConfig as NC
+    from dkgm.training import TrainConfig as TC
+    from stages.fitting import NETWORK_DERIVED, TRAINER_DERIVED, configs
+
+    p = DebiaserParams(channels=24, channel_mult=(1, 3), num_blocks=2, attn_resolutions=(4,), dropout=0.05,
+                       embedding="fourier", batch_size=48, total_kimg=7.5, lr=3e-3, weight_decay=0.01, warmup_kimg=1.5,
+                       lr_schedule="cosine", adam_beta2=0.95, grad_clip=2.5, ema_halflife_kimg=3.0, ema_rampup_ratio=0.2,
+                       sigma_min=0.004, sigma_dist="loguniform", p_mean=-0.5, p_std=0.9, seed=7, log_every=11,
+                       state_every_kimg=2.5, keep_states=3, precision="fp32", compile=True)
+    net, tr = configs(p, h=0.3, shape=(1, 16, 16), device=torch.device("cpu"), sigma_max=2.0)
+    for config, derived in ((net, NETWORK_DERIVED), (tr, TRAINER_DERIVED)):
+        for f in dataclasses.fields(config):
+            if f.name in derived:
+                continue
+            assert f.name in DebiaserParams.model_fields, f"{type(config).__name__}.{f.name} is neither a key nor derived"
+            want = getattr(p, f.name)
+            assert getattr(config, f.name) == (tuple(want) if isinstance(want, list) else want), f.name
+    assert tr.betas == (0.9, 0.95) and tr.sigma_max == 2.0 and net.shape == (1, 16, 16)
+    # the baseline's overrides replace the section's noise distribution, and only that
+    _, base = configs(p, h=0.3, shape=(1, 16, 16), device=torch.device("cpu"), sigma_max=80.0,
+                      sigma_dist="lognormal", p_mean=-1.2, p_std=1.2)
+    assert (base.sigma_dist, base.p_mean, base.p_std, base.sigma_max) == ("lognormal", -1.2, 1.2, 80.0)
+    assert {k: v for k, v in base.to_dict().items() if k not in ("sigma_dist", "p_mean", "p_std", "sigma_max")} == {
+        k: v for k, v in tr.to_dict().items() if k not in ("sigma_dist", "p_mean", "p_std", "sigma_max")}
+    assert {f.name for f in dataclasses.fields(NC)} >= set(NETWORK_DERIVED)
+    assert {f.name for f in dataclasses.fields(TC)} >= set(TRAINER_DERIVED)
 
 
 def test_wrong_architecture_for_the_data_is_one_clear_error():
@@ -410,8 +445,8 @@ def test_a_state_of_other_training_code_is_never_resumed(project, tmp_path, monk
     import dkgm
 
     run_stages(project, "prepare", "fit_kde", "gate_kde", "train_debiaser")
-    old = sorted((project / train_debiaser.STATES).iterdir())
-    assert len(old) == 1 and json.loads((old[0] / train_debiaser.KEY_FILE).read_text())["code"] == train_debiaser.training_code()
+    old = sorted((project / fitting.STATES).iterdir())
+    assert len(old) == 1 and json.loads((old[0] / fitting.KEY_FILE).read_text())["code"] == fitting.training_code()
     edited = tmp_path / "dkgm"
     shutil.copytree(REPO / "dkgm", edited)
     src = (edited / "networks.py").read_text()
@@ -421,13 +456,13 @@ def test_a_state_of_other_training_code_is_never_resumed(project, tmp_path, monk
         run_stages(project, "train_debiaser")
     timings = json.loads((project / "reports/train/timings.json").read_text())
     assert timings["resumed_from_kimg"] == 0  # trained, not resumed
-    folders = sorted((project / train_debiaser.STATES).iterdir())
+    folders = sorted((project / fitting.STATES).iterdir())
     assert len(folders) == 2 and old[0] in folders
     assert [r for r in caplog.messages if "ignored the training states in " + old[0].name in r]
     # a library file outside the training code (the metrics) leaves the key alone
     (edited / "metrics.py").write_text((edited / "metrics.py").read_text() + "\n# an edit\n")
-    assert train_debiaser.training_code() == json.loads((folders[-1] if folders[-1] != old[0] else folders[0])
-                                                        .joinpath(train_debiaser.KEY_FILE).read_text())["code"]
+    assert fitting.training_code() == json.loads((folders[-1] if folders[-1] != old[0] else folders[0])
+                                                        .joinpath(fitting.KEY_FILE).read_text())["code"]
 
 
 def test_train_stage_rejects_mismatched_architecture(project):
