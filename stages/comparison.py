@@ -157,13 +157,14 @@ def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, 
             row["nfe"] = ladder.nfe(row["solver"])
         else:
             sigma0 = float((bsnap if row["network"] == "baseline" else dsnap)["sigma_max"])
-            out, row["nfe"] = sample_from_noise(fn, seeds, shape, sigma0, row["steps"], row["solver"], eta
-                                                   if row["network"] == "dkgm" else 0.0, device, cfg.batch_size)
+            row_eta = eta if row["network"] == "dkgm" else 0.0
+            out, row["nfe"] = sample_from_noise(fn, seeds, shape, sigma0, row["steps"], row["solver"], row_eta, device,
+                                                cfg.batch_size)
         row["sample_seconds"] = time.perf_counter() - t0
         row["samples_per_second"] = n / max(row["sample_seconds"], 1e-9)
         row["train_kimg"], row["train_seconds"] = cost[row["network"]]
-        sets[row["row"]] = as_float(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=-1.0), "images"
-                                         if len(shape) == 3 else "points")
+        sets[row["row"]] = as_float(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=-1.0),
+                                    "images" if len(shape) == 3 else "points")
         bar(len(sets))
     bar.close()
 
