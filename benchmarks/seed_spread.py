@@ -49,7 +49,7 @@ def _params():
 
 
 def training_recipe(params) -> dict:
-    from pipeline.params import training_recipe as recipe
+    from pipeline.recipe import training_recipe as recipe
 
     return recipe(params)
 

@@ -55,13 +55,16 @@ def order(found: list[Stage]) -> list[Stage]:
     return [by_name[n] for n in sorted(placed, key=placed.get)]
 
 
+# the pipeline-level stage built from the others' declarations, loaded by name as the stage modules are (the
+# report reads the registry; the registry names the report without importing it: no import cycle)
+REPORT_MODULE = "pipeline.report"
+
+
 @cache
 def all_stages() -> dict[str, Stage]:
     """Every stage by name, in dvc.yaml order, the report last."""
-    from pipeline import report
-
     found = order(discover())
-    return {s.name: s for s in [*found, report.stage(found)]}
+    return {s.name: s for s in [*found, importlib.import_module(REPORT_MODULE).stage(found)]}
 
 
 def get(name: str) -> Stage:

@@ -40,7 +40,7 @@ import yaml
 from pydantic import BaseModel, Field
 
 from dkgm.errors import DKGMError
-from pipeline.params import defaults, load_params, recipe_differences, training_recipe
+from pipeline.recipe import recipe_differences, training_recipe
 from stages.artifacts import PREPARED
 from stages.common import read_json, read_parquet, staged_outputs
 from stages.contract import Out, Section, Stage
@@ -212,8 +212,8 @@ def _code(name: str) -> str:
 class Inputs:
     """Everything the report reads, each file once; a missing file is None."""
 
-    def __init__(self, root: Path, stages: list[Stage]):
-        self.root = root
+    def __init__(self, root: Path, stages: list[Stage], params: BaseModel):
+        self.root, self.params = root, params
         self.stages = {s.name: s for s in stages}
         self.metrics: dict[str, dict[str, Any] | None] = {}
         for s in stages:
@@ -472,13 +472,13 @@ def _equal_cost(inp: Inputs) -> tuple[CellLike, str]:
             note += (f". Control: from the same KDE start with the same sampler, the baseline's network scores FID "
                      f"{fmt(control)} against DKGM's {fmt(mine)} at {nfe} NFE (n = {n}): within {within}, no winner "
                      "at this n")
-    return text, note + seed_spread_note(inp.root)
+    return text, note + seed_spread_note(inp.root, inp.params)
 
 
 SEED_SPREAD = "benchmarks/results/seed_spread.json"  # benchmarks/seed_spread.py table (not a DVC dep: `dvc repro -f report` after a new table)
 
 
-def seed_spread_note(root: Path) -> str:
+def seed_spread_note(root: Path, params: BaseModel) -> str:
     """The cost row's reading of the spread over training seeds: per row the range of FID over the
     seeds and whether the sign of DKGM - baseline (and DKGM - control) holds on every seed; said to
     be another recipe's when the table was measured under other training or sampler settings."""
@@ -487,10 +487,7 @@ def seed_spread_note(root: Path) -> str:
         return (". Training-seed spread: not measured for this project (`python benchmarks/seed_spread.py`): a gap "
                 "from one seed is not a decision")
     spread = read_json(path, "seed-spread table")
-    try:
-        differs = recipe_differences(spread.get("recipe") or {}, training_recipe(load_params(root / "params.yaml")))
-    except DKGMError:
-        differs = ["params.yaml"]
+    differs = recipe_differences(spread.get("recipe") or {}, training_recipe(params))
     seeds = spread.get("seeds") or []
     if differs:
         return (f". Training-seed spread: {SEED_SPREAD} was measured under another recipe (differs in "
@@ -834,10 +831,10 @@ def _params_section(doc: Document, root: Path, params: BaseModel) -> None:
                  "model); every key, after validation, in the collapsed tables below."))
     try:
         raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:  # load_params read it already; this cannot normally fail
+    except (OSError, yaml.YAMLError) as exc:  # the runner validated it already; this cannot normally fail
         raise DKGMError(f"{root / 'params.yaml'}: cannot read: {exc}".replace("\n", " ")) from None
     raw_keys = {k for k, _ in _flatten(raw)}
-    schema_defaults = dict(_flatten(defaults().model_dump(mode="json")))
+    schema_defaults = dict(_flatten(type(params)().model_dump(mode="json")))  # the schema's defaults
     changed: list[list[CellLike]] = []
     groups: dict[str, list[list[CellLike]]] = {}
     for key, value in _flatten(params.model_dump(mode="json")):
@@ -919,17 +916,17 @@ def _provenance_section(doc: Document, root: Path, git: dict[str, str], data_art
             Table(["artifact", "written by", "md5", "size (bytes)", "read by"], rows))
 
 
-def build(cfg: ReportParams, root: Path, stages: list[Stage] | None = None, date: str | None = None,
+def build(cfg: ReportParams, root: Path, params: BaseModel, stages: list[Stage] | None = None, date: str | None = None,
           git: dict[str, str] | None = None) -> Document:
-    """The document model of the stages (default: every registered stage); `date` and `git` are the
+    """The document model of the stages (default: every registered stage) under `params` (the whole
+    validated params.yaml, which the runner hands an `all_params` stage); `date` and `git` are the
     only fields that vary between identical runs."""
     root = Path(root)
     if stages is None:
         from pipeline import registry
 
         stages = list(registry.all_stages().values())
-    params = load_params(root / "params.yaml")
-    inp = Inputs(root, stages)
+    inp = Inputs(root, stages, params)
     figures = read_figures(root, stages, inp.kind)
     git = git if git is not None else git_state(root)
     dataset = (inp.prepared_meta or {}).get("dataset", params.prepare.dataset)  # type: ignore[attr-defined]
@@ -1098,9 +1095,9 @@ def render_html(doc: Document) -> str:
 # ----------------------------------------------------------------------------- stage
 
 
-def run(cfg: ReportParams, root: Path) -> dict[str, Any]:
+def run(cfg: ReportParams, root: Path, params: BaseModel) -> dict[str, Any]:
     root = Path(root)
-    doc = build(cfg, root)
+    doc = build(cfg, root, params)
     with staged_outputs(root, "report") as out:
         out.path(REPORT_MD).write_text(render_md(doc), encoding="utf-8")
         out.path(REPORT_HTML).write_text(render_html(doc), encoding="utf-8")

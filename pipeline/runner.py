@@ -49,7 +49,9 @@ def run_stage_direct(name: str, params_path: str | Path, root: str | Path) -> An
     check_inputs(stage, root)
     t0 = time.perf_counter()
     try:
-        if stage.reads:
+        if stage.all_params:  # run(cfg, root, params): the whole validated params.yaml (the report shows every key)
+            result = stage.run(cfg, root, params)
+        elif stage.reads:
             result = stage.run(cfg, root, {key: section(params, key) for key in stage.reads})
         else:
             result = stage.run(cfg, root)

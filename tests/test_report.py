@@ -207,7 +207,8 @@ def build(root: Path) -> tuple[str, str]:
 
 def build_direct(root: Path) -> tuple[str, str]:
     """Call the stage function itself (the runner refuses to start without every gate record)."""
-    report.run(load_params(root / "params.yaml").report, root)
+    params = load_params(root / "params.yaml")
+    report.run(params.report, root, params)
     return read(root)
 
 
@@ -508,7 +509,8 @@ def test_failed_rendering_leaves_no_report(project, monkeypatch):
 
     monkeypatch.setattr(report, "render_html", boom)
     with pytest.raises(RuntimeError, match="rendering failed"):
-        report.run(load_params(project / "params.yaml").report, project)
+        params = load_params(project / "params.yaml")
+        report.run(params.report, project, params)
     assert not list((project / "reports").glob("report.*"))
     assert not (project / common.STAGING).exists()
 
@@ -640,7 +642,8 @@ def test_the_cost_row_names_a_winner_only_beyond_twice_the_sampling_spread(proje
 
 
 def test_the_cost_row_reads_the_seed_spread_only_under_the_same_recipe(project):
-    from pipeline.params import load_params, training_recipe
+    from pipeline.params import load_params
+    from pipeline.recipe import training_recipe
 
     make_inputs(project)
     assert "Training-seed spread: not measured for this project" in _verdict(build_direct(project)[0])
