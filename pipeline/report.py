@@ -934,6 +934,9 @@ def build(cfg: ReportParams, root: Path, params: BaseModel, stages: list[Stage] 
     rev = f"git {rev[:12]} ({git['tree']})" if _is_sha(rev) else f"git: {git['tree']}"
     doc = Document(cfg.title, f"{date or report_date()} · dataset {dataset} ({inp.kind}) · {rev}")
     beside_verdict = _verdict_section(doc, inp, figures, params)
+    if beside_verdict is not None:  # numbered in reading order: the figure beside the verdict is the first one read
+        for number, fig in enumerate([beside_verdict, *(f for f in figures if f is not beside_verdict)], start=1):
+            fig.number = number
     not_run = [s for s, m in inp.metrics.items() if m is None]
     if not_run:
         doc.add(Para("Stages not run: " + ", ".join(f"`{s}`" for s in not_run) + ".", "note"))

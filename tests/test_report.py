@@ -590,6 +590,10 @@ def test_verdict_is_the_first_section_and_names_the_gate_that_stopped(full):
     assert "FID 70 against 80 at 10 NFE, n = 8" in v
     verdict_html = page.split('id="verdict"', 1)[1].split("<h2", 1)[0]
     assert 'class="nogo"' in verdict_html and "<img" in verdict_html
+    # figures are numbered in reading order: the one beside the verdict is Figure 1, then 2, 3, ... once each
+    numbers = [int(k) for k in re.findall(r"\*\*Figure (\d+)\. ", md)]
+    assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) == len(FIGURES)
+    assert "Figure 1 (" in md.split("## Figures", 1)[1]  # the figures section says where Figure 1 went
 
 
 def test_an_overridden_gate_is_a_warning_never_a_pass(project):
