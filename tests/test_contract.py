@@ -118,14 +118,19 @@ def test_stage_modules_never_import_each_other():
         assert not others, f"{module} imports the stage modules {others} (directly or through a helper)"
 
 
+def _stages_package(root, files: dict[str, str]) -> None:
+    """A toy `stages` package under root: {module name: source}, plus an empty __init__.py."""
+    pkg = root / "stages"
+    pkg.mkdir()
+    for name, source in {"__init__": "", **files}.items():
+        (pkg / f"{name}.py").write_text(source)
+
+
 def test_the_stage_import_check_sees_an_indirect_import(tmp_path):
     """The rule's own test: a helper that imports a stage module puts it in the closure."""
-    pkg = tmp_path / "stages"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "one.py").write_text("from stages import helper\n")
-    (pkg / "helper.py").write_text("def f():\n    from stages.two import STAGES\n    return STAGES\n")
-    (pkg / "two.py").write_text("STAGES = ()\n")
+    _stages_package(tmp_path, {"one": "from stages import helper\n",
+                               "helper": "def f():\n    from stages.two import STAGES\n    return STAGES\n",
+                               "two": "STAGES = ()\n"})
     assert "stages/two.py" in dvcyaml.import_closure("stages.one", tmp_path)
 
 
@@ -155,13 +160,9 @@ def test_code_deps_cover_what_each_stage_process_imports(dvc_stages):
 
 
 def test_static_closure_follows_lazy_and_relative_imports(tmp_path):
-    pkg = tmp_path / "stages"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("from . import b\n\ndef f():\n    from stages.c import g\n    return g\n")
-    (pkg / "b.py").write_text("import numpy\n")
-    (pkg / "c.py").write_text("from dkgm import nothing_here\n")
-    (pkg / "d.py").write_text("")  # imported by nobody
+    _stages_package(tmp_path, {"a": "from . import b\n\ndef f():\n    from stages.c import g\n    return g\n",
+                               "b": "import numpy\n", "c": "from dkgm import nothing_here\n",
+                               "d": ""})  # d: imported by nobody
     assert dvcyaml.import_closure("stages.a", tmp_path) == {"stages/__init__.py", "stages/a.py", "stages/b.py",
                                                             "stages/c.py"}
 
