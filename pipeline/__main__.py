@@ -75,9 +75,10 @@ def _parser() -> argparse.ArgumentParser:
 
     dy = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage modules",
                         description="Write dvc.yaml from the stage modules (commands, artifact and code deps, params, "
-                        "outs, metrics, plots) and add to params.yaml any section it lacks, at the schema defaults. "
+                        "outs, metrics, plots), add to params.yaml any section it lacks, at the schema defaults, and set "
+                        "each params.yaml key's comment to its description in the stage module. "
                         "--check only compares and exits 1 when dvc.yaml is out of date.")
-    dy.add_argument("--check", action="store_true", help="compare only; exit 1 if dvc.yaml differs from the modules")
+    dy.add_argument("--check", action="store_true", help="compare only; exit 1 if dvc.yaml or params.yaml's comments differ from the modules")
     dy.add_argument("--root", default=".", help="project root (default: .)")
 
     cmp = sub.add_parser("compare", help="compare params and metrics of revisions or experiments",
@@ -115,11 +116,11 @@ def _parser() -> argparse.ArgumentParser:
 def _stage_help(stage_name: str) -> str:
     """The params of one stage: every key of its section (and of what it reads) with default and comment."""
     from pipeline import registry
-    from pipeline.params import defaults, field_comments, section
+    from pipeline.params import defaults, descriptions, section
 
     spec = registry.get(stage_name)
     lines = [f"stage {spec.name}: {spec.doc}", f"  command: {spec.command}", "",
-             f"params (params.yaml; defaults and comments from {(spec.code_module or spec.run.__module__).replace('.', '/')}.py):"]
+             f"params (params.yaml; defaults and descriptions from {(spec.code_module or spec.run.__module__).replace('.', '/')}.py):"]
     sections = ([spec.section] if spec.section else []) + list(spec.reads)
     if not sections:
         lines.append("  none")
@@ -128,7 +129,7 @@ def _stage_help(stage_name: str) -> str:
         if not hasattr(value, "model_dump"):
             lines.append(f"  {key}: {json.dumps(value)}")
             continue
-        comments = field_comments(type(value))
+        comments = descriptions(type(value))
         dumped = value.model_dump(mode="json")
         for name in type(value).model_fields:
             if key != spec.section and key in spec.reads and name not in dumped:

@@ -9,7 +9,9 @@ every figure. Orchestration code (pipeline/: the CLI, the Prefect wrapper, the r
 stage's dependency, except for the report, which is pipeline-level and depends on what it imports.
 
 params.yaml must name every key dvc.yaml lists: a section it lacks is appended at the schema
-defaults, so adding a stage module is the only edit a new stage needs.
+defaults, so adding a stage module is the only edit a new stage needs. Each key's comment in
+params.yaml is its description in the stage module (`Field(description=...)`, the one place it is
+written): the command sets the comments that differ, `--check` names them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pydantic import BaseModel
 from dkgm.atomic import write_atomic
 from dkgm.errors import DKGMError
 from pipeline import registry
+from pipeline.params import sync_comments
 from stages.contract import Stage
 
 DVC_YAML = "dvc.yaml"
@@ -206,6 +209,7 @@ def run_dvc_yaml(root: Path, check: bool = False) -> int:
     path, params_path = root / DVC_YAML, root / "params.yaml"
     current = path.read_text() if path.is_file() else None
     missing, inner = missing_sections(params_path)
+    stale = sync_comments(params_path.read_text())[1] if params_path.is_file() else []
     if inner and not check:
         raise DKGMError(f"{params_path}: add the sections {', '.join(inner)} (at their defaults: "
                         "`python -m pipeline stages` lists the keys); dvc.yaml names their keys")
@@ -215,6 +219,9 @@ def run_dvc_yaml(root: Path, check: bool = False) -> int:
             problems.append(f"{path} differs from the stage modules")
         if missing or inner:
             problems.append(f"{params_path} lacks the sections {', '.join([*missing, *inner])}")
+        if stale:
+            problems.append(f"{params_path}: the comments of {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''} "
+                            "differ from the descriptions in the stage modules")
         if problems:
             print(f"dvc-yaml: {'; '.join(problems)}: run `python -m pipeline dvc-yaml`", file=sys.stderr)
             return 1
@@ -223,6 +230,12 @@ def run_dvc_yaml(root: Path, check: bool = False) -> int:
     if missing:
         append_sections(params_path, missing)
         print(f"dvc-yaml: added {', '.join(missing)} to {params_path} at the schema defaults", file=sys.stderr)
+    if params_path.is_file():
+        synced, stale = sync_comments(params_path.read_text())
+        if stale:
+            write_atomic(params_path, lambda tmp: tmp.write_text(synced))
+            print(f"dvc-yaml: {params_path}: comments of {len(stale)} keys set from the stage modules' descriptions",
+                  file=sys.stderr)
     if current != text:
         write_atomic(path, lambda tmp: tmp.write_text(text))
         print(f"dvc-yaml: wrote {path}", file=sys.stderr)

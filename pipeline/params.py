@@ -8,6 +8,7 @@ misspelt key.
 
 from __future__ import annotations
 
+import re
 from difflib import get_close_matches
 from functools import cache
 from pathlib import Path
@@ -189,22 +190,47 @@ def section(params: BaseModel, dotted: str) -> Any:
     return node
 
 
-def field_comments(model: type[BaseModel]) -> dict[str, str]:
-    """{field: its end-of-line comment} from the params model's source (the comments a stage module
-    writes beside each field); fields of base classes included, the subclass's comment winning."""
-    import inspect
-    import re
+def descriptions(model: type[BaseModel]) -> dict[str, str]:
+    """{field: its description}: the one declaration of what a key means (`Field(description=...)` in
+    the stage module); params.yaml's comments and `python -m pipeline run STAGE --help` show it."""
+    return {name: info.description for name, info in model.model_fields.items() if info.description}
 
-    found: dict[str, str] = {}
-    for cls in reversed(model.__mro__):
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls in (BaseModel, Section):
+
+def key_descriptions() -> dict[str, str]:
+    """{dotted params.yaml key: its description}, for every key of every section."""
+    out: dict[str, str] = {}
+    for stage in registry.all_stages().values():
+        if stage.section and stage.params:
+            out.update({f"{stage.section}.{k}": d for k, d in descriptions(stage.params).items()})
+    return out
+
+
+_KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_]\w*):(?P<value>[^#]*?)(?P<pad> *)(?:#\s?(?P<comment>.*))?$")
+COMMENT_COLUMN = 28  # where a key's comment starts when the line has none to align with
+
+
+def sync_comments(text: str, wanted: dict[str, str] | None = None) -> tuple[str, list[str]]:
+    """params.yaml's text with every key's end-of-line comment set to the key's description (values,
+    order, blank lines and section comments kept), and the keys whose comment changed. Keys are found by
+    indentation (two spaces a level); a comment stays at its column, or starts at COMMENT_COLUMN."""
+    wanted = key_descriptions() if wanted is None else wanted
+    path: list[str] = []
+    out, changed = [], []
+    for line in text.splitlines():
+        m = _KEY_LINE.match(line)
+        if not m or not m.group("value").strip():  # not a key, or a section header: kept as written
+            if m:
+                path = path[: len(m.group("indent")) // 2] + [m.group("key")]
+            out.append(line)
             continue
-        try:
-            source = inspect.getsource(cls)
-        except (OSError, TypeError):
+        path = path[: len(m.group("indent")) // 2] + [m.group("key")]
+        key = ".".join(path)
+        want = wanted.get(key)
+        if want is None or (m.group("comment") or "").strip() == want:
+            out.append(line)
             continue
-        for line in source.splitlines():
-            m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
-            if m and m.group(1) in model.model_fields:
-                found[m.group(1)] = m.group(2).strip()
-    return found
+        head = f"{m.group('indent')}{m.group('key')}:{m.group('value').rstrip()}"
+        column = len(line) - len(line.lstrip()) + len(line.lstrip().split("#")[0]) if m.group("comment") else COMMENT_COLUMN
+        out.append(f"{head.ljust(max(column, len(head) + 2))}# {want}")
+        changed.append(key)
+    return "\n".join(out) + ("\n" if text.endswith("\n") else ""), changed

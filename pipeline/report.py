@@ -62,9 +62,15 @@ COMPARISON = "comparison"  # DKGM against the baseline over NFE: its table
 
 
 class ReportParams(Section):
-    title: str = "DKGM proof-of-concept review"  # heading of reports/report.md and report.html
-    nn_pairs: int = Field(8, ge=0)  # nearest-neighbour pairs listed in the report (0: none)
-    first_look: bool = False  # a smoke-scale run (preset first_look): the verdict says its numbers are not a review
+    title: str = Field(
+        "DKGM proof-of-concept review",
+        description="heading of reports/report.md and reports/report.html",
+    )
+    nn_pairs: int = Field(8, ge=0, description="nearest-neighbour pairs listed in the report (0: none)")
+    first_look: bool = Field(
+        False,
+        description="a smoke-scale run (preset first_look): the verdict says its numbers are not a review",
+    )
 
 
 # ----------------------------------------------------------------------------- document model

@@ -59,24 +59,27 @@ SKIPPED = "baseline.enabled is false"
 
 
 class BaselineParams(Section):
-    enabled: bool = True  # false: the branch's stages record that they were skipped
-    sigma_max: float = Field(80.0, gt=0.0)  # EDM's largest training and sampling noise level
-    p_mean: float = -1.2  # EDM's training distribution: ln sigma ~ N(p_mean, p_std^2)
-    p_std: float = Field(1.2, gt=0.0)
+    enabled: bool = Field(True, description="false: the baseline's stages record that they were skipped")
+    sigma_max: float = Field(80.0, gt=0.0, description="EDM's largest training and sampling noise level")
+    p_mean: float = Field(-1.2, description="EDM's training distribution: ln sigma ~ N(p_mean, p_std^2)")
+    p_std: float = Field(1.2, gt=0.0, description="its spread (EDM: 1.2)")
 
 
 class SampleBaselineParams(Section):
-    steps: int = Field(18, ge=1)  # K on the Karras ladder from sigma_max (EDM: 18 Heun steps, NFE 35)
-    solver: Literal["euler", "heun"] = "heun"
-    eta: float = Field(0.0, ge=0.0, le=1.0)  # the same update as DKGM's (0: the probability-flow ODE)
-    rho: float = Field(7.0, gt=0.0)
-    sigma_min: float = Field(0.002, gt=0.0)
-    n_samples: int = Field(500, ge=1)  # evaluate scores the first evaluate.n_samples
-    seed: int = Field(1_000_000, ge=0)  # sample s uses seed + s: must equal sample_kde.seed (checked: sample s of both is paired)
-    batch_size: int = Field(250, ge=1)  # speed only
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    device: Device = "auto"
-    grid_samples: int = Field(64, ge=1)
+    steps: int = Field(18, ge=1, description="K on the Karras ladder from sigma_max (EDM: 18 Heun steps = 35 NFE)")
+    solver: Literal["euler", "heun"] = Field("heun", description="euler | heun: DKGM's update rule")
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="0: the probability-flow ODE")
+    rho: float = Field(7.0, gt=0.0, description="Karras ladder exponent")
+    sigma_min: float = Field(0.002, gt=0.0, description="last non-zero noise level")
+    n_samples: int = Field(500, ge=1, description="evaluate_baseline scores the first evaluate.n_samples")
+    seed: int = Field(
+        1_000_000, ge=0,
+        description="sample s uses seed + s: must equal sample_kde.seed (checked: sample s of both is paired)",
+    )
+    batch_size: int = Field(250, ge=1, description="speed only")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto | fp32 | bf16")
+    device: Device = Field("auto", description="auto | cpu | cuda | cuda:N")
+    grid_samples: int = Field(64, ge=1, description="samples in reports/sample_baseline/grid.png")
 
 
 def is_skipped(meta: dict[str, Any]) -> bool:

@@ -81,20 +81,48 @@ RULE_KEYS = ("gates.eval.min_zu_pixel", "gates.eval.copy_floor_factor", "gates.e
 
 
 class CalibrateParams(Section):
-    scales: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)  # candidate scales s (h = s x h_kde); the debiaser trains up to debiaser.sigma_max_margin x the largest
-    etas: tuple[float, ...] = (1.0,)  # candidate debiasing noise levels
-    bisect_steps: int = Field(3, ge=0)  # bisections between the last failing and the first passing scale, per eta
-    probe_samples: int = Field(256, ge=8)  # samples refined per candidate
-    seed: int = Field(2_000_000, ge=0)  # probe sample s uses seed + s (anchor, kernel noise, xi)
-    margin: float = Field(2.0, ge=0.0)  # headroom over gates.eval.min_zu_pixel for the probe's noise, in Z_U units at evaluate.n_samples
-    fidelity: Literal["inception", "pixel"] = "inception"  # rank the passing candidates by Inception FID | pixel-PCA FD
-    fid_samples: int = Field(128, ge=4)  # inception: probe samples per scored candidate (FID at this n)
-    fid_candidates: int = Field(2, ge=1)  # inception: the passing candidates nearest the threshold scored, per eta
-    pca_dims: int = Field(64, ge=1)  # pixel: Frechet distance in this many principal components
-    batch_size: int = Field(256, ge=1)  # speed only
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    device: Device = "auto"
-    figure_samples: int = Field(8, ge=1)  # columns of reports/calibrate/probe.png
+    scales: tuple[float, ...] = Field(
+        (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0),
+        description="candidate scales s (h = s x h_kde); the debiaser trains up to debiaser.sigma_max_margin "
+                    "x the largest",
+    )
+    etas: tuple[float, ...] = Field(
+        (1.0,),
+        description="candidate debiasing noise levels (sweep: eta = 0 and 0.5 lose to 1 at every recipe; add "
+                    "them to search)",
+    )
+    bisect_steps: int = Field(
+        3, ge=0,
+        description="bisections between the last failing and the first passing scale, per eta",
+    )
+    probe_samples: int = Field(
+        256, ge=8,
+        description="samples refined per candidate (same anchors, kernel noise and xi for all)",
+    )
+    seed: int = Field(2_000_000, ge=0, description="probe sample s uses seed + s")
+    margin: float = Field(
+        2.0, ge=0.0,
+        description="headroom over gates.eval.min_zu_pixel for the probe's noise, in Z_U units at "
+                    "evaluate.n_samples",
+    )
+    fidelity: Literal["inception", "pixel"] = Field(
+        "inception",
+        description="rank the passing candidates by Inception FID of their probe | pixel (PCA Frechet "
+                    "distance)",
+    )
+    fid_samples: int = Field(128, ge=4, description="inception: probe samples per scored candidate (FID at this n)")
+    fid_candidates: int = Field(
+        2, ge=1,
+        description="inception: the passing candidates nearest the threshold scored, per eta",
+    )
+    pca_dims: int = Field(
+        64, ge=1,
+        description="pixel: Frechet distance to validation images in the training PCA space",
+    )
+    batch_size: int = Field(256, ge=1, description="speed only")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto | fp32 | bf16")
+    device: Device = Field("auto", description="auto | cpu | cuda | cuda:N")
+    figure_samples: int = Field(8, ge=1, description="columns of reports/calibrate/probe.png")
 
     @field_validator("scales", "etas")
     @classmethod

@@ -77,16 +77,28 @@ COLUMNS = ("row", "method", "network", "start", "solver", "steps", "nfe", "fid",
 
 
 class ComparisonParams(Section):
-    n_samples: int = Field(100, ge=4)  # samples per row (the first n seeds of sample_kde); FID at this n
-    dkgm_steps: tuple[int, ...] = (2, 5, 10, 20)  # DKGM's K on refine's ladder from h
-    dkgm_solvers: tuple[Literal["euler", "heun"], ...] = ("euler", "heun")
-    baseline_steps: tuple[int, ...] = (6, 10, 18, 40)  # the baseline's K (heun: NFE 11, 19, 35, 79)
-    baseline_solver: Literal["euler", "heun"] = "heun"
-    control_noise_steps: int = Field(18, ge=1)  # DKGM net from noise: K on the Karras ladder
-    denoise_images: int = Field(200, ge=2)  # held-out images for the denoising error curves of both networks
-    batch_size: int = Field(100, ge=1)  # speed only
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    device: Device = "auto"
+    n_samples: int = Field(
+        100, ge=4,
+        description="samples per row (FID at this n: read it against the floor row drawn at the same n)",
+    )
+    dkgm_steps: tuple[int, ...] = Field(
+        (2, 5, 10, 20),
+        description="DKGM's K at its operating point (refine's ladder from h)",
+    )
+    dkgm_solvers: tuple[Literal["euler", "heun"], ...] = Field(("euler", "heun"), description="DKGM's solvers (each with every K)")
+    baseline_steps: tuple[int, ...] = Field((6, 10, 18, 40), description="the baseline's K (heun: NFE 11, 19, 35, 79)")
+    baseline_solver: Literal["euler", "heun"] = Field("heun", description="the baseline's solver (EDM: heun)")
+    control_noise_steps: int = Field(
+        18, ge=1,
+        description="control: the debiaser from pure noise at its own sigma_max (Karras ladder)",
+    )
+    denoise_images: int = Field(
+        200, ge=2,
+        description="held-out images for the denoising error curves of both networks",
+    )
+    batch_size: int = Field(100, ge=1, description="speed only")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto | fp32 | bf16")
+    device: Device = Field("auto", description="auto | cpu | cuda | cuda:N")
 
 
 def train_cost(log_path: Path, kimg: float) -> tuple[float, float]:

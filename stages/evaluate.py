@@ -192,14 +192,35 @@ def _memorization_plot(path: Path, ratios: dict[str, np.ndarray], anchor_d: dict
 
 
 class EvalGateParams(EnforcedSection):
-    max_fid_ratio: float | None = Field(2.5, gt=0.0)  # FID of the refined samples over the held-out floor's at the same n (images only; null: off)
-    max_fid: float | None = Field(None, gt=0.0)  # the same FID as an absolute number (null: off; it means different things on different datasets)
-    min_debias_gain: float = 0.0  # 1 - refined / KDE of the primary distance (FID; points: distance to the manifold)
-    min_zu_pixel: float = -3.0  # Z_U of the refined samples in pixel (data) space: < 0 closer to training data than fresh data
-    min_zu_inception: float = -3.0  # the same in Inception space (images only)
-    copy_floor_factor: float = Field(2.0, ge=0.0)  # copy fraction <= max(factor x held-out floor, allowance)
-    copy_allowance: float = Field(0.01, ge=0.0, le=1.0)
-    max_authenticity_drop: float = Field(0.1, ge=0.0, le=1.0)  # pixel authenticity >= held-out's - this
+    max_fid_ratio: float | None = Field(
+        2.5, gt=0.0,
+        description="FID of the refined samples over the held-out floor's at the same n (images only; null: "
+                    "off)",
+    )
+    max_fid: float | None = Field(
+        None, gt=0.0,
+        description="the same FID as an absolute number (null: off; it means different things on different "
+                    "datasets)",
+    )
+    min_debias_gain: float = Field(
+        0.0,
+        description="1 - refined / KDE of the primary distance (FID; points: distance to the manifold)",
+    )
+    min_zu_pixel: float = Field(
+        -3.0,
+        description="data copying: Z_U in pixel space (< 0: closer to the training data than fresh data); "
+                    "calibrate reads it",
+    )
+    min_zu_inception: float = Field(-3.0, description="the same in Inception space (images only)")
+    copy_floor_factor: float = Field(
+        2.0, ge=0.0,
+        description="copy fraction (d1/d2 < copy_ratio) <= max(factor x held-out floor, allowance)",
+    )
+    copy_allowance: float = Field(0.01, ge=0.0, le=1.0, description="the copy limit never goes below this fraction")
+    max_authenticity_drop: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="pixel authenticity >= the held-out images' - this",
+    )
 
 
 def eval_checks(metrics: dict[str, Any], cfg: EvalGateParams) -> list[Check]:

@@ -32,13 +32,22 @@ Bandwidth = Union[Literal["cv", "scott", "silverman"], float]
 
 
 class KDEParams(Section):
-    bandwidth: Bandwidth = "cv"  # cv (held-out likelihood) | scott | silverman | a number (per-pixel std)
-    topk: int = Field(128, ge=1)  # nearest training points kept per validation point
-    grid_min: float | Literal["auto"] = "auto"  # smallest bandwidth of the search grid (auto: from NN distances)
-    grid_max: float | Literal["auto"] = "auto"  # largest bandwidth of the search grid (auto: 2 x data std)
-    grid_points: int = Field(41, ge=3)  # log-spaced grid size
-    refine_tol: float = Field(1e-4, gt=0.0)  # golden-section stopping width, in log h
-    device: Device = "auto"  # auto | cpu | cuda | cuda:N for the distance pass
+    bandwidth: Bandwidth = Field(
+        "cv",
+        description="cv (held-out likelihood) | scott | silverman | a number (per-pixel std)",
+    )
+    topk: int = Field(128, ge=1, description="nearest training points kept per validation point")
+    grid_min: float | Literal["auto"] = Field(
+        "auto",
+        description="search grid, smallest bandwidth (auto: 0.05 x median NN distance per coordinate)",
+    )
+    grid_max: float | Literal["auto"] = Field(
+        "auto",
+        description="search grid, largest bandwidth (auto: max(2 x data std, 4 x NN distance))",
+    )
+    grid_points: int = Field(41, ge=3, description="log-spaced grid size before the golden-section refinement")
+    refine_tol: float = Field(1e-4, gt=0.0, description="refinement stops when the bracket is this narrow in log h")
+    device: Device = Field("auto", description="auto | cpu | cuda | cuda:N for the distance pass")
 
     @field_validator("bandwidth", mode="before")
     @classmethod
@@ -207,9 +216,15 @@ def _plot_curve(path, search, d, baselines, named, exact) -> None:
 
 
 class KDEGateParams(EnforcedSection):
-    require_interior_optimum: bool = True  # the CV optimum must not sit on the grid boundary
-    min_loglik_gain_per_dim: float = 0.0  # KDE minus smoothed diagonal Gaussian, nats per dimension
-    max_truncation_bound: float = Field(1e-3, ge=0.0)  # top-k truncation bound at the optimum, nats per point
+    require_interior_optimum: bool = Field(True, description="the CV optimum must lie inside the search grid")
+    min_loglik_gain_per_dim: float = Field(
+        0.0,
+        description="KDE log-lik minus the smoothed diagonal Gaussian's, nats/dim",
+    )
+    max_truncation_bound: float = Field(
+        1e-3, ge=0.0,
+        description="top-k truncation bound at the CV optimum, nats per point",
+    )
 
 
 def kde_checks(metrics: dict[str, Any], cfg: KDEGateParams) -> list[Check]:

@@ -31,36 +31,80 @@ from stages.contract import Device, Section
 STATES = "checkpoints/debiaser"  # resumable training states, outside DVC (one folder per config)
 
 class DebiaserParams(Section):
-    arch: Literal["unet", "dae", "mlp"] = "unet"  # unet | dae (no skip connections: the ablation) | mlp (points)
-    channels: int = Field(32, ge=1)  # base width (DDPM CIFAR-10: 128)
-    channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per resolution (DDPM CIFAR-10: 1,2,2,2)
-    num_blocks: int = Field(1, ge=1)  # residual blocks per resolution (DDPM CIFAR-10: 2)
-    attn_resolutions: tuple[int, ...] = (8,)  # feature-map sizes with self-attention (DDPM CIFAR-10: 16)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    embedding: Literal["positional", "fourier"] = "positional"  # noise-level embedding
-    sigma_min: float = Field(0.002, gt=0.0)  # smallest training noise level
-    sigma_max_margin: float = Field(1.5, ge=1.0)  # sigma_max = margin x the largest calibrate scale x h_kde: the network covers every candidate start
-    sigma_dist: Literal["lognormal", "lognormal_truncated", "loguniform"] = "lognormal"  # training noise levels on [sigma_min, sigma_max]: EDM's log-normal clipped | truncated | log-uniform (the ablation)
-    p_mean: float = -1.2  # log-normal: ln sigma ~ N(p_mean, p_std^2)
-    p_std: float = Field(1.2, gt=0.0)
-    batch_size: int = Field(32, ge=1)  # global batch (sweep: 32 beats 64 at equal images seen, 16 ties 32)
-    total_kimg: float = Field(40.0, gt=0.0)  # training length, thousands of images seen
-    lr: float = Field(2e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_kimg: float = Field(2.0, ge=0.0)  # linear learning-rate warm-up
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # after the warm-up: constant | cosine (down to 0 at total_kimg; a longer total_kimg is then a new run)
-    adam_beta2: float = Field(0.99, gt=0.0, lt=1.0)  # AdamW's second-moment decay
-    grad_clip: float = Field(1.0, ge=0.0)  # max gradient norm (0 = off)
-    ema_halflife_kimg: float = Field(5.0, gt=0.0)  # EMA half-life
-    ema_rampup_ratio: float | None = Field(0.05, gt=0.0)  # EMA half-life <= ratio x images seen (null = off)
-    seed: int = Field(0, ge=0)
-    log_every: int = Field(20, ge=1)  # steps per log row
-    state_every_kimg: float = Field(10.0, gt=0.0)  # thousands of images between resumable states
-    keep_states: int = Field(2, ge=1)  # newest states kept
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA and on CPUs with bf16 units
-    compile: bool = False  # torch.compile the network
-    device: Device = "auto"  # auto | cpu | cuda | cuda:N
-    eval_images: int = Field(500, ge=1)  # held-out images for the denoising error (at sigma = h and at each calibrate scale)
+    arch: Literal["unet", "dae", "mlp"] = Field(
+        "unet",
+        description="unet | dae (same net without skip connections: the ablation) | mlp (for swissroll)",
+    )
+    channels: int = Field(32, ge=1, description="base width (DDPM's CIFAR-10 net: 128)")
+    channel_mult: tuple[int, ...] = Field(
+        (1, 2, 2),
+        description="width multiplier per resolution (DDPM CIFAR-10: [1, 2, 2, 2])",
+    )
+    num_blocks: int = Field(1, ge=1, description="residual blocks per resolution (DDPM CIFAR-10: 2)")
+    attn_resolutions: tuple[int, ...] = Field(
+        (8,),
+        description="feature-map sizes with self-attention (DDPM CIFAR-10: [16])",
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout in the residual blocks (DDPM CIFAR-10: 0.1)")
+    embedding: Literal["positional", "fourier"] = Field(
+        "positional",
+        description="noise-level embedding: positional | fourier",
+    )
+    sigma_min: float = Field(0.002, gt=0.0, description="smallest training noise level")
+    sigma_max_margin: float = Field(
+        1.5, ge=1.0,
+        description="largest training noise level = margin x the largest calibrate.scales x h_kde (every "
+                    "candidate start covered)",
+    )
+    sigma_dist: Literal["lognormal", "lognormal_truncated", "loguniform"] = Field(
+        "lognormal",
+        description="training noise levels on [sigma_min, sigma_max]: lognormal (EDM's, clipped to the range)"
+                    " | lognormal_truncated | loguniform (the ablation)",
+    )
+    p_mean: float = Field(-1.2, description="log-normal: ln sigma ~ N(p_mean, p_std^2)")
+    p_std: float = Field(1.2, gt=0.0, description="log-normal: its spread in ln sigma")
+    batch_size: int = Field(
+        32, ge=1,
+        description="global batch, split across processes under torchrun (sweep: 32 beats 64 at equal kimg, "
+                    "16 ties 32)",
+    )
+    total_kimg: float = Field(
+        40.0, gt=0.0,
+        description="thousands of images seen (~13 min alone on 2 AVX2 cores in fp32; bf16 where the CPU has "
+                    "it)",
+    )
+    lr: float = Field(
+        2e-3, gt=0.0,
+        description="AdamW learning rate (sweep: 2e-3 >= 1e-3 at 40 kimg; benchmarks/results/sweep_recipe.md)",
+    )
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW's decoupled weight decay")
+    warmup_kimg: float = Field(2.0, ge=0.0, description="linear learning-rate warm-up")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="after the warm-up: constant | cosine (down to 0 at total_kimg; a longer total_kimg is "
+                    "then a new run)",
+    )
+    adam_beta2: float = Field(0.99, gt=0.0, lt=1.0, description="AdamW's second-moment decay")
+    grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm (0 = off)")
+    ema_halflife_kimg: float = Field(5.0, gt=0.0, description="EMA half-life; samples come from the EMA weights")
+    ema_rampup_ratio: float | None = Field(
+        0.05, gt=0.0,
+        description="EMA half-life at most this fraction of the images seen (null = off)",
+    )
+    seed: int = Field(0, ge=0, description="initial weights, batch order and noise draws")
+    log_every: int = Field(20, ge=1, description="steps per row of reports/train/log.parquet")
+    state_every_kimg: float = Field(10.0, gt=0.0, description="resumable states in checkpoints/debiaser/<config hash>/")
+    keep_states: int = Field(2, ge=1, description="newest states kept")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto (bf16 autocast on CUDA and bf16-capable CPUs) | fp32 | bf16",
+    )
+    compile: bool = Field(False, description="torch.compile the network")
+    device: Device = Field("auto", description="auto | cpu | cuda | cuda:N")
+    eval_images: int = Field(
+        500, ge=1,
+        description="held-out images for the denoising error (at sigma = h and at each calibrate scale)",
+    )
 
 
 def sigma_max_for(cfg: DebiaserParams, h: float, scales: tuple[float, ...]) -> float:

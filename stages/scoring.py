@@ -21,19 +21,31 @@ from stages.contract import Device, Section
 
 
 class EvaluateParams(Section):
-    n_samples: int = Field(500, ge=4)  # samples per stage evaluated: the first n (same seeds in both stages)
-    batch_size: int = Field(50, ge=1)  # speed only
-    device: Device = "auto"  # auto | cpu | cuda | cuda:N
-    kid_subsets: int = Field(100, ge=1)  # KID: random subsets averaged
-    kid_subset_size: int = Field(1000, ge=2)  # KID: subset size (capped by the smaller set)
-    pr_k: int = Field(3, ge=1)  # precision/recall: k-th nearest neighbour radius
-    copy_ratio: float = Field(1 / 3, gt=0.0, lt=1.0)  # a sample is a copy when d1/d2 < copy_ratio
-    is_splits: int = Field(10, ge=1)  # Inception Score splits (full network only)
-    seed: int = Field(0, ge=0)  # KID subsets and precision/recall reference subset
-    nn_rows: int = Field(8, ge=1)  # rows of reports/eval/nearest.png
-    ct_cells: int = Field(10, ge=1)  # C_T: k-means cells fitted on the training data
-    ct_tau: float = Field(0.02, ge=0.0, lt=1.0)  # C_T: cells holding at most this fraction of the samples are left out
-    fid_bootstrap: int = Field(100, ge=0)  # resamples of the samples for the FID's spread at this n (<set>_fid_se; 0: off)
+    n_samples: int = Field(
+        500, ge=4,
+        description="first n samples of each stage (same seeds: sample s of both stages is paired)",
+    )
+    batch_size: int = Field(50, ge=1, description="speed only")
+    device: Device = Field("auto", description="auto | cpu | cuda | cuda:N")
+    kid_subsets: int = Field(100, ge=1, description="KID: random subsets averaged")
+    kid_subset_size: int = Field(1000, ge=2, description="KID: subset size (capped by the smaller set)")
+    pr_k: int = Field(3, ge=1, description="precision/recall: k-th nearest-neighbour radius")
+    copy_ratio: float = Field(
+        1 / 3, gt=0.0, lt=1.0,
+        description="a sample is a copy when d1/d2 < copy_ratio (nearest / second-nearest training item)",
+    )
+    is_splits: int = Field(10, ge=1, description="Inception Score splits (full network only)")
+    seed: int = Field(0, ge=0, description="KID subsets, precision/recall reference subset")
+    nn_rows: int = Field(8, ge=1, description="rows of reports/eval/nearest.png")
+    ct_cells: int = Field(10, ge=1, description="C_T: k-means cells fitted on the training data")
+    ct_tau: float = Field(
+        0.02, ge=0.0, lt=1.0,
+        description="C_T: cells holding at most this fraction of the samples are left out",
+    )
+    fid_bootstrap: int = Field(
+        100, ge=0,
+        description="resamples of the samples for the FID's spread at this n (<set>_fid_se; 0: off)",
+    )
 
 
 # every key of the evaluate section: the stages that score like evaluate read them all (their DVC params)

@@ -163,9 +163,13 @@ def _denoise_figure(path: Path, ema: Denoiser, val: torch.Tensor, h: float, scal
 
 
 class DebiaserGateParams(EnforcedSection):
-    max_error_ratio: float = Field(0.5, gt=0.0)  # EMA denoising MSE at sigma = h over the identity's (h^2)
-    max_val_mse: float = Field(0.05, gt=0.0)  # EMA denoising MSE at sigma = h, per coordinate
-    max_start_ratio: float = Field(0.9, gt=0.0)  # at every candidate start s x h of calibrate: MSE over the better trivial denoiser's (identity or mean image)
+    max_error_ratio: float = Field(0.5, gt=0.0, description="held-out MSE at sigma = h over the identity map's (h^2)")
+    max_val_mse: float = Field(0.05, gt=0.0, description="held-out MSE at sigma = h, per coordinate")
+    max_start_ratio: float = Field(
+        0.9, gt=0.0,
+        description="at every candidate start s x h of calibrate: MSE over the better trivial denoiser's "
+                    "(identity or mean image)",
+    )
 
 
 def debiaser_checks(metrics: dict[str, Any], cfg: DebiaserGateParams) -> list[Check]:

@@ -128,10 +128,10 @@ def test_stage_help_lists_its_params_with_defaults_and_comments(project):
     r = run_cli(["run", "refine", "--help"], project)
     assert r.returncode == 0 and "usage:" in r.stdout
     assert "stage refine: " in r.stdout
-    assert '  refine.steps: 10  # K: ladder steps' in r.stdout
+    assert '  refine.steps: 10  # K ladder steps (NFE = K with euler, 2K - 1 with heun)' in r.stdout
     assert '  refine.device: "auto"  # auto | cpu | cuda | cuda:N' in r.stdout
     gate = run_cli(["run", "gate_eval", "--help"], project)
-    assert "  gates.eval.enforce: true  # false: a NO-GO is recorded as overridden" in gate.stdout
+    assert '  gates.eval.enforce: true  # false: record "NO-GO (overridden)" and continue' in gate.stdout
 
 
 def test_dry_run_shows_the_device_and_the_state_of_each_input(project):

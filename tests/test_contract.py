@@ -33,6 +33,42 @@ def test_committed_dvc_yaml_is_what_the_stage_modules_say():
         "dvc.yaml is out of date: run `python -m pipeline dvc-yaml` and commit it")
 
 
+def test_every_key_is_described_once_in_its_stage_module_and_params_yaml_shows_that():
+    undescribed = [f"{s.section}.{k}" for s in STAGES.values() if s.section and s.params
+                   for k, info in s.params.model_fields.items() if not (info.description or "").strip()]
+    assert undescribed == [], "give these keys Field(description=...) in their stage module"
+    text = (REPO / "params.yaml").read_text()
+    assert P.sync_comments(text) == (text, []), "params.yaml comments are stale: run `python -m pipeline dvc-yaml`"
+
+
+def test_comment_sync_rewrites_only_comments_and_is_idempotent():
+    text = ("# header\nkde:                 # the section's own comment stays\n  bandwidth: 0.5  # old words\n"
+            "  grid_points: 8\n\ngates:\n  kde:\n    enforce: true   # stale\n")
+    wanted = {"kde.bandwidth": "the bandwidth", "kde.grid_points": "grid size", "gates.kde.enforce": "false: go on",
+              "kde.absent": "never written"}
+    synced, changed = P.sync_comments(text, wanted)
+    assert changed == ["kde.bandwidth", "kde.grid_points", "gates.kde.enforce"]
+    assert yaml.safe_load(synced) == yaml.safe_load(text)  # values untouched
+    lines = synced.splitlines()
+    assert lines[:2] == text.splitlines()[:2] and lines[4:6] == ["", "gates:"]
+    assert lines[2] == "  bandwidth: 0.5  # the bandwidth"  # the comment keeps its column
+    assert lines[3] == "  grid_points: 8".ljust(P.COMMENT_COLUMN) + "# grid size"
+    assert lines[7] == "    enforce: true   # false: go on"
+    assert P.sync_comments(synced, wanted) == (synced, [])
+
+
+def test_dvc_yaml_check_names_a_stale_comment_and_the_command_fixes_it(tmp_path, capsys):
+    for name in ("dvc.yaml", "params.yaml"):
+        (tmp_path / name).write_text((REPO / name).read_text())
+    text = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "params.yaml").write_text(text.replace("# smallest training noise level", "# hand-edited", 1))
+    assert dvcyaml.run_dvc_yaml(tmp_path, check=True) == 1
+    assert "debiaser.sigma_min" in capsys.readouterr().err
+    assert dvcyaml.run_dvc_yaml(tmp_path) == 0
+    assert (tmp_path / "params.yaml").read_text() == text
+    assert dvcyaml.run_dvc_yaml(tmp_path, check=True) == 0
+
+
 def test_default_params_validate_and_equal_schema_defaults():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     assert P.validate(raw) == P.defaults()  # params.yaml spells out exactly the schema defaults
