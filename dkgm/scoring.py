@@ -22,19 +22,13 @@ from dkgm import inception, novelty
 from dkgm import metrics as mt
 from dkgm.devices import resolve_device
 from dkgm.errors import DKGMError
+from dkgm.kinds import DataKind
 
 
-def as_float(x: np.ndarray, kind: str) -> np.ndarray:
-    """Images as float in [-1, 1] after uint8 quantization (what a user would save); points as is."""
-    if kind != "images":
-        return x.astype(np.float32)
-    return ds.to_float(x if x.dtype == np.uint8 else ds.to_uint8(x))
-
-
-def check_counts(cfg: Any, kind: str, n: int, n_ref: int, n_real: int, has_logits: bool) -> None:
+def check_counts(cfg: Any, kind: DataKind, n: int, n_ref: int, n_real: int, has_logits: bool) -> None:
     """Every statistic that will be computed has the items it needs (one line naming the param if not)."""
     need: list[tuple[str, int, int, str]] = [("memorization (d1/d2)", 2, n, "samples evaluated per stage")]
-    if kind == "images":
+    if kind.pixels:
         for have, name in ((n, "samples evaluated per stage"), (n_ref, "reference training items")):
             need.append(("precision/recall (evaluate.pr_k + 1)", cfg.pr_k + 1, have, name))
             need.append(("FID/KID", 2, have, name))

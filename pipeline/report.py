@@ -40,6 +40,7 @@ import yaml
 from pydantic import BaseModel, Field
 
 from dkgm.errors import DKGMError
+from dkgm.kinds import IMAGES, KINDS, DataKind
 from pipeline.recipe import recipe_differences, training_recipe
 from stages.artifacts import PREPARED
 from stages.common import read_json, read_parquet, staged_outputs
@@ -280,11 +281,11 @@ class Inputs:
         return self.metrics.get(EVALUATE)
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> DataKind:
         for source in (self.eval, self.prepared_meta):
-            if source and source.get("kind") in ("images", "points"):
-                return source["kind"]
-        return "images"
+            if source and source.get("kind") in KINDS:
+                return KINDS[source["kind"]]
+        return IMAGES
 
 
 def png_info(data: bytes, rel: str, stage: str) -> tuple[int, int, int]:
@@ -537,7 +538,7 @@ def _verdict_section(doc: Document, inp: Inputs, figures: list[Figure], params: 
         point = (f" (bandwidth scale s = {fmt(refine.get('bandwidth_scale'))}, η = {fmt(refine.get('eta'))}, "
                  f"{fmt(refine.get('nfe'))} NFE)")
     rows: list[list[CellLike]] = []
-    if inp.kind == "images":
+    if inp.kind.pixels:
         ratio = f" ({fmt(m['refined_fid_ratio'], 3)} × the floor)" if m.get("refined_fid_ratio") is not None else ""
         rows.append(["quality: FID of the refined samples" + point,
                      f"{fmt(m['refined_fid'])}{ratio}" if "refined_fid" in m else Cell(NOT_RUN, "notrun"),
@@ -645,8 +646,8 @@ POINT_ROWS = [
 ]
 
 
-def metric_rows(kind: str) -> list[tuple[str, str, str]]:
-    return POINT_ROWS if kind == "points" else IMAGE_ROWS
+def metric_rows(kind: DataKind) -> list[tuple[str, str, str]]:
+    return IMAGE_ROWS if kind.pixels else POINT_ROWS
 
 
 def _metrics_section(doc: Document, inp: Inputs) -> None:
@@ -684,7 +685,7 @@ def _metrics_section(doc: Document, inp: Inputs) -> None:
         rows.append([*cells, value, what])
     doc.add(Table(header, rows))
     notes = []
-    if inp.kind == "images" and "real_laplacian_energy" in m:
+    if inp.kind.pixels and "real_laplacian_energy" in m:
         notes.append(f"Sharpness is relative to the real held-out images' Laplacian energy "
                      f"({fmt(m['real_laplacian_energy'])}).")
     if m.get("inception_score_note"):
@@ -775,8 +776,8 @@ def figure_outs(stages: list[Stage]) -> list[tuple[str, Out]]:
     return [(s.name, o) for s in stages for o in s.outs_of("figure")]
 
 
-def read_figures(root: Path, stages: list[Stage], kind: str) -> list[Figure]:
-    return [read_figure(root, i, o.title or o.path, (o.caption_points or o.caption) if kind == "points" else o.caption,
+def read_figures(root: Path, stages: list[Stage], kind: DataKind) -> list[Figure]:
+    return [read_figure(root, i, o.title or o.path, o.caption if kind.pixels else (o.caption_points or o.caption),
                         o.path, stage, o.grid)
             for i, (stage, o) in enumerate(figure_outs(stages), start=1)]
 
@@ -812,7 +813,7 @@ def _dataset_section(doc: Document, inp: Inputs, params: BaseModel) -> None:
     prep = inp.metrics.get("prepare") or {}
     counts = meta.get("counts") or {k: prep[f"n_{k}"] for k in ("train", "val", "test") if f"n_{k}" in prep}
     rows = [["dataset", _code(meta.get("dataset", params.prepare.dataset))],
-            ["kind", inp.kind],
+            ["kind", inp.kind.name],
             ["item shape", fmt(meta["shape"]) if "shape" in meta else ABSENT],
             ["items (train / val / test)", " / ".join(fmt(counts.get(k, ABSENT)) for k in ("train", "val", "test"))
              if counts else Cell(NOT_RUN, "notrun")],

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from dkgm.errors import DKGMError
+from dkgm.kinds import DataKind, kind_of
 from stages.common import check_finite, read_json, read_npy, read_npz, read_parquet
 
 PREPARED = "data/prepared"  # data.npy, manifest.parquet (index, label, split), meta.json
@@ -42,8 +43,8 @@ class Prepared:
     meta: dict[str, Any]
 
     @property
-    def kind(self) -> str:
-        return self.meta["kind"]
+    def kind(self) -> DataKind:
+        return kind_of(self.meta["kind"])
 
     def split(self, name: str) -> np.ndarray:
         """Items of one split as float32 (images mapped to [-1, 1])."""
@@ -51,10 +52,7 @@ class Prepared:
 
     def items(self, rows: np.ndarray) -> np.ndarray:
         """Rows of data/prepared as float32 (images mapped to [-1, 1])."""
-        from dkgm.data import to_float
-
-        items = self.data[rows]
-        return to_float(items) if self.kind == "images" else items.astype(np.float32)
+        return self.kind.load(self.data[rows])
 
     def split_labels(self, name: str) -> np.ndarray:
         return self.manifest["label"].to_numpy()[self.manifest["split"].to_numpy() == name]
@@ -64,10 +62,10 @@ class Prepared:
         return self.manifest["index"].to_numpy()[self.manifest["split"].to_numpy() == name]
 
     def manifold(self):
-        """The true manifold of point data (the swiss roll's spiral)."""
+        """The true manifold of point data (the swiss roll's spiral); None for images."""
         from dkgm.data import SwissRoll
 
-        return SwissRoll.from_dict(self.meta["manifold"])
+        return SwissRoll.from_dict(self.meta["manifold"]) if "manifold" in self.meta else None
 
 
 def load_prepared(root: Path) -> Prepared:
@@ -80,7 +78,7 @@ def load_prepared(root: Path) -> Prepared:
     for col in ("index", "label", "split"):
         if col not in manifest.columns:
             raise DKGMError(f"{base / 'manifest.parquet'} has no column {col!r}: re-run prepare")
-    data = read_npy(base / "data.npy", "prepared data", dtypes=("uint8",) if meta["kind"] == "images" else ("float32",),
+    data = read_npy(base / "data.npy", "prepared data", dtypes=(kind_of(meta["kind"], str(base / "meta.json")).storage,),
                     shape=tuple(meta["shape"]), count=len(manifest))
     index = manifest["index"].to_numpy()
     if len(index) and (index.min() < 0 or index.max() >= len(data)):

@@ -30,21 +30,11 @@ from dkgm import data as ds
 from dkgm.debias import denoising_mse, load_denoiser, make_snapshot
 from dkgm.devices import process_rank, resolve_device, resolve_precision
 from dkgm.errors import DKGMError
+from dkgm.figures import image_grid, new_figure, save_figure, write_png
 from dkgm.networks import count_parameters
 from stages import fitting
 from stages.artifacts import BASELINE_LOG, BASELINE_SAMPLES, BASELINE_SNAPSHOT, PREPARED, load_prepared
-from stages.common import (
-    Progress,
-    image_grid,
-    log,
-    new_figure,
-    save_figure,
-    staged_outputs,
-    write_json,
-    write_metrics,
-    write_parquet,
-    write_png,
-)
+from stages.common import Progress, log, staged_outputs, write_json, write_metrics, write_parquet
 from stages.contract import Device, Out, Section, Stage
 from stages.sampling import denoise_fn, sample_from_noise
 

@@ -43,6 +43,8 @@ from dkgm import operating_point as op
 from dkgm.debias import load_denoiser
 from dkgm.devices import resolve_device, resolve_precision
 from dkgm.errors import DKGMError
+from dkgm.figures import labeled_grid, new_figure, save_figure, write_png
+from dkgm.kinds import DataKind
 from dkgm.scoring import feature_network
 from stages.artifacts import (
     BANDWIDTH,
@@ -55,18 +57,7 @@ from stages.artifacts import (
     load_prepared,
     load_reference,
 )
-from stages.common import (
-    Progress,
-    labeled_grid,
-    log,
-    new_figure,
-    save_figure,
-    staged_outputs,
-    write_json,
-    write_metrics,
-    write_parquet,
-    write_png,
-)
+from stages.common import Progress, log, staged_outputs, write_json, write_metrics, write_parquet
 from stages.contract import Device, Out, Section, Stage
 from stages.gates import Check, EnforcedSection, Gate, check, gate_token
 from stages.sampling import SAMPLER_KEYS, debias_batch, denoise_fn, sampler_config
@@ -154,11 +145,6 @@ def pca_basis(train: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
     return mean.numpy(), v[: min(dims, v.shape[0])].T.numpy()
 
 
-def _quantized(x: np.ndarray, kind: str) -> np.ndarray:
-    """Images as a user would save them (uint8, as refine stores them), back in [-1, 1]."""
-    return ds.to_float(ds.to_uint8(x)) if kind == "images" else x.astype(np.float32)
-
-
 def run(cfg: CalibrateParams, root: Path, shared: dict[str, Any]) -> dict[str, Any]:
     prepared = load_prepared(root)
     bw = load_bandwidth(root, prepared)
@@ -168,7 +154,7 @@ def run(cfg: CalibrateParams, root: Path, shared: dict[str, Any]) -> dict[str, A
     fn = denoise_fn(denoiser, device, resolve_precision(cfg.precision, device, "calibrate.precision"))
     sampler = sampler_config(shared)
     train = prepared.split("train")
-    val = _quantized(prepared.split("val"), prepared.kind)
+    val = prepared.kind.as_saved(prepared.split("val"))  # as refine stores its samples
     if len(val) < 2:
         raise DKGMError("calibrate needs validation items for its held-out reference: prepare.val_fraction is 0")
     rule = novelty_rule(cfg, shared, len(prepared.split_rows("test")))
@@ -195,7 +181,7 @@ def run(cfg: CalibrateParams, root: Path, shared: dict[str, Any]) -> dict[str, A
         for b in range(0, len(seeds), cfg.batch_size):
             sl = slice(b, b + cfg.batch_size)
             out[sl], _ = debias_batch(fn, x_anchor[sl] + h * unit[sl], seeds[sl], ladder, sampler.solver, device)
-        out = _quantized(out, prepared.kind)
+        out = prepared.kind.as_saved(out)
         row: dict[str, Any] = {"eta": eta, "h": h, "nfe": ladder.nfe(sampler.solver), **ref.score(out, rule)}
         row["fidelity_fd"] = mt.fid((out.reshape(len(out), -1).astype(np.float64) - pca_mean) @ basis, val_proj)
         ok, why = rule.passes(row, ref)
@@ -215,7 +201,7 @@ def run(cfg: CalibrateParams, root: Path, shared: dict[str, Any]) -> dict[str, A
     scored = [r for r in rows if r["trained"]]
     passing = [r for r in scored if r["passed"]]
     fidelity, floor_fid = "fidelity_fd", None
-    if passing and cfg.fidelity == "inception" and prepared.kind == "images":
+    if passing and cfg.fidelity == "inception" and prepared.kind.pixels:
         nearest = [r for eta in cfg.etas
                    for r in sorted((p for p in passing if p["eta"] == eta), key=lambda p: p["scale"])[: cfg.fid_candidates]]
         floor_fid = _inception_fids(root, prepared, nearest, probes, cfg)
@@ -333,9 +319,9 @@ def _tradeoff_figure(path: Path, rows: list[dict[str, Any]], best: dict[str, Any
 
 
 def _probe_figure(path: Path, anchors: np.ndarray, shown: dict[float, np.ndarray], best: dict[str, Any],
-                  kind: str) -> None:
+                  kind: DataKind) -> None:
     """Images: the anchors (first row), then the refined probe at every grid scale for the chosen eta."""
-    if kind != "images" or not shown:
+    if not kind.pixels or not shown:
         fig, ax = new_figure(4, 2)
         ax.text(0.5, 0.5, "probe images: image data only", ha="center", va="center")
         ax.set_axis_off()

@@ -37,7 +37,7 @@ from pydantic import Field
 from dkgm import data as ds
 from dkgm.debias import load_denoiser
 from dkgm.devices import resolve_device, resolve_precision
-from dkgm.scoring import as_float
+from dkgm.figures import labeled_grid, new_figure, save_figure, write_png
 from stages.artifacts import (
     BASELINE_LOG,
     BASELINE_SNAPSHOT,
@@ -50,17 +50,7 @@ from stages.artifacts import (
     load_point,
     load_samples,
 )
-from stages.common import (
-    Progress,
-    labeled_grid,
-    log,
-    new_figure,
-    read_parquet,
-    save_figure,
-    staged_outputs,
-    write_metrics,
-    write_png,
-)
+from stages.common import Progress, log, read_parquet, staged_outputs, write_metrics
 from stages.contract import Device, Out, Section, Stage
 from stages.sampling import SAMPLER_KEYS, debias_batch, denoise_fn, sample_from_noise, sampler_config
 from stages.scoring import SETTINGS, Scorer, settings
@@ -175,14 +165,13 @@ def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, 
         row["sample_seconds"] = time.perf_counter() - t0
         row["samples_per_second"] = n / max(row["sample_seconds"], 1e-9)
         row["train_kimg"], row["train_seconds"] = cost[row["network"]]
-        sets[row["row"]] = as_float(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=-1.0),
-                                    "images" if len(shape) == 3 else "points")
+        sets[row["row"]] = np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=-1.0)
         bar(len(sets))
     bar.close()
 
     t0 = time.perf_counter()
     scorer = Scorer(ecfg, root, n)
-    m, _ = scorer.score(sets)
+    m, _ = scorer.score({name: scorer.as_float(x) for name, x in sets.items()})  # as saved: images quantized
     for row in plan:
         name = row["row"]
         for key in ("fid", "fid_se", "kid", "precision", "recall", "zu_pixel", "copy_fraction", "authenticity_pixel",
@@ -204,7 +193,7 @@ def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, 
         curve.to_csv(outs.path(DENOISE_TABLE), index=False, float_format="%.6g")
         _denoise_figure(outs.path(DENOISE_FIGURE), curve, h, float(dsnap["sigma_max"]))
         _figure(outs.path(FIGURE), rows, n)
-        _samples_figure(outs.path(SAMPLES), sets, plan, cfg, len(shape) == 3)
+        _samples_figure(outs.path(SAMPLES), sets, plan, cfg, scorer.kind.pixels)
         write_metrics(outs, METRICS, metrics)
     log.info("comparison: n=%d; DKGM best FID %.4g at NFE %s; baseline best FID %s at NFE %s; floor %.4g", n,
              metrics.get("dkgm_best_fid", float("nan")), metrics.get("dkgm_best_fid_nfe"),

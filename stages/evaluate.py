@@ -30,6 +30,8 @@ from pydantic import Field
 
 from dkgm import data as ds
 from dkgm.errors import DKGMError
+from dkgm.figures import new_figure, save_figure
+from dkgm.kinds import KINDS
 from stages.artifacts import (
     KDE_SAMPLES,
     PREPARED,
@@ -38,14 +40,7 @@ from stages.artifacts import (
     Prepared,
     load_samples,
 )
-from stages.common import (
-    log,
-    new_figure,
-    save_figure,
-    staged_outputs,
-    write_metrics,
-    write_parquet,
-)
+from stages.common import log, staged_outputs, write_metrics, write_parquet
 from stages.contract import Out, Stage
 from stages.gates import Check, EnforcedSection, Gate, check
 from stages.scoring import EvaluateParams, Scorer
@@ -69,7 +64,7 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
     anchors = kde_man["anchor_index"].to_numpy()[:n]
 
     t0 = time.perf_counter()
-    m: dict[str, Any] = {"kind": kind, "n_samples": n, "n_reference": len(scorer.ref["train_rows"]),
+    m: dict[str, Any] = {"kind": kind.name, "n_samples": n, "n_reference": len(scorer.ref["train_rows"]),
                          "n_real": len(scorer.real), "n_train": len(scorer.train), "weights": "ema",
                          "nfe": int(ref_smeta.get("nfe", 0)), "copy_ratio": cfg.copy_ratio}
     scored, near = scorer.score(sets)
@@ -93,11 +88,11 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
                          ("anchor_distance", ad)):
             per_sample[key].extend(col)
     m["anchor_distance_ratio"] = m["refined_anchor_distance"] / max(m["real_nn_distance"], 1e-12)
-    primary = "fid" if kind == "images" else "mean_distance_to_manifold"
+    primary = kind.primary_metric
     kde_p, ref_p = m[f"kde_{primary}"], m[f"refined_{primary}"]
     m["primary_metric"] = primary
     m["debias_gain"] = (1.0 - ref_p / kde_p) if kde_p and kde_p > 0 else None
-    if kind == "images":
+    if kind.pixels:
         m["fid_gain"] = m["kde_fid"] - m["refined_fid"]
         # FID read against the held-out floor at the same n: a number that travels across datasets
         m["refined_fid_ratio"] = m["refined_fid"] / m["real_fid"] if m.get("real_fid") else None
@@ -106,7 +101,7 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
 
     with staged_outputs(root, "evaluate") as outs:
         write_parquet(outs.path(PER_SAMPLE), per_sample)
-        if kind == "images":
+        if kind.pixels:
             _nearest_images(outs.path(NEAREST), sets, per_sample, prepared, n, cfg.nn_rows)
         else:
             _nearest_points(outs.path(NEAREST), sets["refined"], per_sample, prepared, n)
@@ -239,7 +234,8 @@ def eval_checks(metrics: dict[str, Any], cfg: EvalGateParams) -> list[Check]:
               failure="fewer refined samples than held-out images are farther from the training set than its own "
               "neighbours are"),
     ]
-    if metrics.get("kind") == "images":  # FID and Inception features have no meaning for point data
+    kind = KINDS.get(metrics.get("kind"))
+    if kind is not None and kind.pixels:  # FID and Inception features have no meaning for point data
         fid = []
         if cfg.max_fid_ratio is not None:
             fid.append(check(metrics, "refined_fid_ratio", "<=", cfg.max_fid_ratio, f"{key}.max_fid_ratio",

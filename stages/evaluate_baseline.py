@@ -33,7 +33,7 @@ def evaluate_run(cfg: None, root: Path, shared: dict[str, Any]) -> dict[str, Any
         t0 = time.perf_counter()
         scorer = Scorer(ecfg, root, n)
         scored, _ = scorer.score({"baseline": scorer.as_float(x)})
-        metrics = {"kind": scorer.kind, "n_samples": n, "nfe": int(meta.get("nfe", 0)),
+        metrics = {"kind": scorer.kind.name, "n_samples": n, "nfe": int(meta.get("nfe", 0)),
                    **{k: v for k, v in scored.items() if not k.startswith("real_")},
                    "seconds": time.perf_counter() - t0}
         if scored.get("real_fid"):  # against the held-out floor at the same n, as evaluate reports DKGM's

@@ -18,8 +18,9 @@ from pydantic import Field, field_validator
 from dkgm import kde
 from dkgm.devices import resolve_device
 from dkgm.errors import DKGMError
+from dkgm.figures import new_figure, save_figure
 from stages.artifacts import BANDWIDTH, PREPARED, load_prepared
-from stages.common import Progress, log, new_figure, save_figure, staged_outputs, write_json, write_metrics
+from stages.common import Progress, log, staged_outputs, write_json, write_metrics
 from stages.contract import Device, Out, Section, Stage
 from stages.gates import Check, EnforcedSection, Gate, check
 

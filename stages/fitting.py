@@ -22,10 +22,11 @@ import dkgm
 from dkgm.debias import Denoiser
 from dkgm.devices import init_distributed, resolve_precision
 from dkgm.errors import DKGMError
+from dkgm.figures import new_figure, save_figure
 from dkgm.networks import NetworkConfig, build_network, count_parameters
 from dkgm.training import TrainConfig, train
 from stages.artifacts import Prepared
-from stages.common import Progress, log, new_figure, save_figure, write_json
+from stages.common import Progress, log, write_json
 from stages.contract import Device, Section
 
 STATES = "checkpoints/debiaser"  # resumable training states, outside DVC (one folder per config)
@@ -241,9 +242,7 @@ def fit(cfg: DebiaserParams, prepared: Prepared, root: Path, *, h: float, data_e
     [sigma_min, sigma_max]; None on ranks other than 0 under torchrun. `noise_dist` (sigma_dist,
     p_mean, p_std) replaces the section's: the baseline's way of training the same network with the
     same trainer over EDM's distribution."""
-    if (cfg.arch == "mlp") != (prepared.kind == "points"):
-        want = "mlp" if prepared.kind == "points" else "unet or dae"
-        raise DKGMError(f"debiaser.arch {cfg.arch} does not fit {prepared.meta['dataset']} ({prepared.kind}): use {want}")
+    prepared.kind.check_arch(cfg.arch, prepared.meta["dataset"])
     train_np = prepared.split("train")
     rank, world, device = init_distributed(cfg.device, "debiaser.device")  # a CUDA device comes back with TF32 and cudnn.benchmark on
     shape = tuple(train_np.shape[1:])

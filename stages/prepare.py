@@ -12,18 +12,9 @@ from pydantic import Field, field_validator
 
 from dkgm import data as ds
 from dkgm.errors import DKGMError
+from dkgm.kinds import kind_of
 from stages.artifacts import PREPARED
-from stages.common import (
-    image_grid,
-    log,
-    new_figure,
-    save_figure,
-    staged_outputs,
-    write_json,
-    write_metrics,
-    write_parquet,
-    write_png,
-)
+from stages.common import log, staged_outputs, write_json, write_metrics, write_parquet
 from stages.contract import Out, Section, Stage
 
 PREVIEW = "reports/prepare/preview.png"
@@ -239,7 +230,8 @@ def run(cfg: PrepareParams, root: Path) -> dict[str, Any]:
     counts = {name: int((split == name).sum()) for name in ("train", "val", "test")}
     meta.update({"n": len(items), "counts": counts, "split_seed": cfg.seed})
     metrics = {"n_items": len(items), **{f"n_{k}": v for k, v in counts.items()}}
-    if meta["kind"] == "images":
+    kind = kind_of(meta["kind"])
+    if kind.pixels:
         metrics["pixel_mean"] = pixel_mean(items)
 
     with staged_outputs(root, "prepare") as out:
@@ -252,21 +244,11 @@ def run(cfg: PrepareParams, root: Path) -> dict[str, Any]:
         )
         write_json(base / "meta.json", meta)
         train_rows = np.flatnonzero(split == "train")
-        if meta["kind"] == "images":
-            # spread over the (ordered) set; rows picked first, so the training set is never copied
-            show = train_rows[np.linspace(0, len(train_rows) - 1, min(64, len(train_rows))).astype(int)]
-            write_png(out.path(PREVIEW), image_grid(items[show], ncol=8))
-        else:
-            train = items[train_rows]
-            fig, ax = new_figure(5, 5)
-            ax.scatter(train[:, 0], train[:, 1], s=2, alpha=0.5, label="train")
-            curve = ds.SwissRoll.from_dict(meta["manifold"])
-            c = curve.curve(np.linspace(curve.t_min, curve.t_max, 1000))
-            ax.plot(c[:, 0], c[:, 1], "r-", lw=1, label="true spiral")
-            ax.set_aspect("equal")
-            ax.legend(loc="upper right")
-            ax.set_title(f"swiss roll: {counts['train']} training points")
-            save_figure(fig, out.path(PREVIEW))
+        if kind.pixels:  # 64 spread over the (ordered) set; rows picked first, so the training set is never copied
+            train_rows = train_rows[np.linspace(0, len(train_rows) - 1, min(64, len(train_rows))).astype(int)]
+        manifold = ds.SwissRoll.from_dict(meta["manifold"]) if "manifold" in meta else None
+        kind.sample_figure(out.path(PREVIEW), items[train_rows], None, "train", manifold,
+                           f"{cfg.dataset}: {counts['train']} training items")
         write_metrics(out, METRICS, metrics)
     log.info("prepare: %s, %d items (%s)", cfg.dataset, len(items), counts)
     return metrics

@@ -93,11 +93,11 @@ def run(cfg: ReferenceParams, root: Path) -> dict[str, Any]:
     prepared = load_prepared(root)
     train_rows = reference_subset(prepared.split_rows("train"), cfg.train_images, cfg.seed)
     test_rows, val_rows = prepared.split_rows("test"), prepared.split_rows("val")
-    meta: dict[str, Any] = {"dataset": prepared.meta["dataset"], "kind": prepared.kind,
+    meta: dict[str, Any] = {"dataset": prepared.meta["dataset"], "kind": prepared.kind.name,
                             "n_train": len(train_rows), "n_test": len(test_rows), "n_val": len(val_rows)}
     arrays: dict[str, np.ndarray] = {"train_rows": train_rows, "test_rows": test_rows, "val_rows": val_rows}
     metrics: dict[str, Any] = {"n_train": len(train_rows), "n_test": len(test_rows), "n_val": len(val_rows)}
-    if prepared.kind == "images":
+    if prepared.kind.pixels:
         weights = resolve(cfg)
         device = resolve_device(cfg.device, "reference.device")
         # clean-fid's "clean" resize as batched matrices on the device (dkgm.inception.batch_resize;

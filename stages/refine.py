@@ -19,6 +19,8 @@ from dkgm import data as ds
 from dkgm.debias import load_denoiser
 from dkgm.devices import init_distributed, resolve_precision
 from dkgm.errors import DKGMError
+from dkgm.figures import labeled_grid, new_figure, save_figure, write_png
+from dkgm.kinds import DataKind
 from stages.artifacts import (
     DEBIASER_SNAPSHOT,
     KDE_SAMPLES,
@@ -31,20 +33,7 @@ from stages.artifacts import (
     load_samples,
     resolve_value,
 )
-from stages.common import (
-    Progress,
-    image_grid,
-    labeled_grid,
-    log,
-    new_figure,
-    open_npy,
-    save_figure,
-    staged_outputs,
-    write_json,
-    write_metrics,
-    write_parquet,
-    write_png,
-)
+from stages.common import Progress, log, open_npy, staged_outputs, write_json, write_metrics, write_parquet
 from stages.contract import AutoOr, Device, Out, Section, Stage, auto_or_number
 from stages.gates import gate_token
 from stages.sampling import debias_batch, denoise_fn, sampler_config
@@ -100,6 +89,8 @@ def figure_steps(k: int) -> list[int]:
 
 
 def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
+    """Read the KDE samples and the debiaser, debias every batch into the staged samples file (under
+    torchrun: every world-th batch per rank, rank 0 publishing), then the metrics and figures."""
     prepared = load_prepared(root)
     x_kde, manifest, kde_meta = load_samples(root, KDE_SAMPLES, "KDE samples", mmap=True)
     rank, world, device = init_distributed(cfg.device, "refine.device")  # torchrun: batches shared by rank
@@ -112,123 +103,127 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
         )
     h = float(kde_meta["h"])
     check_noise_range(snap, h, "sample_kde.bandwidth_scale")
-    point = load_point(root)
-    eta, eta_source = resolve_value(cfg.eta, point, "eta", "refine.eta")
+    eta, eta_source = resolve_value(cfg.eta, load_point(root), "eta", "refine.eta")
     ladder = sampler_config(cfg).ladder(h, eta)
     nfe = ladder.nfe(cfg.solver)
-
-    n = len(x_kde)
-    points = prepared.kind == "points"
-    anchor_rows = manifest["anchor_index"].to_numpy()
-    roll = prepared.manifold() if points else None
-    all_k = list(range(cfg.steps + 1))
-    shown = figure_steps(cfg.steps)
-    per_k = np.zeros((len(all_k), n))  # distance to the anchor (images) or to the spiral (points)
-    traj: dict[int, dict[int, np.ndarray]] = {k: {} for k in shown}  # k -> {batch start: iterates}: images the first samples, points all
-    seeds = manifest["seed"].to_numpy()
     precision = resolve_precision(cfg.precision, device, "refine.precision")
     fn = denoise_fn(denoiser, device, precision)
-    # under torchrun each rank takes every world-th batch: a sample's noise comes from its own seed,
-    # so which process refines it does not change it (bit-identical to one process on the CPU)
-    mine = list(range(0, n, cfg.batch_size))[rank::world]
+    kind, n = prepared.kind, len(x_kde)
 
     with staged_outputs(root, "refine") if rank == 0 else contextlib.nullcontext() as outs:
-        # the input is memory-mapped and the output written batch by batch into the staged file:
-        # memory holds one batch of samples, iterates and anchors, whatever n is
-        if rank == 0:
-            base = outs.path(REFINED)
-            base.mkdir()
-            out = open_npy(base / "samples.npy", np.float32 if points else np.uint8, x_kde.shape)
-        if world > 1:  # the other ranks write their rows into rank 0's staged file (one machine, or a shared disk)
-            shared = [str(base / "samples.npy") if rank == 0 else None]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            if rank != 0:
-                out = np.load(shared[0], mmap_mode="r+")
+        base = outs.path(REFINED) if rank == 0 else None
+        out = _open_output(base, kind, x_kde.shape, world, rank)
         t0 = time.perf_counter()
-        bar = Progress("refine", n) if rank == 0 else None
-        for i, s in enumerate(mine):
-            rows = slice(s, s + cfg.batch_size)
-            x_out, kept = debias_batch(fn, np.array(x_kde[rows]), seeds[rows], ladder, cfg.solver, device, keep=all_k)
-            bad = ~np.isfinite(x_out.reshape(len(x_out), -1)).all(axis=1)
-            if bad.any():  # a diverged sampler: never store (or score) NaN as black pixels
-                first = next(k for k in all_k if not np.isfinite(kept[k][bad]).all())
-                raise DKGMError(f"refine: {int(bad.sum())} of the {len(x_out)} samples from {s} on became non-finite "
-                                f"(first at step k = {first} of {cfg.steps}, sigma = {ladder.sigmas[max(first - 1, 0)]:.4g}); "
-                                "nothing was written: check the debiaser (reports/train) and refine.steps / eta")
-            out[rows] = x_out if points else ds.to_uint8(x_out)
-            anchors = None if points else prepared.items(anchor_rows[rows])
-            for j, k in enumerate(all_k):
-                xk = kept[k]
-                if points:
-                    per_k[j, rows] = roll.distance(xk)
-                else:
-                    per_k[j, rows] = np.sqrt(((xk - anchors) ** 2).reshape(len(xk), -1).mean(1))
-                if k in traj and (points or s < cfg.trajectory_samples):
-                    traj[k][s] = xk if points else xk[: cfg.trajectory_samples - s]
-            if bar is not None:
-                bar(min((i + 1) * cfg.batch_size * world, n))
-        out.flush()
+        per_k, traj = _debias_into(out, fn, x_kde, manifest, prepared, ladder, cfg, device, rank, world)
+        seconds = time.perf_counter() - t0
         if world > 1:
-            per_k_t = torch.from_numpy(per_k)
-            torch.distributed.all_reduce(per_k_t)  # each sample's row is filled by exactly one rank
-            per_k = per_k_t.numpy()
-            pieces: list[Any] = [None] * world
-            torch.distributed.all_gather_object(pieces, traj)
-            traj = {k: {s: v for part in pieces for s, v in part[k].items()} for k in shown}
-            torch.distributed.barrier()  # every rank's rows are in the file
+            per_k, traj = _gather(per_k, traj)
             if rank != 0:
                 del out
                 return {}
-        stacked = {k: np.concatenate([traj[k][s] for s in sorted(traj[k])]) for k in shown}
-        bar.close()
-        seconds = time.perf_counter() - t0
-        metrics: dict[str, Any] = {
-            "n_samples": n,
-            "steps": cfg.steps,
-            "nfe": nfe,
-            "schedule": cfg.schedule,
-            "solver": cfg.solver,
-            "churn": cfg.churn,
-            "eta": eta,
-            "eta_source": eta_source,
-            "bandwidth_scale": float(kde_meta.get("bandwidth_scale", 1.0)),
-            "h": h,
-            "samples_per_second": n / max(seconds, 1e-9),
-            "seconds": seconds,
-            "device": str(device),
-            "precision": precision,
-            "world_size": world,
-        }
         curve = per_k.mean(axis=1)
-        if points:
-            metrics.update({"kde_mean_distance_to_manifold": float(curve[0]), "mean_distance_to_manifold": float(curve[-1]),
-                            "manifold_distance_reduction": float(curve[0] / max(curve[-1], 1e-12)),
-                            "train_mean_distance_to_manifold": float(roll.distance(prepared.split("train")).mean())})
-        else:
-            metrics.update({"kde_rms_distance_to_anchor": float(curve[0]), "rms_distance_to_anchor": float(curve[-1])})
-
+        metrics: dict[str, Any] = {
+            "n_samples": n, "steps": cfg.steps, "nfe": nfe, "schedule": cfg.schedule, "solver": cfg.solver,
+            "churn": cfg.churn, "eta": eta, "eta_source": eta_source,
+            "bandwidth_scale": float(kde_meta.get("bandwidth_scale", 1.0)), "h": h,
+            "samples_per_second": n / max(seconds, 1e-9), "seconds": seconds, "device": str(device),
+            "precision": precision, "world_size": world,
+            **kind.progress_metrics(curve, prepared.manifold(), lambda: prepared.split("train")),
+        }
         write_parquet(base / "manifest.parquet", {
-            "sample_id": manifest["sample_id"].to_numpy(), "seed": seeds,
-            "anchor_index": anchor_rows, "nfe": np.full(n, nfe, dtype=np.int64)})
-        write_json(base / "meta.json", {"kind": prepared.kind, "shape": list(shape), "n": n, "h": h, "nfe": nfe,
-                                        "storage": "float32" if points else "uint8 [0, 255]", "ladder": ladder.sigmas,
+            "sample_id": manifest["sample_id"].to_numpy(), "seed": manifest["seed"].to_numpy(),
+            "anchor_index": manifest["anchor_index"].to_numpy(), "nfe": np.full(n, nfe, dtype=np.int64)})
+        write_json(base / "meta.json", {"kind": kind.name, "shape": list(shape), "n": n, "h": h, "nfe": nfe,
+                                        "storage": kind.storage_label, "ladder": ladder.sigmas,
                                         "schedule": cfg.schedule, "solver": cfg.solver, "churn": cfg.churn, "eta": eta,
                                         "bandwidth_scale": kde_meta.get("bandwidth_scale")})
-        if points:
-            _grid_points(outs.path(GRID), out, prepared.split("train"))
-            _swissroll_figure(outs.path(TRAJECTORY), stacked, prepared.split("train"), roll, cfg, eta)
-        else:
-            m = min(cfg.grid_samples, n)
-            write_png(outs.path(GRID), image_grid(np.asarray(out[:m]), ncol=8))
-            _trajectory_images(outs.path(TRAJECTORY), stacked, prepared.items(anchor_rows[: cfg.trajectory_samples]),
-                               manifest["sample_id"].to_numpy()[: cfg.trajectory_samples])
-        _progress_plot(outs.path(PROGRESS), ladder.sigmas, curve, points,
-                       metrics.get("train_mean_distance_to_manifold"))
+        _figures(outs, out, traj, curve, prepared, manifest, ladder.sigmas, metrics, cfg, eta)
         del out  # close the map before the staged folder is published
         write_metrics(outs, METRICS, metrics)
     log.info("refine: %d samples, K=%d %s/%s eta=%.2f (%s), NFE %d, %.1f samples/s", n, cfg.steps, cfg.schedule,
              cfg.solver, eta, eta_source, nfe, metrics["samples_per_second"])
     return metrics
+
+
+def _open_output(base: Path | None, kind: DataKind, shape: tuple[int, ...], world: int, rank: int) -> np.ndarray:
+    """The staged samples file, memory-mapped: rank 0 creates it; under torchrun the other ranks map
+    rank 0's file (one machine, or a shared disk) and write their rows into it."""
+    if rank == 0:
+        base.mkdir()
+        out = open_npy(base / "samples.npy", np.dtype(kind.storage), shape)
+    if world > 1:
+        shared = [str(base / "samples.npy") if rank == 0 else None]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        if rank != 0:
+            out = np.load(shared[0], mmap_mode="r+")
+    return out
+
+
+def _debias_into(out: np.ndarray, fn, x_kde: np.ndarray, manifest, prepared, ladder, cfg: RefineParams, device,
+                 rank: int, world: int) -> tuple[np.ndarray, dict[int, dict[int, np.ndarray]]]:
+    """Debias this rank's batches into `out`, batch by batch (memory holds one batch of samples,
+    iterates and anchors, whatever n is). Returns the distance to the data of every sample at every
+    step k (zero in other ranks' rows) and the iterates the figures show, {k: {batch start: x_k}}:
+    the first trajectory_samples for images, every point for points."""
+    kind, manifold, n = prepared.kind, prepared.manifold(), len(x_kde)
+    all_k, shown = list(range(cfg.steps + 1)), figure_steps(cfg.steps)
+    keep = cfg.trajectory_samples if kind.pixels else n
+    per_k = np.zeros((len(all_k), n))
+    traj: dict[int, dict[int, np.ndarray]] = {k: {} for k in shown}
+    seeds, anchor_rows = manifest["seed"].to_numpy(), manifest["anchor_index"].to_numpy()
+    # a sample's noise comes from its own seed, so which rank refines it does not change it (bit-identical
+    # to one process on the CPU)
+    mine = list(range(0, n, cfg.batch_size))[rank::world]
+    bar = Progress("refine", n) if rank == 0 else None
+    for i, s in enumerate(mine):
+        rows = slice(s, s + cfg.batch_size)
+        x_out, kept = debias_batch(fn, np.array(x_kde[rows]), seeds[rows], ladder, cfg.solver, device, keep=all_k)
+        bad = ~np.isfinite(x_out.reshape(len(x_out), -1)).all(axis=1)
+        if bad.any():  # a diverged sampler: never store (or score) NaN as black pixels
+            first = next(k for k in all_k if not np.isfinite(kept[k][bad]).all())
+            raise DKGMError(f"refine: {int(bad.sum())} of the {len(x_out)} samples from {s} on became non-finite "
+                            f"(first at step k = {first} of {cfg.steps}, sigma = {ladder.sigmas[max(first - 1, 0)]:.4g}); "
+                            "nothing was written: check the debiaser (reports/train) and refine.steps / eta")
+        out[rows] = kind.store(x_out)
+        anchors = prepared.items(anchor_rows[rows])
+        for j, k in enumerate(all_k):
+            per_k[j, rows] = kind.distance_to_data(kept[k], anchors, manifold)
+            if k in traj and s < keep:
+                traj[k][s] = kept[k][: keep - s]
+        if bar is not None:
+            bar(min((i + 1) * cfg.batch_size * world, n))
+    out.flush()
+    if bar is not None:
+        bar.close()
+    return per_k, traj
+
+
+def _gather(per_k: np.ndarray, traj: dict[int, dict[int, np.ndarray]]) -> tuple[np.ndarray, dict]:
+    """torchrun: every rank's distances (each sample's row is filled by exactly one rank) and iterates,
+    once every rank's rows are in the file."""
+    per_k_t = torch.from_numpy(per_k)
+    torch.distributed.all_reduce(per_k_t)
+    pieces: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(pieces, traj)
+    traj = {k: {s: v for part in pieces for s, v in part[k].items()} for k in traj}
+    torch.distributed.barrier()
+    return per_k_t.numpy(), traj
+
+
+def _figures(outs, out: np.ndarray, traj: dict[int, dict[int, np.ndarray]], curve: np.ndarray, prepared, manifest,
+             sigmas: list[float], metrics: dict[str, Any], cfg: RefineParams, eta: float) -> None:
+    kind, manifold = prepared.kind, prepared.manifold()
+    stacked = {k: np.concatenate([traj[k][s] for s in sorted(traj[k])]) for k in traj}
+    train = None if kind.pixels else prepared.split("train")
+    kind.sample_figure(outs.path(GRID), out, train, "refined", limit=cfg.grid_samples)
+    if kind.pixels:
+        rows = manifest["anchor_index"].to_numpy()[: cfg.trajectory_samples]
+        _trajectory_images(outs.path(TRAJECTORY), stacked, prepared.items(rows),
+                           manifest["sample_id"].to_numpy()[: cfg.trajectory_samples])
+    else:
+        _swissroll_figure(outs.path(TRAJECTORY), stacked, train, manifold, cfg, eta)
+    _progress_plot(outs.path(PROGRESS), sigmas, curve, kind.distance_label,
+                   metrics.get("train_mean_distance_to_manifold"))
 
 
 def _trajectory_images(path: Path, stacked: dict[int, np.ndarray], anchors: np.ndarray, ids: np.ndarray) -> None:
@@ -237,15 +232,6 @@ def _trajectory_images(path: Path, stacked: dict[int, np.ndarray], anchors: np.n
     rows = list(np.stack(cols, axis=1))
     write_png(path, labeled_grid(rows, [f"sample {int(i)}" for i in ids],
                                  [f"k = {k}" for k in sorted(stacked)] + ["anchor"]))
-
-
-def _grid_points(path: Path, out: np.ndarray, train: np.ndarray) -> None:
-    fig, ax = new_figure(5, 5)
-    ax.scatter(train[:, 0], train[:, 1], s=2, c="grey", alpha=0.3, label="train")
-    ax.scatter(out[:, 0], out[:, 1], s=2, c="C0", label="refined")
-    ax.set_aspect("equal")
-    ax.legend(loc="upper right", fontsize=8)
-    save_figure(fig, path)
 
 
 def _swissroll_figure(path: Path, stacked: dict[int, np.ndarray], train: np.ndarray, roll, cfg: RefineParams,
@@ -271,14 +257,12 @@ def _swissroll_figure(path: Path, stacked: dict[int, np.ndarray], train: np.ndar
     save_figure(fig, path)
 
 
-def _progress_plot(path: Path, sigmas: list[float], curve: np.ndarray, points: bool, floor: float | None) -> None:
+def _progress_plot(path: Path, sigmas: list[float], curve: np.ndarray, ylabel: str, floor: float | None) -> None:
     fig, ax = new_figure(6, 3.8)
     ax.plot(range(len(curve)), curve, "o-", ms=3, label="mean over samples")
-    if points:
+    if floor is not None:
         ax.axhline(floor, color="grey", ls="--", label="training data")
-        ax.set_ylabel("mean distance to the true spiral")
-    else:
-        ax.set_ylabel("RMS distance to the anchor (per pixel)")
+    ax.set_ylabel(ylabel)
     ax.set_xlabel("step k")
     from matplotlib.ticker import MaxNLocator
 

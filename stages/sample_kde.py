@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from dkgm import data as ds
 from dkgm import kde
+from dkgm.figures import labeled_grid, write_png
+from dkgm.kinds import DataKind
 from stages.artifacts import (
     BANDWIDTH,
     KDE_SAMPLES,
@@ -28,19 +29,7 @@ from stages.artifacts import (
     load_prepared,
     resolve_value,
 )
-from stages.common import (
-    Progress,
-    labeled_grid,
-    log,
-    new_figure,
-    open_npy,
-    save_figure,
-    staged_outputs,
-    write_json,
-    write_metrics,
-    write_parquet,
-    write_png,
-)
+from stages.common import Progress, log, open_npy, staged_outputs, write_json, write_metrics, write_parquet
 from stages.contract import AutoOr, Out, Section, Stage, auto_or_number
 from stages.gates import gate_token
 
@@ -80,7 +69,7 @@ def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
     seeds = cfg.seed + np.arange(cfg.n_samples, dtype=np.int64)
     anchors = np.empty(cfg.n_samples, dtype=np.int64)
     d = int(np.prod(train.shape[1:]))
-    roll = prepared.manifold() if prepared.kind != "images" else None
+    roll = prepared.manifold()  # points: the true spiral; images: None
     sq_offset, outside, manifold_distance = 0.0, 0, 0.0  # streamed: no second copy of the samples
     with staged_outputs(root, "sample_kde") as out:
         base = out.path(KDE_SAMPLES)
@@ -141,23 +130,19 @@ def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
     return metrics
 
 
-def _figure(path: Path, kind: str, samples: np.ndarray, train: np.ndarray, anchors: np.ndarray, cfg, h: float) -> None:
-    if kind == "images":
-        # two rows per row of the figure: samples above, their anchors below
-        k = min(cfg.grid_samples, len(samples))
-        ncol = min(8, k)
-        rows, labels = [], []
-        for s in range(0, k, ncol):
-            rows += [ds.to_uint8(samples[s : s + ncol]), ds.to_uint8(train[anchors[s : s + ncol]])]
-            labels += [f"KDE samples {s}-{min(s + ncol, k) - 1}", "their anchors"]
-        write_png(path, labeled_grid(rows, labels))
+def _figure(path: Path, kind: DataKind, samples: np.ndarray, train: np.ndarray, anchors: np.ndarray, cfg,
+            h: float) -> None:
+    if not kind.pixels:
+        kind.sample_figure(path, samples, train, f"KDE samples ({cfg.kernel}, h={h:.3g})")
         return
-    fig, ax = new_figure(5, 5)
-    ax.scatter(train[:, 0], train[:, 1], s=2, c="grey", alpha=0.4, label="train")
-    ax.scatter(samples[:, 0], samples[:, 1], s=2, c="C0", alpha=0.6, label=f"KDE samples ({cfg.kernel}, h={h:.3g})")
-    ax.set_aspect("equal")
-    ax.legend(loc="upper right", fontsize=8)
-    save_figure(fig, path)
+    # two rows per row of the figure: samples above, their anchors below
+    k = min(cfg.grid_samples, len(samples))
+    ncol = min(8, k)
+    rows, labels = [], []
+    for s in range(0, k, ncol):
+        rows += [kind.store(samples[s : s + ncol]), kind.store(train[anchors[s : s + ncol]])]
+        labels += [f"KDE samples {s}-{min(s + ncol, k) - 1}", "their anchors"]
+    write_png(path, labeled_grid(rows, labels))
 
 
 STAGES = (

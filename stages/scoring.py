@@ -86,7 +86,7 @@ class Scorer:
         self.net = None
 
     def as_float(self, x: np.ndarray) -> np.ndarray:
-        return sc.as_float(x[: self.n], self.kind)
+        return self.kind.as_saved(x[: self.n])
 
     def score(self, sets: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, tuple]]:
         """(metrics, {set: (d1, d2, nearest training index)} in data space) of float sample sets."""
@@ -99,7 +99,7 @@ class Scorer:
             m[f"{name}_copy_fraction"] = mt.copy_fraction(d1, d2, cfg.copy_ratio)
             m[f"{name}_nn_distance"] = float(np.median(d1) / self.scale)
         sc.copying(m, "pixel", self.train, self.real, self.second, sets, cfg)
-        if self.kind == "images":
+        if self.kind.pixels:
             if self.net is None:
                 self.net = sc.feature_network(self.weights, cfg.device, root=self.root)
             bar = Progress("evaluate features", sum(len(x) for x in sets.values()))

@@ -15,21 +15,13 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from dkgm import data as ds
 from dkgm.debias import Denoiser, denoising_curve, denoising_mse, make_snapshot
 from dkgm.errors import DKGMError
+from dkgm.figures import labeled_grid, new_figure, save_figure, write_png
+from dkgm.kinds import DataKind
 from dkgm.networks import count_parameters
 from stages.artifacts import BANDWIDTH, DEBIASER_LOG, DEBIASER_SNAPSHOT, PREPARED, load_bandwidth, load_prepared
-from stages.common import (
-    labeled_grid,
-    log,
-    new_figure,
-    save_figure,
-    staged_outputs,
-    write_metrics,
-    write_parquet,
-    write_png,
-)
+from stages.common import log, staged_outputs, write_metrics, write_parquet
 from stages.contract import Out, Stage
 from stages.fitting import DebiaserParams, code_version, fit, loss_plot, sigma_max_for
 from stages.gates import Check, EnforcedSection, Gate, check, gate_token
@@ -134,16 +126,16 @@ def figure_scales(scales: tuple[float, ...]) -> list[float]:
 
 @torch.no_grad()
 def _denoise_figure(path: Path, ema: Denoiser, val: torch.Tensor, h: float, scales: tuple[float, ...],
-                    kind: str) -> None:
+                    kind: DataKind) -> None:
     device = next(ema.parameters()).device
     gen = torch.Generator().manual_seed(7)
     shown = figure_scales(scales)
-    if kind == "images":
+    if kind.pixels:
         x = val[torch.linspace(0, len(val) - 1, min(8, len(val))).long()]  # spread over the (ordered) split
-        rows, labels = [ds.to_uint8(x.numpy())], ["clean (held out)"]
+        rows, labels = [kind.store(x.numpy())], ["clean (held out)"]
         for s in shown:
             noisy = x + s * h * torch.randn(x.shape, generator=gen)
-            rows += [ds.to_uint8(noisy.numpy()), ds.to_uint8(ema(noisy.to(device), s * h).cpu().numpy())]
+            rows += [kind.store(noisy.numpy()), kind.store(ema(noisy.to(device), s * h).cpu().numpy())]
             labels += [f"noisy, sigma = {s:g} h = {s * h:.2f}", "denoised"]
         write_png(path, labeled_grid(rows, labels))
         return

@@ -10,7 +10,7 @@ import pytest
 
 from dkgm import data as ds
 from dkgm.errors import DKGMError
-from stages.common import image_grid
+from dkgm.figures import image_grid
 
 
 def test_mnist5k_is_the_real_digits():
@@ -94,7 +94,7 @@ def test_image_grid_matches_torchvision_make_grid(n, c, ncol, pad):
 
 def test_labeled_grid_scales_tiles_and_draws_labels_in_its_margins():
     from dkgm.errors import DKGMError
-    from stages.common import labeled_grid
+    from dkgm.figures import labeled_grid
 
     value = lambda r, c: 10 * (3 * r + c) + 5  # noqa: E731
     rows = [np.stack([np.full((1, 28, 28), value(r, c), np.uint8) for c in range(n)]) for r, n in ((0, 3), (1, 2))]
