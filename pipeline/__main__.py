@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--all", action="store_true", help="every metric, also those equal in every revision")
 
     abl = sub.add_parser("ablation", help="tabulate and plot the experiments of the documented sweeps",
-                         description="Collect the experiments of `dvc exp show --json` (HEAD's by default), find the swept "
+                         description="Collect DVC's experiments (`dvc exp show`; HEAD's by default), find the swept "
                          "params, and write a table per swept param plus plots (FID and memorization against the bandwidth "
                          "scale, FID against NFE). Queue the sweeps first: docs/ablations.md.")
     abl.add_argument("--out", default="reports/ablations.md",
@@ -259,11 +259,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_first_look(Path("."), Path(args.dir), prefect=args.prefect)
     if args.command == "compare":
-        from pipeline.compare import run_compare
+        from pipeline.experiments import run_compare
 
         return run_compare(args.revs, args.out, args.all)
     if args.command == "ablation":
-        from pipeline.ablation import run_ablation
+        from pipeline.experiments import run_ablation
 
         return run_ablation(args.out, args.all_commits)
     if args.command == "gate":

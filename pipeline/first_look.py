@@ -21,11 +21,19 @@ import time
 from pathlib import Path
 
 from dkgm.errors import DKGMError
-from pipeline.compare import dvc_executable as _dvc  # the venv's dvc, so stage commands use its python
 
 PRESET = "first_look"
 COPIED = ("dvc.yaml", "params.yaml", "prefect.toml", ".dvcignore")
 CODE = ("dkgm", "stages", "pipeline")
+
+
+def dvc_executable() -> str:
+    """The venv's dvc (next to this Python, so stage commands use its python), else the one on PATH."""
+    here = Path(sys.executable).parent / ("dvc.exe" if os.name == "nt" else "dvc")
+    found = str(here) if here.is_file() else shutil.which("dvc")
+    if not found:
+        raise DKGMError(f"first-look: dvc not found (neither in {here.parent} nor on PATH)")
+    return found
 
 
 def prepare_workspace(root: Path, out: Path) -> Path:
@@ -47,7 +55,7 @@ def prepare_workspace(root: Path, out: Path) -> Path:
         shutil.copytree(root / pkg, out / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     presets.apply(PRESET, out / "params.yaml")
     env = _env()
-    dvc = _dvc()
+    dvc = dvc_executable()
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=out, env=env, check=True)
     # what `dvc init --no-scm` wrote plus two `dvc config core.<key> false`, without two more dvc starts
     (out / ".dvc" / "config").write_text("[core]\n    no_scm = True\n    analytics = false\n    check_update = false\n")
@@ -65,7 +73,7 @@ def run_first_look(root: Path, out: Path, prefect: bool = False) -> int:
     t0 = time.perf_counter()
     out = prepare_workspace(root, out)
     print(f"first-look: workspace {out} (preset {PRESET}); running dvc repro", flush=True)
-    cmd, env = [_dvc(), "repro"], _env()
+    cmd, env = [dvc_executable(), "repro"], _env()
     if prefect and os.environ.get("DKGM_NO_PREFECT", "") in ("", "0"):
         cmd = [sys.executable, "-m", "pipeline", "serve", "--", *cmd]
     else:

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from dkgm.errors import DKGMError
-from pipeline.compare import flatten  # nested sections -> dotted keys (lists are values)
+from pipeline.experiments import flatten  # nested sections -> dotted keys (lists are values)
 
 PRESET_DIR = Path(__file__).parent / "presets"
 

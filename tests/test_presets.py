@@ -105,7 +105,7 @@ def test_first_look_workspace_is_a_project_of_its_own(tmp_path):
         assert node == (tuple(value) if isinstance(value, list) else value), key
     assert params.report.first_look and not params.gates.eval.enforce and params.prepare.limit == 600
     assert (out / "dvc.yaml").read_bytes() == (REPO / "dvc.yaml").read_bytes()
-    from pipeline.compare import dvc_executable
+    from pipeline.first_look import dvc_executable
 
     listed = subprocess.run([dvc_executable(), "config", "--list", "--project"], cwd=out, capture_output=True,
                             text=True, check=True).stdout.split()  # the hand-written config, as DVC reads it
