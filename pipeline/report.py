@@ -50,7 +50,7 @@ from stages.gates import GO, NO_GO, OVERRIDDEN, gate_record
 REPORT_MD = "reports/report.md"
 REPORT_HTML = "reports/report.html"  # self-contained: images embedded as data URIs
 TEMPLATES = Path(__file__).with_name("templates")
-TEMPLATE_FILES = ("pipeline/templates/report.md.j2", "pipeline/templates/report.html.j2")
+TEMPLATE_FILES = ("pipeline/templates/report.md.j2", "pipeline/templates/report.html.j2", "pipeline/templates/report.css")
 
 NOT_RUN = "not run"
 ABSENT = "—"  # a value the metrics file does not have (or that does not apply)
@@ -1011,60 +1011,6 @@ def render_md(doc: Document) -> str:
 
 # ----------------------------------------------------------------------------- HTML
 
-CSS = """
-:root { --go: #1a7f37; --nogo: #cf222e; --override: #bc4c00; --muted: #656d76; --border: #d0d7de; --soft: #f6f8fa; }
-* { box-sizing: border-box; }
-html { background: var(--soft); }
-body { margin: 0; color: #1f2328; font: 15px/1.5 -apple-system, "Segoe UI", "Noto Sans", Helvetica, Arial, sans-serif; }
-main { max-width: 1120px; margin: 24px auto; padding: 28px 40px 40px; background: #fff; border: 1px solid var(--border);
-       border-radius: 8px; }
-h1 { font-size: 28px; margin: 0 0 2px; }
-h2 { font-size: 21px; margin: 36px 0 10px; padding-bottom: 6px; border-bottom: 1px solid var(--border); }
-h3 { font-size: 16px; margin: 22px 0 8px; }
-p { margin: 8px 0; }
-p.subtitle { color: var(--muted); margin: 0 0 14px; }
-p.note { color: var(--muted); font-size: 13px; margin: 4px 0; }
-code { font: 12.5px/1.4 ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace;
-       background: var(--soft); padding: 1px 4px; border-radius: 4px; overflow-wrap: anywhere; }
-nav { display: flex; flex-wrap: wrap; row-gap: 2px; font-size: 14px; margin: 6px 0 4px; color: var(--muted); }
-nav a { color: #0969da; text-decoration: none; margin-right: 14px; white-space: nowrap; }
-.badges { display: flex; flex-wrap: wrap; gap: 10px; margin: 12px 0; }
-.badge { border: 1px solid var(--border); border-radius: 6px; padding: 6px 12px; font-weight: 600; }
-.table-wrap { overflow-x: auto; margin: 8px 0 16px; }
-table { border-collapse: collapse; font-size: 14px; }
-th, td { border: 1px solid var(--border); padding: 5px 10px; text-align: left; vertical-align: top; }
-th { background: var(--soft); font-weight: 600; white-space: nowrap; }
-tbody tr:nth-child(even) td { background: #fbfcfd; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.go, .nogo, .override, .notrun { display: inline-block; padding: 0 8px; border-radius: 10px; font-weight: 600;
-                                  font-size: 13px; white-space: nowrap; }
-.go { color: #fff; background: var(--go); }
-.nogo { color: #fff; background: var(--nogo); }
-.override { color: #fff; background: var(--override); }
-.notrun { color: var(--muted); background: #eaeef2; font-weight: 500; }
-.pass { color: var(--go); font-weight: 600; }
-.fail { color: var(--nogo); font-weight: 700; }
-.cards { display: flex; flex-wrap: wrap; gap: 4px 28px; align-items: flex-start; }
-.card h3 { margin: 14px 0 4px; }
-.card .table-wrap { margin: 4px 0 8px; }
-.figures { display: flex; flex-wrap: wrap; gap: 18px; justify-content: center; }
-figure { margin: 0; padding: 12px; border: 1px solid var(--border); border-radius: 6px; background: #fff;
-         max-width: 100%; }
-figure img { display: block; max-width: 100%; height: auto; margin: 0 auto; }
-figure img.pixels { image-rendering: pixelated; }
-figcaption { font-size: 13px; color: #424a53; margin-top: 8px; max-width: 780px; }
-figcaption b { color: #1f2328; }
-.badge.verdict { font-size: 22px; padding: 6px 14px; border-width: 2px; }
-.badge.verdict span { font-size: 20px; padding: 2px 14px; border-radius: 14px; }
-ul.warning { border-left: 4px solid var(--override); background: #fff8f0; padding: 8px 12px 8px 30px; }
-.side { display: flex; flex-wrap: wrap; gap: 18px; align-items: flex-start; }
-.side-table { flex: 1 1 420px; min-width: 0; }
-.side figure { flex: 0 1 auto; max-width: 420px; }
-details { margin: 10px 0; }
-summary { cursor: pointer; font-weight: 600; }
-figure.missing { width: 100%; border-style: dashed; color: var(--muted); background: var(--soft); text-align: center;
-                 padding: 18px; }
-"""
 MAX_FIGURE_WIDTH = 1040  # the content width of <main>
 MAX_FIGURE_HEIGHT = 900  # taller plots are shown smaller (the file is embedded unchanged)
 PIXEL_TARGET = 560  # image grids are scaled by the integer factor that brings them closest to this width
@@ -1099,7 +1045,8 @@ def figure_display_size(fig: Figure) -> tuple[int, int]:
 
 
 def render_html(doc: Document) -> str:
-    return _templates().get_template("report.html.j2").render(doc=doc, css=CSS, max_width=MAX_FIGURE_WIDTH)
+    css = (TEMPLATES / "report.css").read_text(encoding="utf-8")
+    return _templates().get_template("report.html.j2").render(doc=doc, css=css, max_width=MAX_FIGURE_WIDTH)
 
 
 # ----------------------------------------------------------------------------- stage

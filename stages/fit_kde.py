@@ -194,22 +194,30 @@ def _write_curve(path: Path, search: kde.BandwidthSearch, d: int, baselines: lis
 
 
 def _plot_curve(path, search, d, baselines, named, exact) -> None:
-    fig, ax = new_figure(7, 4.2)
+    """Two panels on the same log-h axis: the whole curve (every grid point), and the region around
+    the optimum where the candidates differ (the whole curve spans hundreds of nats there)."""
+    fig, (whole, ax) = new_figure(11, 4.2, ncols=2)
     ll, up = search.loglik / d, (search.loglik + search.bound) / d
     finite_up = np.where(np.isfinite(up), up, np.nan)
-    ax.plot(search.grid, ll, "o-", ms=3, label="KDE held-out log-lik (top-k lower bound)")
-    ax.fill_between(search.grid, ll, finite_up, alpha=0.2, label="truncation bound")
-    ax.plot(search.grid, baselines, "--", color="grey", label="diagonal Gaussian, same smoothing")
     styles = {"cv": ("C3", "CV optimum"), "used": ("k", "selected"), "scott": ("C2", "Scott"), "silverman": ("C4", "Silverman")}
-    for key, (color, label) in styles.items():
-        ax.axvline(named[key], color=color, ls=":", lw=1.2, label=f"{label} h={named[key]:.3g}: {exact[key] / d:.3f}")
-    ax.set_xscale("log")
-    ax.set_xlabel("bandwidth h (per-coordinate std)")
-    ax.set_ylabel("nats per dimension")
-    lo = np.nanmin(ll[np.isfinite(ll)])
-    ax.set_ylim(max(lo, np.nanmax(ll) - 3.0 * (np.nanmax(ll) - np.nanmedian(ll)) - 0.5), np.nanmax(finite_up) + 0.1)
-    ax.set_title(f"bandwidth selection: held-out log-likelihood (d={d})")
-    ax.legend(fontsize=7, loc="lower right")
+    for a in (whole, ax):
+        a.plot(search.grid, ll, "o-", ms=3, label="KDE held-out log-lik (top-k lower bound)")
+        a.fill_between(search.grid, ll, finite_up, alpha=0.2, label="truncation bound")
+        a.plot(search.grid, baselines, "--", color="grey", label="diagonal Gaussian, same smoothing")
+        for key, (color, label) in styles.items():
+            a.axvline(named[key], color=color, ls=":", lw=1.2, label=f"{label} h={named[key]:.3g}: {exact[key] / d:.3f}")
+        a.set_xscale("log")
+        a.set_xlabel("bandwidth h (per-coordinate std)")
+    whole.set_ylabel("nats per dimension")
+    whole.set_title(f"the whole search grid (d={d})", fontsize=10)
+    top = np.nanmax(finite_up)
+    near = np.nanmax(ll) - 3.0 * (np.nanmax(ll) - np.nanmedian(ll)) - 0.5
+    shown = np.isfinite(ll) & (ll >= near)
+    ax.set_xlim(search.grid[shown].min() / 1.1, search.grid[shown].max() * 1.1)
+    ax.set_ylim(max(np.nanmin(ll[np.isfinite(ll)]), near), top + 0.1)
+    ax.set_title("near the optimum: where the candidates differ", fontsize=10)
+    ax.legend(fontsize=7, loc="lower center")
+    fig.suptitle("bandwidth selection: held-out log-likelihood per dimension", fontsize=11)
     save_figure(fig, path)
 
 

@@ -101,7 +101,7 @@ def test_dvc_yaml_artifacts_and_command_match_the_stage(dvc_stages):
         assert _outs(stage["outs"]) == set(spec.out_paths)
         cached = {next(iter(e)) if isinstance(e, dict) else e: not isinstance(e, dict) for e in stage["outs"]}
         assert all(cached[o.path] == o.cached for o in spec.outs)
-        artifacts = [d for d in stage["deps"] if not d.endswith((".py", ".j2"))]
+        artifacts = [d for d in stage["deps"] if not d.endswith((".py", ".j2", ".css"))]
         assert artifacts == list(spec.deps)
         assert spec.module.replace(".", "/") + ".py" in stage["deps"]  # a stage re-runs when its code changes
 
