@@ -60,6 +60,15 @@ def _sampler(params) -> dict:
             "churn": r.churn, "churn_min": r.churn_min, "churn_max": r.churn_max}
 
 
+def _named(kind: str, seed: int, recipe: dict) -> str:
+    """The folder of one network: its seed and a hash of params.yaml's training recipe, so a network
+    trained under an earlier recipe is never scored as this recipe's (a changed default trains anew)."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{kind}_seed{seed}_{digest}"
+
+
 def _train_or_copy(name: str, overrides: dict, run_snapshot: Path | None) -> None:
     folder = SEEDS / name
     if (folder / "snapshot.pt").is_file() and (folder / "train.json").is_file():
@@ -100,8 +109,9 @@ def run(seeds: list[int], from_run: bool, n: int, scales: list[float]) -> None:
     sampler = _sampler(params)
     etas = list(params.calibrate.etas)
     out = SEEDS / "spread.jsonl"
+    recipe = training_recipe(params)
     for seed in seeds:
-        dk, bl = f"dkgm_seed{seed}", f"baseline_seed{seed}"
+        dk, bl = _named("dkgm", seed, recipe), _named("baseline", seed, recipe)
         _train_or_copy(dk, {"seed": seed}, ROOT / "models/debiaser/snapshot.pt" if from_run else None)
         _train_or_copy(bl, {"seed": seed, "sigma_max": params.baseline.sigma_max},
                        ROOT / "models/baseline/snapshot.pt" if from_run else None)
@@ -114,7 +124,7 @@ def run(seeds: list[int], from_run: bool, n: int, scales: list[float]) -> None:
                                           params.calibrate.probe_samples, 0, params.calibrate.margin,
                                           at=best["scale"], where=SEEDS)[0]
         rows["baseline"] = score_noise(bl, params, n)
-        record = {"seed": seed, "from_run": from_run, "n": n, "recipe": training_recipe(params),
+        record = {"seed": seed, "from_run": from_run, "n": n, "recipe": recipe,
                   **{k: v for k, v in rows.items() if v is not None}}
         with out.open("a") as f:
             f.write(json.dumps(record) + "\n")
