@@ -28,9 +28,8 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from dkgm import data as ds
 from dkgm.errors import DKGMError
-from dkgm.figures import new_figure, save_figure
+from dkgm.figures import labeled_grid, new_figure, save_figure, write_png
 from dkgm.kinds import KINDS
 from stages.artifacts import (
     KDE_SAMPLES,
@@ -119,30 +118,21 @@ def run(cfg: EvaluateParams, root: Path) -> dict[str, Any]:
 
 
 def _nearest_images(path: Path, sets: dict, per_sample: dict, prepared: Prepared, n: int, rows: int) -> None:
-    """Per row: KDE sample | its nearest training image | refined sample | its nearest | its anchor."""
-    import matplotlib.pyplot as plt
-
+    """Per row: KDE sample | its nearest training image | refined sample | its nearest | its anchor,
+    in the data's own colours, labelled at a readable size (dkgm.figures.labeled_grid); the row label
+    gives both samples' d1 (distance to the nearest training image, RMS per pixel)."""
     rows = min(rows, n)
     nn = {name: np.asarray(per_sample["nn_row"][i * n : (i + 1) * n]) for i, name in enumerate(SETS)}
     d1 = {name: np.asarray(per_sample["d1"][i * n : (i + 1) * n]) for i, name in enumerate(SETS)}
     anchors = np.asarray(per_sample["anchor_row"][:n])
-    cols = ["KDE sample", "nearest training", "refined sample", "nearest training", "KDE anchor"]
-    fig, axes = plt.subplots(rows, len(cols), figsize=(1.5 * len(cols), 1.55 * rows + 0.4), dpi=110, squeeze=False)
+    kind = prepared.kind
+    grid, labels = [], []
     for r in range(rows):
-        tiles = [sets["kde"][r], ds.to_float(prepared.data[nn["kde"][r]]), sets["refined"][r],
-                 ds.to_float(prepared.data[nn["refined"][r]]), ds.to_float(prepared.data[anchors[r]])]
-        notes = [f"d1 {d1['kde'][r]:.3f}", "", f"d1 {d1['refined'][r]:.3f}",
-                 "= anchor" if nn["refined"][r] == anchors[r] else "", ""]
-        for c, (tile, note) in enumerate(zip(tiles, notes)):
-            ax = axes[r, c]
-            ax.imshow(np.clip((tile[0] + 1) / 2, 0, 1), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if note:
-                ax.set_xlabel(note, fontsize=7)
-            if r == 0:
-                ax.set_title(cols[c], fontsize=8)
-    save_figure(fig, path)
+        grid.append(np.stack([kind.store(sets["kde"][r]), prepared.data[nn["kde"][r]], kind.store(sets["refined"][r]),
+                              prepared.data[nn["refined"][r]], prepared.data[anchors[r]]]))
+        same = " *" if nn["refined"][r] == anchors[r] else ""
+        labels.append(f"{d1['kde'][r]:.2f} -> {d1['refined'][r]:.2f}{same}")
+    write_png(path, labeled_grid(grid, labels, ["KDE", "nearest", "refined", "nearest", "anchor"]))
 
 
 def _nearest_points(path: Path, refined: np.ndarray, per_sample: dict, prepared: Prepared, n: int) -> None:
@@ -266,7 +256,9 @@ STAGES = (
             Out(METRICS, "metrics"),
             Out(PER_SAMPLE, "table"),
             Out(NEAREST, "figure", "Nearest-neighbour pairs",
-                "per row: KDE sample, its nearest training image, refined sample, its nearest, its KDE anchor",
+                "per row: KDE sample, its nearest training image, refined sample, its nearest, its KDE anchor; "
+                "the row label: d1 (distance to the nearest training image, RMS per pixel) of the KDE sample -> of the "
+                "refined one, * where the refined sample's nearest is its own anchor",
                 "refined points joined to their nearest training points"),
             Out(MEMORIZATION, "figure", "Memorization histograms",
                 "d1/d2 to the two nearest training items, and distance to the own anchor, against held-out real data"),
