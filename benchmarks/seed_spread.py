@@ -131,6 +131,22 @@ def run(seeds: list[int], from_run: bool, n: int, scales: list[float]) -> None:
         print(json.dumps({"seed": seed, **{k: (v or {}).get("fid") for k, v in rows.items()}}))
 
 
+def current_records(records: list[dict], recipe: dict) -> list[dict]:
+    """The records made under `recipe` (params.yaml's training recipe). Records that carry none are
+    from before recipes were recorded: usable only when no record carries one (a committed legacy
+    table); beside recorded ones they are another recipe's and are left out, as are other recipes'."""
+    if not any(r.get("recipe") for r in records):
+        return records
+    kept = [r for r in records if r.get("recipe") == recipe]
+    if len(kept) < len(records):
+        left = sorted({r["seed"] for r in records if r not in kept})
+        print(f"seed_spread: {len(records) - len(kept)} record(s) of another or unrecorded training recipe left out "
+              f"(seeds {left}); `run` those seeds again under this params.yaml", file=sys.stderr)
+    if not kept:
+        raise SystemExit("no record was made under params.yaml's training recipe: `python benchmarks/seed_spread.py run`")
+    return kept
+
+
 def summarise(records: list[dict]) -> dict:
     """Per row: each seed's FID, their mean and range; the DKGM - baseline and DKGM - control gaps
     per seed, and whether the smallest gap's sign holds across seeds."""
@@ -217,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         SEEDS.mkdir(parents=True, exist_ok=True)
         run(args.seeds, args.from_run, args.n, [float(v) for v in args.scales.split(",")])
     else:
-        table(sweep.load_rows(args.rows), args.out, args.out.with_suffix(".json"), args.rows)
+        records = current_records(sweep.load_rows(args.rows), training_recipe(_params()))
+        table(records, args.out, args.out.with_suffix(".json"), args.rows)
     return 0
 
 
