@@ -230,7 +230,7 @@ def sync_comments(text: str, wanted: dict[str, str] | None = None) -> tuple[str,
             out.append(line)
             continue
         head = f"{m.group('indent')}{m.group('key')}:{m.group('value').rstrip()}"
-        column = len(line) - len(line.lstrip()) + len(line.lstrip().split("#")[0]) if m.group("comment") else COMMENT_COLUMN
+        column = line.index("#") if m.group("comment") is not None else COMMENT_COLUMN  # a value holds no "#"
         out.append(f"{head.ljust(max(column, len(head) + 2))}# {want}")
         changed.append(key)
     return "\n".join(out) + ("\n" if text.endswith("\n") else ""), changed
