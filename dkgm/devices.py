@@ -6,16 +6,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from dkgm.errors import DKGMError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(device: str | torch.device, key: str = "the stage's device") -> torch.device:
     """`auto` -> CUDA when present, else the CPU; `cpu`, `cuda`, `cuda:N` as given. A device this
     machine lacks is one line naming `key` (the params key that chose it) and the fix. A CUDA
     device comes back configured for the pipeline's work (configure_cuda)."""
+    import torch
+
     if isinstance(device, torch.device):
         return configure_cuda(device)
     if device == "auto":
@@ -35,6 +39,8 @@ def resolve_device(device: str | torch.device, key: str = "the stage's device") 
 def _set_fp32_precision(matmul: str, conv: str) -> None:
     """TF32 on or off through the per-backend precision settings (torch >= 2.9), falling back
     to the legacy allow_tf32 flags on older torch."""
+    import torch
+
     cuda_matmul, cudnn_conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     if hasattr(cuda_matmul, "fp32_precision") and hasattr(cudnn_conv, "fp32_precision"):
         cuda_matmul.fp32_precision = matmul
@@ -48,6 +54,8 @@ def configure_cuda(device: torch.device) -> torch.device:
     """On a CUDA device: float32 matmuls and convolutions in TF32 (the network's fp32 parts; the
     distance passes opt out with exact_fp32) and cudnn.benchmark (every stage runs fixed shapes
     many times). A no-op on the CPU."""
+    import torch
+
     if device.type == "cuda":
         _set_fp32_precision("tf32", "tf32")
         torch.backends.cudnn.benchmark = True
@@ -60,6 +68,8 @@ def exact_fp32() -> Iterator[None]:
     rounding on CPUs with AMX (the per-backend `fp32_precision` API only: torch raises when it is
     mixed with the legacy set_float32_matmul_precision). Nearest-neighbour and bandwidth passes
     rank distances whose differences TF32's 10-bit mantissa would blur."""
+    import torch
+
     backends = [b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
                 if b is not None and hasattr(b, "fp32_precision")]
     if not backends:  # pragma: no cover - torch < 2.9
@@ -92,6 +102,8 @@ def cpu_has_bf16() -> bool:
 
 def cuda_has_bf16(device: torch.device) -> bool:
     """Whether the CUDA device computes in bf16 natively (compute capability 8.0 and later)."""
+    import torch
+
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
@@ -100,6 +112,8 @@ def resolve_precision(choice: str, device: torch.device, key: str = "the stage's
     AVX512-BF16 CPU: 1.7-2.1x the fp32 training throughput of the default U-Net, 2.4x its sampling
     throughput); fp32 elsewhere. An explicit bf16 on a GPU without bf16 units is one line naming
     `key` (emulated bf16 would be slower than fp32)."""
+    import torch
+
     if choice == "bf16" and device.type == "cuda" and not cuda_has_bf16(device):
         raise DKGMError(f"{key}: bf16 but {torch.cuda.get_device_name(device)} has no bf16 units: set {key} to "
                         "auto or fp32")
@@ -121,6 +135,8 @@ def init_distributed(choice: str, key: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device) under torchrun, the process group started (NCCL on CUDA, bound to
     this rank's GPU first, else gloo); (0, 1, resolve_device(choice)) when run alone."""
     import os
+
+    import torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:

@@ -27,16 +27,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-
-import torch
+from typing import TYPE_CHECKING
 
 from dkgm.errors import DKGMError
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEDULES = ("geometric", "karras", "robbins_monro")
 SOLVERS = ("euler", "heun")
 
-DenoiseFn = Callable[[torch.Tensor, float], torch.Tensor]
-NoiseFn = Callable[[int, torch.Size], torch.Tensor]  # (step k, shape) -> xi_k on the samples' device
+DenoiseFn = Callable[["torch.Tensor", float], "torch.Tensor"]
+NoiseFn = Callable[[int, "torch.Size"], "torch.Tensor"]  # (step k, shape) -> xi_k on the samples' device
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,6 @@ class SamplerConfig:
 SAMPLER_FIELDS = tuple(f.name for f in fields(SamplerConfig))
 
 
-@torch.no_grad()
 def debias(
     denoise: DenoiseFn,
     x: torch.Tensor,
@@ -176,24 +177,27 @@ def debias(
         raise DKGMError("eta > 0 needs a noise source")
     if noise is None and ladder.sigma_up is not None:
         raise DKGMError("churn needs a noise source")
-    kept = {0: x.clone()} if 0 in keep else {}
-    for k in range(ladder.steps):
-        s, a, b, s_hat = ladder.start(k), ladder.a[k], ladder.b[k], ladder.sigma_hat[k]
-        if s > ladder.sigmas[k]:  # churn: raise the level first
-            assert noise is not None
-            x = x + math.sqrt(s * s - ladder.sigmas[k] ** 2) * noise(k, x.shape)
-        d = denoise(x, s)
-        if solver == "heun" and s_hat > 0:
-            slope = (x - d) / s
-            x_euler = x + (s_hat - s) * slope
-            slope2 = (x_euler - denoise(x_euler, s_hat)) / s_hat
-            x_next = x + (s_hat - s) * 0.5 * (slope + slope2)
-        else:
-            x_next = x + a * (d - x)
-        if b > 0:
-            assert noise is not None
-            x_next = x_next + b * noise(k, x.shape)
-        x = x_next
-        if k + 1 in keep:
-            kept[k + 1] = x.clone()
-    return x, kept
+    import torch
+
+    with torch.no_grad():  # not a decorator: this module imports without torch (the stage declarations use it)
+        kept = {0: x.clone()} if 0 in keep else {}
+        for k in range(ladder.steps):
+            s, a, b, s_hat = ladder.start(k), ladder.a[k], ladder.b[k], ladder.sigma_hat[k]
+            if s > ladder.sigmas[k]:  # churn: raise the level first
+                assert noise is not None
+                x = x + math.sqrt(s * s - ladder.sigmas[k] ** 2) * noise(k, x.shape)
+            d = denoise(x, s)
+            if solver == "heun" and s_hat > 0:
+                slope = (x - d) / s
+                x_euler = x + (s_hat - s) * slope
+                slope2 = (x_euler - denoise(x_euler, s_hat)) / s_hat
+                x_next = x + (s_hat - s) * 0.5 * (slope + slope2)
+            else:
+                x_next = x + a * (d - x)
+            if b > 0:
+                assert noise is not None
+                x_next = x_next + b * noise(k, x.shape)
+            x = x_next
+            if k + 1 in keep:
+                kept[k + 1] = x.clone()
+        return x, kept

@@ -23,15 +23,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from dkgm import data as ds
-from dkgm.debias import denoising_mse, load_denoiser, make_snapshot
 from dkgm.devices import process_rank, resolve_device, resolve_precision
 from dkgm.errors import DKGMError
 from dkgm.figures import image_grid, new_figure, save_figure, write_png
-from dkgm.networks import count_parameters
 from stages import fitting
 from stages.artifacts import BASELINE_LOG, BASELINE_SAMPLES, BASELINE_SNAPSHOT, PREPARED, load_prepared
 from stages.common import Progress, log, staged_outputs, write_json, write_metrics, write_parquet
@@ -85,6 +82,11 @@ def debiaser_params(shared: dict[str, Any]) -> fitting.DebiaserParams:
 
 
 def train_run(cfg: BaselineParams, root: Path, shared: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from dkgm.debias import denoising_mse, make_snapshot
+    from dkgm.networks import count_parameters
+
     root = Path(root)
     if not cfg.enabled:
         if process_rank()[0] != 0:  # under torchrun: rank 0 writes the skipped record
@@ -149,6 +151,10 @@ def _skipped_figure(path: Path) -> None:
 
 
 def sample_run(cfg: SampleBaselineParams, root: Path) -> dict[str, Any]:
+    import torch
+
+    from dkgm.debias import load_denoiser
+
     root = Path(root)
     snap_meta = torch.load(root / BASELINE_SNAPSHOT, map_location="cpu", weights_only=True)
     if snap_meta.get("skipped"):

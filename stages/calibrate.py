@@ -31,21 +31,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator
 
 from dkgm import data as ds
-from dkgm import metrics as mt
-from dkgm import operating_point as op
-from dkgm.debias import load_denoiser
 from dkgm.devices import resolve_device, resolve_precision
 from dkgm.errors import DKGMError
 from dkgm.figures import labeled_grid, new_figure, save_figure, write_png
 from dkgm.kinds import DataKind
-from dkgm.scoring import feature_network
 from stages.artifacts import (
     BANDWIDTH,
     DEBIASER_SNAPSHOT,
@@ -61,6 +56,9 @@ from stages.common import Progress, log, staged_outputs, write_json, write_metri
 from stages.contract import Device, Out, Section, Stage
 from stages.gates import Check, EnforcedSection, Gate, check, gate_token
 from stages.sampling import SAMPLER_KEYS, debias_batch, denoise_fn, sampler_config
+
+if TYPE_CHECKING:
+    import dkgm.operating_point as op
 
 CANDIDATES = "reports/calibrate/candidates.parquet"
 TRADEOFF = "reports/calibrate/tradeoff.png"
@@ -129,6 +127,8 @@ class CalibrateParams(Section):
 
 def novelty_rule(cfg: CalibrateParams, shared: dict[str, Any], n_test: int) -> op.NoveltyRule:
     """The evaluation gate's rule, with calibrate's margin, at the evaluation's sample sizes."""
+    import dkgm.operating_point as op
+
     return op.NoveltyRule(min_zu=shared["gates.eval.min_zu_pixel"], margin=cfg.margin,
                           copy_floor_factor=shared["gates.eval.copy_floor_factor"],
                           copy_allowance=shared["gates.eval.copy_allowance"],
@@ -139,6 +139,8 @@ def novelty_rule(cfg: CalibrateParams, shared: dict[str, Any], n_test: int) -> o
 
 def pca_basis(train: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
     """(mean, top principal directions as columns) of the flattened training items."""
+    import torch
+
     x = torch.as_tensor(train.reshape(len(train), -1), dtype=torch.float64)
     mean = x.mean(0)
     _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
@@ -146,6 +148,10 @@ def pca_basis(train: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run(cfg: CalibrateParams, root: Path, shared: dict[str, Any]) -> dict[str, Any]:
+    import dkgm.metrics as mt
+    import dkgm.operating_point as op
+    from dkgm.debias import load_denoiser
+
     prepared = load_prepared(root)
     bw = load_bandwidth(root, prepared)
     h_kde = float(bw["h"])
@@ -254,6 +260,9 @@ def _inception_fids(root: Path, prepared: Prepared, rows: list[dict[str, Any]],
                     probes: dict[tuple[float, float], np.ndarray], cfg: CalibrateParams) -> float:
     """FID (against the reference's training statistics) of each row's probe, in place; returns the
     held-out floor at the same n."""
+    import dkgm.metrics as mt
+    from dkgm.scoring import feature_network
+
     ref, meta = load_reference(root, prepared)
     net = feature_network(meta.get("weights"), cfg.device, "calibrate.device", root=root)
     n = min(cfg.fid_samples, cfg.probe_samples)

@@ -174,10 +174,9 @@ def peak_memory() -> dict[str, float]:
     identical runs."""
     import resource
 
-    import torch
-
     peak = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    torch = sys.modules.get("torch")  # a stage that never imported torch used no GPU (and pays nothing to say so)
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         peak["peak_gpu_mib"] = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
     return peak
 

@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from dkgm import data as ds
-from dkgm.debias import load_denoiser
 from dkgm.devices import resolve_device, resolve_precision
 from dkgm.figures import labeled_grid, new_figure, save_figure, write_png
 from stages.artifacts import (
@@ -54,6 +52,9 @@ from stages.common import Progress, log, read_parquet, staged_outputs, write_met
 from stages.contract import Device, Out, Section, Stage
 from stages.sampling import SAMPLER_KEYS, debias_batch, denoise_fn, sample_from_noise, sampler_config
 from stages.scoring import SETTINGS, Scorer, settings
+
+if TYPE_CHECKING:
+    import torch
 
 TABLE = "reports/comparison/table.csv"
 DENOISE_TABLE = "reports/comparison/denoise_error.csv"
@@ -101,6 +102,10 @@ def train_cost(log_path: Path, kimg: float) -> tuple[float, float]:
 
 
 def run(cfg: ComparisonParams, root: Path, shared: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from dkgm.debias import load_denoiser
+
     root = Path(root)
     ecfg = settings(shared)
     sampler = sampler_config(shared)
@@ -235,6 +240,7 @@ def denoise_curves(nets: dict[str, Any], root: Path, h: float, sigma_max: float,
     """Held-out denoising error of each network over sigma (log-spaced from 0.02 to DKGM's sigma_max,
     plus the operating point's start h), on the same validation images and noise draws."""
     import pandas as pd
+    import torch
 
     from dkgm.debias import denoising_curve
     from stages.artifacts import load_prepared

@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 from pydantic import Field, field_validator
 
-from dkgm import kde
 from dkgm.devices import resolve_device
 from dkgm.errors import DKGMError
 from dkgm.figures import new_figure, save_figure
@@ -23,6 +22,9 @@ from stages.artifacts import BANDWIDTH, PREPARED, load_prepared
 from stages.common import Progress, log, staged_outputs, write_json, write_metrics
 from stages.contract import Device, Out, Section, Stage
 from stages.gates import Check, EnforcedSection, Gate, check
+
+if TYPE_CHECKING:
+    import dkgm.kde as kde
 
 TOPK = "data/kde/val_topk.npz"  # each validation point's k nearest training rows
 CV_CURVE = "reports/kde/cv_curve.csv"
@@ -101,6 +103,8 @@ def choose(cfg: KDEParams, h_cv: float, h_scott: float, h_silverman: float) -> f
 
 
 def run(cfg: KDEParams, root: Path) -> dict[str, Any]:
+    import dkgm.kde as kde
+
     prepared = load_prepared(root)
     train, val = prepared.split("train"), prepared.split("val")
     if len(val) == 0:

@@ -12,22 +12,25 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
 import dkgm
-from dkgm.debias import Denoiser
 from dkgm.devices import init_distributed, resolve_precision
 from dkgm.errors import DKGMError
 from dkgm.figures import new_figure, save_figure
-from dkgm.networks import NetworkConfig, build_network, count_parameters
-from dkgm.training import TrainConfig, train
 from stages.artifacts import Prepared
 from stages.common import Progress, log, write_json
 from stages.contract import Device, Section
+
+if TYPE_CHECKING:
+    import torch
+
+    from dkgm.debias import Denoiser
+    from dkgm.networks import NetworkConfig
+    from dkgm.training import TrainConfig
 
 STATES = "checkpoints/debiaser"  # resumable training states, outside DVC (one folder per config)
 
@@ -133,6 +136,9 @@ def configs(cfg: DebiaserParams, h: float, shape: tuple[int, ...], device: torch
     """The network and the trainer of a debiaser section over [sigma_min, sigma_max]. The noise
     distribution is the section's (sigma_dist, p_mean, p_std) unless given: the diffusion baseline
     trains the same network with the same trainer and optimizer over EDM's range and distribution."""
+    from dkgm.networks import NetworkConfig
+    from dkgm.training import TrainConfig
+
     net = NetworkConfig(**section_values(cfg, NetworkConfig), shape=tuple(shape))
     if cfg.sigma_min >= sigma_max:
         raise DKGMError(f"debiaser.sigma_min ({cfg.sigma_min}) must be below sigma_max = {sigma_max:.4g} "
@@ -242,6 +248,12 @@ def fit(cfg: DebiaserParams, prepared: Prepared, root: Path, *, h: float, data_e
     [sigma_min, sigma_max]; None on ranks other than 0 under torchrun. `noise_dist` (sigma_dist,
     p_mean, p_std) replaces the section's: the baseline's way of training the same network with the
     same trainer over EDM's distribution."""
+    import torch
+
+    from dkgm.debias import Denoiser
+    from dkgm.networks import build_network, count_parameters
+    from dkgm.training import train
+
     prepared.kind.check_arch(cfg.arch, prepared.meta["dataset"])
     train_np = prepared.split("train")
     rank, world, device = init_distributed(cfg.device, "debiaser.device")  # a CUDA device comes back with TF32 and cudnn.benchmark on

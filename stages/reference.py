@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import Field, field_validator
 
-from dkgm import inception
 from dkgm.devices import resolve_device
 from dkgm.errors import DKGMError
 from stages.artifacts import PREPARED, REFERENCE, load_prepared
 from stages.common import Progress, log, staged_outputs, write_json, write_metrics
 from stages.contract import Device, Out, Section, Stage
+
+if TYPE_CHECKING:
+    import dkgm.inception as inception
 
 METRICS = "reports/reference/metrics.json"
 
@@ -61,6 +63,8 @@ class ReferenceParams(Section):
 
 
 def resolve(cfg: ReferenceParams) -> inception.Weights:
+    import dkgm.inception as inception
+
     def download(path: Path) -> None:
         """clean-fid's own download into a temporary folder, then a rename: an interrupted download
         leaves no truncated file where resolve_weights would find it."""
@@ -90,6 +94,8 @@ def reference_subset(train_rows: np.ndarray, n: int | None, seed: int) -> np.nda
 
 
 def run(cfg: ReferenceParams, root: Path) -> dict[str, Any]:
+    import dkgm.inception as inception
+
     prepared = load_prepared(root)
     train_rows = reference_subset(prepared.split_rows("train"), cfg.train_images, cfg.seed)
     test_rows, val_rows = prepared.split_rows("test"), prepared.split_rows("val")

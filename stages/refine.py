@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator
 
 from dkgm import data as ds
-from dkgm.debias import load_denoiser
 from dkgm.devices import init_distributed, resolve_precision
 from dkgm.errors import DKGMError
 from dkgm.figures import labeled_grid, new_figure, save_figure, write_png
@@ -91,6 +89,8 @@ def figure_steps(k: int) -> list[int]:
 def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
     """Read the KDE samples and the debiaser, debias every batch into the staged samples file (under
     torchrun: every world-th batch per rank, rank 0 publishing), then the metrics and figures."""
+    from dkgm.debias import load_denoiser
+
     prepared = load_prepared(root)
     x_kde, manifest, kde_meta = load_samples(root, KDE_SAMPLES, "KDE samples", mmap=True)
     rank, world, device = init_distributed(cfg.device, "refine.device")  # torchrun: batches shared by rank
@@ -148,6 +148,8 @@ def run(cfg: RefineParams, root: Path) -> dict[str, Any]:
 def _open_output(base: Path | None, kind: DataKind, shape: tuple[int, ...], world: int, rank: int) -> np.ndarray:
     """The staged samples file, memory-mapped: rank 0 creates it; under torchrun the other ranks map
     rank 0's file (one machine, or a shared disk) and write their rows into it."""
+    import torch
+
     if rank == 0:
         base.mkdir()
         out = open_npy(base / "samples.npy", np.dtype(kind.storage), shape)
@@ -201,6 +203,8 @@ def _debias_into(out: np.ndarray, fn, x_kde: np.ndarray, manifest, prepared, lad
 def _gather(per_k: np.ndarray, traj: dict[int, dict[int, np.ndarray]]) -> tuple[np.ndarray, dict]:
     """torchrun: every rank's distances (each sample's row is filled by exactly one rank) and iterates,
     once every rank's rows are in the file."""
+    import torch
+
     per_k_t = torch.from_numpy(per_k)
     torch.distributed.all_reduce(per_k_t)
     pieces: list[Any] = [None] * torch.distributed.get_world_size()

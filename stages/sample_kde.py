@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator
 
-from dkgm import kde
 from dkgm.figures import labeled_grid, write_png
 from dkgm.kinds import DataKind
 from stages.artifacts import (
@@ -57,6 +55,10 @@ class SampleKDEParams(Section):
 
 
 def run(cfg: SampleKDEParams, root: Path) -> dict[str, Any]:
+    import torch
+
+    import dkgm.kde as kde
+
     prepared = load_prepared(root)
     bw = load_bandwidth(root, prepared)
     scale, scale_source = resolve_value(cfg.bandwidth_scale, load_point(root), "scale", "sample_kde.bandwidth_scale")

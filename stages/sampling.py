@@ -8,14 +8,16 @@ stream, so sample s is the same whatever the batch it falls in.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from dkgm.debias import Denoiser
-from dkgm.rng import randn_per_sample, sample_generators
 from dkgm.sampler import SAMPLER_FIELDS, DenoiseFn, Ladder, SamplerConfig, debias, make_ladder
+
+if TYPE_CHECKING:
+    import torch
+
+    from dkgm.debias import Denoiser
 
 # the refine section's sampler keys: calibrate and the comparison read these, so the operating point is
 # chosen, and DKGM compared, with the sampler refine will run
@@ -31,6 +33,8 @@ def sampler_config(values: dict[str, Any] | Any) -> SamplerConfig:
 
 def denoise_fn(denoiser: Denoiser, device: torch.device, precision: str) -> DenoiseFn:
     """D(x; sigma) under bf16 autocast when `precision` is bf16 (preconditioning stays float32)."""
+    import torch
+
 
     def fn(x: torch.Tensor, sigma: float) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -43,6 +47,10 @@ def debias_batch(fn: DenoiseFn, x0: np.ndarray, seeds: Sequence[int], ladder: La
                  device: torch.device, keep: Sequence[int] = (), stream: str = "refine"
                  ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """The ladder from x0 (float32, one row per seed); the final samples and the kept iterates."""
+    import torch
+
+    from dkgm.rng import randn_per_sample, sample_generators
+
     gens = sample_generators([int(s) for s in seeds], stream)
     with torch.inference_mode():
         x, kept = debias(fn, torch.from_numpy(np.ascontiguousarray(x0)).to(device), ladder, solver=solver, keep=keep,
@@ -52,6 +60,8 @@ def debias_batch(fn: DenoiseFn, x0: np.ndarray, seeds: Sequence[int], ladder: La
 
 def noise_start(seeds: np.ndarray, shape: tuple[int, ...], sigma: float) -> np.ndarray:
     """x_0 = sigma * eps, eps from each sample's own seed (stream "baseline/start")."""
+    from dkgm.rng import randn_per_sample, sample_generators
+
     return (sigma * randn_per_sample(sample_generators(seeds.tolist(), "baseline/start"), shape)).numpy()
 
 

@@ -12,8 +12,6 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from dkgm import metrics as mt
-from dkgm import scoring as sc
 from dkgm.devices import resolve_device
 from stages.artifacts import load_prepared, load_reference
 from stages.common import Progress
@@ -66,6 +64,9 @@ class Scorer:
     DKGM's stages, the diffusion baseline and the comparison's sweeps."""
 
     def __init__(self, cfg: EvaluateParams, root: Path, n: int):
+        import dkgm.metrics as mt
+        import dkgm.scoring as sc
+
         self.cfg, self.n, self.root = cfg, n, Path(root)
         self.prepared = prepared = load_prepared(root)
         self.ref, self.ref_meta = load_reference(root, prepared)
@@ -90,6 +91,9 @@ class Scorer:
 
     def score(self, sets: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, tuple]]:
         """(metrics, {set: (d1, d2, nearest training index)} in data space) of float sample sets."""
+        import dkgm.metrics as mt
+        import dkgm.scoring as sc
+
         cfg, m = self.cfg, {}
         m["real_copy_fraction"] = mt.copy_fraction(self.real_d1, self.real_d2, cfg.copy_ratio)
         m["real_nn_distance"] = float(np.median(self.real_d1) / self.scale)

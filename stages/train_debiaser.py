@@ -9,22 +9,24 @@ Under torchrun (WORLD_SIZE > 1) each rank trains on its slice of the global batc
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from pydantic import Field
 
-from dkgm.debias import Denoiser, denoising_curve, denoising_mse, make_snapshot
 from dkgm.errors import DKGMError
 from dkgm.figures import labeled_grid, new_figure, save_figure, write_png
 from dkgm.kinds import DataKind
-from dkgm.networks import count_parameters
 from stages.artifacts import BANDWIDTH, DEBIASER_LOG, DEBIASER_SNAPSHOT, PREPARED, load_bandwidth, load_prepared
 from stages.common import log, staged_outputs, write_metrics, write_parquet
 from stages.contract import Out, Stage
 from stages.fitting import DebiaserParams, code_version, fit, loss_plot, sigma_max_for
 from stages.gates import Check, EnforcedSection, Gate, check, gate_token
+
+if TYPE_CHECKING:
+    import torch
+
+    from dkgm.debias import Denoiser
 
 LOG = DEBIASER_LOG
 LOSS_PLOT = "reports/train/loss.png"
@@ -40,6 +42,11 @@ def _tag(scale: float) -> str:
 
 
 def run(cfg: DebiaserParams, root: Path, shared: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from dkgm.debias import denoising_curve, denoising_mse, make_snapshot
+    from dkgm.networks import count_parameters
+
     prepared = load_prepared(root)
     bw = load_bandwidth(root, prepared)
     h = float(bw["h"])
@@ -124,31 +131,33 @@ def figure_scales(scales: tuple[float, ...]) -> list[float]:
     return sorted({1.0, ordered[len(ordered) // 2], ordered[-1]})
 
 
-@torch.no_grad()
 def _denoise_figure(path: Path, ema: Denoiser, val: torch.Tensor, h: float, scales: tuple[float, ...],
                     kind: DataKind) -> None:
-    device = next(ema.parameters()).device
-    gen = torch.Generator().manual_seed(7)
-    shown = figure_scales(scales)
-    if kind.pixels:
-        x = val[torch.linspace(0, len(val) - 1, min(8, len(val))).long()]  # spread over the (ordered) split
-        rows, labels = [kind.store(x.numpy())], ["clean (held out)"]
-        for s in shown:
+    import torch
+
+    with torch.no_grad():  # a decorator would need torch when this module is imported
+        device = next(ema.parameters()).device
+        gen = torch.Generator().manual_seed(7)
+        shown = figure_scales(scales)
+        if kind.pixels:
+            x = val[torch.linspace(0, len(val) - 1, min(8, len(val))).long()]  # spread over the (ordered) split
+            rows, labels = [kind.store(x.numpy())], ["clean (held out)"]
+            for s in shown:
+                noisy = x + s * h * torch.randn(x.shape, generator=gen)
+                rows += [kind.store(noisy.numpy()), kind.store(ema(noisy.to(device), s * h).cpu().numpy())]
+                labels += [f"noisy, sigma = {s:g} h = {s * h:.2f}", "denoised"]
+            write_png(path, labeled_grid(rows, labels))
+            return
+        x = val[:300]
+        fig, axes = new_figure(4.2 * len(shown), 4.2, ncols=len(shown))
+        for ax, s in zip(np.atleast_1d(axes), shown):
             noisy = x + s * h * torch.randn(x.shape, generator=gen)
-            rows += [kind.store(noisy.numpy()), kind.store(ema(noisy.to(device), s * h).cpu().numpy())]
-            labels += [f"noisy, sigma = {s:g} h = {s * h:.2f}", "denoised"]
-        write_png(path, labeled_grid(rows, labels))
-        return
-    x = val[:300]
-    fig, axes = new_figure(4.2 * len(shown), 4.2, ncols=len(shown))
-    for ax, s in zip(np.atleast_1d(axes), shown):
-        noisy = x + s * h * torch.randn(x.shape, generator=gen)
-        den = ema(noisy.to(device), s * h).cpu()
-        ax.scatter(noisy[:, 0], noisy[:, 1], s=3, c="grey", alpha=0.5, label=f"noisy (sigma = {s:g} h)")
-        ax.scatter(den[:, 0], den[:, 1], s=3, c="C0", label="denoised (EMA)")
-        ax.set_aspect("equal")
-        ax.legend(fontsize=8)
-    save_figure(fig, path)
+            den = ema(noisy.to(device), s * h).cpu()
+            ax.scatter(noisy[:, 0], noisy[:, 1], s=3, c="grey", alpha=0.5, label=f"noisy (sigma = {s:g} h)")
+            ax.scatter(den[:, 0], den[:, 1], s=3, c="C0", label="denoised (EMA)")
+            ax.set_aspect("equal")
+            ax.legend(fontsize=8)
+        save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- gate debiaser

@@ -195,6 +195,17 @@ def test_code_deps_cover_what_each_stage_process_imports(dvc_stages):
         assert "pipeline/__main__.py" not in declared and "pipeline/flows.py" not in declared  # orchestration only
 
 
+def test_declarations_and_cli_load_without_torch():
+    """Every stage's declaration, the CLI and the gate code import without torch: a gate, prepare,
+    `stages`, `--help` or `dvc-yaml` process does not pay ~2.5 s for it (stage modules import torch
+    and the torch-based library modules inside the functions that use them)."""
+    script = ("import sys\nfrom pipeline import registry, runner, __main__ as cli, dvcyaml\n"
+              "registry.all_stages(); registry.gates()\nfrom stages import common\ncommon.peak_memory()\n"
+              "print(sorted(m for m in ('torch', 'torchvision', 'scipy', 'matplotlib') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", f"imported at declaration time: {r.stdout.strip()}"
+
+
 def test_static_closure_follows_lazy_and_relative_imports(tmp_path):
     _stages_package(tmp_path, {"a": "from . import b\n\ndef f():\n    from stages.c import g\n    return g\n",
                                "b": "import numpy\n", "c": "from dkgm import nothing_here\n",
