@@ -3,6 +3,7 @@ and the same training step timed on diffusers' UNet2DModel in DDPM's CIFAR-10 co
 
     python benchmarks/bench_train.py                     # DDPM CIFAR-10 net (35.7M), batch 128, then the peer table
     python benchmarks/bench_train.py --preset default    # the params.yaml default (MNIST 32x32)
+    python benchmarks/bench_train.py --preset default --batch 32 --channels 32 --no-peer   # another width
     python benchmarks/bench_train.py --device cuda --precision bf16 --compile
     python benchmarks/bench_train.py --peer-only --batch 16 --steps 5 --warmup 3 --out benchmarks/results/train_peer_cpu.md
 
@@ -27,6 +28,7 @@ as a plain script.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 import time
@@ -45,7 +47,7 @@ from dkgm.training import TrainConfig, train  # noqa: E402
 PRESETS = {
     "ddpm-cifar10": NetworkConfig(arch="unet", channels=128, channel_mult=(1, 2, 2, 2), num_blocks=2,
                                   attn_resolutions=(16,), dropout=0.1, shape=(3, 32, 32)),
-    "default": NetworkConfig(arch="unet", channels=32, channel_mult=(1, 2, 2), num_blocks=1,
+    "default": NetworkConfig(arch="unet", channels=24, channel_mult=(1, 2, 2), num_blocks=1,
                              attn_resolutions=(8,), shape=(1, 32, 32)),
 }
 
@@ -106,6 +108,8 @@ def device_name(dev: torch.device) -> str:
 def bench_trainer(args: argparse.Namespace, dev: torch.device, precision: str) -> None:
     steps = args.steps or (30 if dev.type == "cuda" else 3)
     cfg = PRESETS[args.preset]
+    if args.channels:
+        cfg = dataclasses.replace(cfg, channels=args.channels)
     torch.manual_seed(0)
     den = Denoiser(build_network(cfg), 0.5).to(dev)
     flops = step_flops(den, args.batch, cfg.shape, dev, precision)
@@ -122,7 +126,7 @@ def bench_trainer(args: argparse.Namespace, dev: torch.device, precision: str) -
     dt = time.perf_counter() - t0
     ceiling = matmul_ceiling(dev, precision)
     achieved = flops * steps / dt
-    print(f"preset={args.preset} params={count_parameters(den) / 1e6:.2f}M device={device_name(dev)} precision={precision} "
+    print(f"preset={args.preset} channels={cfg.channels} params={count_parameters(den) / 1e6:.2f}M device={device_name(dev)} precision={precision} "
           f"compile={args.compile} batch={args.batch} steps={steps} torch={torch.__version__}")
     print(f"{'images/s':>10s} {'step ms':>9s} {'GFLOP/step':>11s} {'TFLOP/s':>9s} {'matmul TFLOP/s':>15s} {'fraction':>9s}")
     print(f"{steps * args.batch / dt:10.1f} {1000 * dt / steps:9.1f} {flops / 1e9:11.1f} {achieved / 1e12:9.3f} "
@@ -273,6 +277,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="ddpm-cifar10", help="network of the trainer row")
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--channels", type=int, default=None, help="the trainer row's base width (default: the preset's)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: trainer 30 on CUDA, 3 on CPU; peer 20 / 5)")
     p.add_argument("--warmup", type=int, default=None, help="peer warm-up steps per network (default 5 on CUDA, 3 on CPU)")
     p.add_argument("--rounds", type=int, default=2, help="peer: alternating timed rounds per network (best is kept)")
