@@ -41,8 +41,8 @@ class DebiaserParams(Section):
     )
     channels: int = Field(
         24, ge=1,
-        description="base width (sweep: 24 channels at 60 kimg beat 32 at 40 kimg in less time; DDPM's CIFAR-10 net: "
-                    "128)",
+        description="base width (sweep: 24 channels at 60 kimg beat 32 at 40 kimg in about the same training time; "
+                    "DDPM's CIFAR-10 net: 128)",
     )
     channel_mult: tuple[int, ...] = Field(
         (1, 2, 2),
@@ -78,7 +78,7 @@ class DebiaserParams(Section):
     )
     total_kimg: float = Field(
         60.0, gt=0.0,
-        description="thousands of images seen (~9 min alone at 24 channels on 2 AVX2 cores in fp32; bf16 where the "
+        description="thousands of images seen (~12 min alone at 24 channels on 2 AVX2 cores in fp32; bf16 where the "
                     "CPU has it)",
     )
     lr: float = Field(
