@@ -124,17 +124,21 @@ def varies(values: list[Any]) -> bool:
     return len({canon(v) for v in values}) > 1
 
 
-def fmt(v: Any) -> str:
-    """A table cell: `—` absent, `true`/`false`, `null`, ints whole, floats with 5 significant digits, JSON for the
-    rest; text longer than MAX_CELL characters is shortened (a long note would widen every row)."""
+def fmt(v: Any, digits: int | None = 5, null: str = "null", width: int | None = MAX_CELL) -> str:
+    """A value as every table shows it (compare, ablation and the report): `—` absent, `null` for None (the
+    report says n/a), `true`/`false`, ints whole, floats to `digits` significant digits (None: exact), lists item
+    by item, JSON for the rest; text longer than `width` characters is shortened (a long note widens every row)."""
     if v is ABSENT:
         return MISSING
-    if isinstance(v, bool) or v is None:
-        return json.dumps(v)
+    if v is None or isinstance(v, bool):
+        return null if v is None else "true" if v else "false"
     if isinstance(v, (int, float)):
-        return f"{v:.5g}" if isinstance(v, float) else str(v)
-    text = v if isinstance(v, str) else json.dumps(v)
-    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+        return str(v) if isinstance(v, int) or digits is None else "0" if v == 0 else f"{v:.{digits}g}"
+    if isinstance(v, (list, tuple)):
+        text = "[" + ", ".join(fmt(x, digits, null, None) for x in v) + "]"
+    else:
+        text = v if isinstance(v, str) else json.dumps(v)
+    return text if width is None or len(text) <= width else text[: width - 1] + "…"
 
 
 def _number(v: Any) -> float | None:

@@ -1,22 +1,17 @@
 """The report: the review document, everything the stages wrote on one page (a pipeline-level stage).
 
-It is the one piece that must know every stage, so it lives with the orchestration: the registry
-hands it the stages (their metrics files, gate records, figures with titles and captions, key
-numbers and data artifacts, all declared in the stage modules), and it reads params.yaml through
-the assembled schema. It writes reports/report.md (GitHub-flavoured markdown, images linked by
-paths relative to reports/) and reports/report.html (one self-contained file: images embedded as
-base64 data URIs, inline CSS, no script and no external address of any kind), both rendered from
-the same document model by the Jinja2 templates in pipeline/templates/, so they always say the
-same thing.
+It is the one piece that knows every stage, so it lives with the orchestration: the registry hands
+it the stages (metrics files, gate records, figures with titles and captions, key numbers and data
+artifacts, all declared in the stage modules). `build` turns them into a document model (a list of
+blocks); the Jinja2 templates in pipeline/templates/ render that one model as reports/report.md
+(GitHub markdown, images linked relative to reports/) and reports/report.html (self-contained:
+images as data URIs, inline CSS, no script, no external address), so both always say the same.
 
-What it reads (every input is optional except params.yaml: a stage that did not run is shown as
-"not run" in every table, a missing figure as "not produced (stage X did not run)"): params.yaml
-(validated and raw: a params dependency of the whole file), every stage's metrics, gate records and
-figures, reports/eval/per_sample.parquet, data/prepared/meta.json (all DVC deps), and, as
-documented exceptions that cannot be DVC deps, dvc.lock (written after the stage by DVC itself)
-and `git rev-parse HEAD` / `git status` in the project root.
-
-The output is deterministic except for the date (SOURCE_DATE_EPOCH pins it) and the git fields.
+Every input is optional except params.yaml: a stage that did not run is "not run" in every table, a
+missing figure "not produced (stage X did not run)". Besides the stages' outputs and
+data/prepared/meta.json (DVC deps) it reads, as documented exceptions, dvc.lock (written after the
+stage by DVC) and `git rev-parse HEAD` / `git status`. The output is deterministic except for the
+date (SOURCE_DATE_EPOCH pins it) and the git fields.
 """
 
 from __future__ import annotations
@@ -24,11 +19,11 @@ from __future__ import annotations
 import base64
 import html
 import importlib.metadata
+import io
 import math
 import os
 import platform
 import re
-import struct
 import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,32 +36,28 @@ from pydantic import BaseModel, Field
 
 from dkgm.errors import DKGMError
 from dkgm.kinds import IMAGES, KINDS, DataKind
+from pipeline import experiments
 from pipeline.recipe import recipe_differences, training_recipe
 from stages.artifacts import PREPARED
 from stages.common import read_json, read_parquet, staged_outputs
 from stages.contract import Out, Section, Stage
 from stages.gates import GO, NO_GO, OVERRIDDEN, gate_record
 
-REPORT_MD = "reports/report.md"
-REPORT_HTML = "reports/report.html"  # self-contained: images embedded as data URIs
+REPORT_MD, REPORT_HTML = "reports/report.md", "reports/report.html"
 TEMPLATES = Path(__file__).with_name("templates")
-TEMPLATE_FILES = ("pipeline/templates/report.md.j2", "pipeline/templates/report.html.j2", "pipeline/templates/report.css")
-
-NOT_RUN = "not run"
-ABSENT = "—"  # a value the metrics file does not have (or that does not apply)
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TEMPLATE_FILES = tuple(f"pipeline/templates/report.{ext}" for ext in ("md.j2", "html.j2", "css"))
+NOT_RUN, ABSENT = "not run", "—"  # ABSENT: a value the metrics file does not have (or that does not apply)
 PACKAGES = ("torch", "numpy", "dvc", "prefect", "clean-fid")
 SETS = (("kde", "KDE (stage 1)"), ("refined", "refined (stage 2)"), ("real", "real held-out (floor)"))
-EVALUATE = "evaluate"  # the stage whose metrics fill the sample-quality table
-EVALUATE_BASELINE = "evaluate_baseline"  # its baseline column
-COMPARISON = "comparison"  # DKGM against the baseline over NFE: its table
+EVALUATE, EVALUATE_BASELINE, COMPARISON = "evaluate", "evaluate_baseline", "comparison"
+VERDICT_FIGURE = "nearest"  # evaluate's figure shown beside the verdict: the one whose file name starts so
+CONTROL_MARGIN = 0.05  # without sampling spreads, the cost row names a winner only beyond this relative gap
+SEED_SPREAD = "benchmarks/results/seed_spread.json"  # seed_spread.py table; not a DVC dep: `dvc repro -f -s report`
 
 
 class ReportParams(Section):
-    title: str = Field(
-        "DKGM proof-of-concept review",
-        description="heading of reports/report.md and reports/report.html",
-    )
+    title: str = Field("DKGM proof-of-concept review",
+                       description="heading of reports/report.md and reports/report.html")
     nn_pairs: int = Field(8, ge=0, description="nearest-neighbour pairs listed in the report (0: none)")
     first_look: bool = Field(
         False,
@@ -74,7 +65,21 @@ class ReportParams(Section):
     )
 
 
-# ----------------------------------------------------------------------------- document model
+def fmt(value: Any, digits: int = 4) -> str:
+    """A metric as every table shows it: `digits` significant digits, null as n/a (experiments.fmt)."""
+    return experiments.fmt(value, digits, null="n/a", width=None)
+
+
+def param_str(value: Any) -> str:
+    """A params.yaml value as YAML would spell it (exact: no rounding)."""
+    return experiments.fmt(value, None, width=None)
+
+
+def _code(name: str) -> str:
+    return f"`{name}`"
+
+
+# ----------------------------------------------------------------------------- document model (the templates' input)
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,7 @@ class Cell:
 
 
 CellLike = Union[Cell, str]  # noqa: UP007 - a runtime alias
+NOT_RUN_CELL = Cell(NOT_RUN, "notrun")
 
 
 @dataclass
@@ -98,7 +104,7 @@ class Heading:
 @dataclass
 class Para:
     text: str  # `backticks` become code in both renderings
-    kind: str = ""  # "note" renders smaller and muted in HTML
+    kind: str = ""  # "note": smaller and muted in HTML
 
 
 @dataclass
@@ -108,9 +114,7 @@ class Table:
 
 
 @dataclass
-class Cards:
-    """Small titled tables: one after another in markdown, side by side in HTML."""
-
+class Cards:  # small titled tables: one after another in markdown, side by side in HTML
     items: list[tuple[str, Table]]
 
 
@@ -137,9 +141,7 @@ class Badges:
 
 
 @dataclass
-class Side:
-    """A table with a figure beside it in HTML (one after the other in markdown)."""
-
+class Side:  # a table with a figure beside it in HTML (one after the other in markdown)
     table: Table
     figure: Figure | None
 
@@ -147,22 +149,16 @@ class Side:
 @dataclass
 class Bullets:
     items: list[str]
-    kind: str = ""  # "warning" boxes them in HTML
+    kind: str = ""  # "warning": boxed in HTML
 
 
 @dataclass
-class Collapsed:
-    """Opens a collapsed part (HTML and GitHub markdown <details>) that runs to the next CollapsedEnd."""
-
+class Collapsed:  # a collapsed part (<details> in HTML and GitHub markdown)
     summary: str
+    body: Cards
 
 
-@dataclass
-class CollapsedEnd:
-    pass
-
-
-Block = Union[Heading, Para, Table, Cards, Figures, Badges, Side, Bullets, Collapsed, CollapsedEnd]  # noqa: UP007
+Block = Union[Heading, Para, Table, Cards, Figures, Badges, Side, Bullets, Collapsed]  # noqa: UP007
 
 
 @dataclass
@@ -175,42 +171,8 @@ class Document:
         self.blocks.extend(blocks)
 
 
-# ----------------------------------------------------------------------------- formatting
-
-
-def fmt(value: Any, digits: int = 4) -> str:
-    """A metric value as shown in every table: `digits` significant digits, null as n/a."""
-    if value is None:
-        return "n/a"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return "0" if value == 0 else f"{value:.{digits}g}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(fmt(v, digits) for v in value) + "]"
-    return str(value)
-
-
-def param_str(value: Any) -> str:
-    """A params.yaml value as YAML would spell it (exact: no rounding)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(param_str(v) for v in value) + "]"
-    return str(value)
-
-
 def decision_cell(decision: str | None) -> Cell:
-    kind = {GO: "go", NO_GO: "nogo", OVERRIDDEN: "override"}.get(decision or "", "notrun")
-    return Cell(decision or NOT_RUN, kind)
-
-
-def _code(name: str) -> str:
-    return f"`{name}`"
+    return Cell(decision or NOT_RUN, {GO: "go", NO_GO: "nogo", OVERRIDDEN: "override"}.get(decision or "", "notrun"))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -234,6 +196,9 @@ class Inputs:
         self.gates = {g: self._gate(g) for g in self.gate_names}
         self.prepared_meta = self._json(f"{PREPARED}/meta.json", "prepared dataset metadata")
         self.comparison = self._comparison_table()  # read once: the verdict and its own section use it
+        self.eval = self.metrics.get(EVALUATE)
+        self.kind = next((KINDS[s["kind"]] for s in (self.eval, self.prepared_meta) if s and s.get("kind") in KINDS),
+                         IMAGES)
 
     def table(self, stage: str) -> str | None:
         """The (first) table a stage writes, e.g. evaluate's per-sample parquet."""
@@ -267,44 +232,37 @@ class Inputs:
 
     def _gate(self, name: str) -> dict[str, Any] | None:
         rec = self._json(gate_record(name), f"gate {name} record")
-        if rec is None:
-            return None
-        if not isinstance(rec.get("decision"), str) or not isinstance(rec.get("checks"), list) or not all(
-            isinstance(c, dict) and {"metric", "value", "op", "threshold", "params_key"} <= set(c) for c in rec["checks"]
-        ):
+        keys = {"metric", "value", "op", "threshold", "params_key"}
+        if rec is not None and (not isinstance(rec.get("decision"), str) or not isinstance(rec.get("checks"), list)
+                                or not all(isinstance(c, dict) and keys <= set(c) for c in rec["checks"])):
             raise DKGMError(f"{gate_record(name)} is not a gate record (needs decision and checks with metric, "
                             f"value, op, threshold, params_key): re-run `python -m pipeline gate {name}`")
         return rec
 
-    @property
-    def eval(self) -> dict[str, Any] | None:
-        return self.metrics.get(EVALUATE)
 
-    @property
-    def kind(self) -> DataKind:
-        for source in (self.eval, self.prepared_meta):
-            if source and source.get("kind") in KINDS:
-                return KINDS[source["kind"]]
-        return IMAGES
+def read_figures(root: Path, stages: list[Stage], kind: DataKind) -> list[Figure]:
+    """Every figure a stage declares, in stage order, numbered; a file that is there must be a PNG."""
+    from PIL import Image
+
+    figures = []
+    for number, (stage, o) in enumerate(((s.name, o) for s in stages for o in s.outs_of("figure")), start=1):
+        caption = o.caption if kind.pixels else (o.caption_points or o.caption)
+        fig = Figure(number, o.title or o.path, caption, o.path, stage)
+        if (root / o.path).is_file():
+            fig.png = (root / o.path).read_bytes()
+            try:
+                with Image.open(io.BytesIO(fig.png)) as im:
+                    fig.size, mode, png = im.size, im.mode, im.format == "PNG"
+            except OSError:
+                png = False
+            if not png:
+                raise DKGMError(f"{o.path} is not a PNG image: re-run {stage} (or `dvc repro`)")
+            fig.pixels = o.grid and "A" not in mode  # image grids are written without alpha, plots with it
+        figures.append(fig)
+    return figures
 
 
-def png_info(data: bytes, rel: str, stage: str) -> tuple[int, int, int]:
-    """(width, height, colour type) from a PNG's IHDR chunk; DKGMError when it is no PNG."""
-    if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
-        raise DKGMError(f"{rel} is not a PNG image: re-run {stage} (or `dvc repro`)")
-    width, height = struct.unpack(">II", data[16:24])
-    return width, height, data[25]
-
-
-def read_figure(root: Path, number: int, title: str, caption: str, rel: str, stage: str, grid: bool) -> Figure:
-    fig = Figure(number, title, caption, rel, stage)
-    path = root / rel
-    if path.is_file():
-        fig.png = path.read_bytes()
-        w, h, colour = png_info(fig.png, rel, stage)
-        fig.size = (w, h)
-        fig.pixels = grid and colour in (0, 2, 3)  # image grids are written without alpha; plots with
-    return fig
+# ----------------------------------------------------------------------------- where and when
 
 
 def package_version(name: str) -> str:
@@ -312,17 +270,6 @@ def package_version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def device_summary() -> str:
-    try:
-        import torch
-    except ImportError:
-        return "cpu (torch not installed)"
-    if torch.cuda.is_available():
-        n = torch.cuda.device_count()
-        return f"cuda: {torch.cuda.get_device_name(0)} ({n} device{'s' if n != 1 else ''})"
-    return "cpu (no CUDA device)"
 
 
 def cpu_model() -> str:
@@ -343,41 +290,32 @@ def git_state(root: Path) -> dict[str, str]:
 
     try:
         head = git("rev-parse", "HEAD")
-    except FileNotFoundError:
-        return {"revision": "unknown (git is not installed)", "tree": "unknown"}
-    except subprocess.TimeoutExpired:
-        return {"revision": "unknown (git timed out)", "tree": "unknown"}
-    if head.returncode != 0:
-        inside = git("rev-parse", "--is-inside-work-tree")
-        if inside.returncode != 0:
-            return {"revision": "none: the project root is not in a git repository", "tree": "not a git repository"}
-        return {"revision": "none: the repository has no commit yet", "tree": "no commit"}
-    status = git("status", "--porcelain", "--untracked-files=no")
+        if head.returncode != 0:
+            if git("rev-parse", "--is-inside-work-tree").returncode != 0:
+                return {"revision": "none: the project root is not in a git repository", "tree": "not a git repository"}
+            return {"revision": "none: the repository has no commit yet", "tree": "no commit"}
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+        why = "git is not installed" if isinstance(exc, FileNotFoundError) else "git timed out"
+        return {"revision": f"unknown ({why})", "tree": "unknown"}
     changed = [line[3:].split(" -> ")[-1].strip('"') for line in status.stdout.splitlines() if line.strip()]
-    tree = describe_changes(changed) if changed else "clean"
-    if status.returncode != 0:
-        tree = "unknown (git status failed)"
+    tree = "unknown (git status failed)" if status.returncode else describe_changes(changed) if changed else "clean"
     return {"revision": head.stdout.strip(), "tree": tree}
-
-
-def _is_run_output(path: str) -> bool:
-    """A file the pipeline itself rewrites on every run (dvc.lock, anything under reports/)."""
-    return path == "dvc.lock" or path.startswith("reports/")
 
 
 def describe_changes(changed: list[str], shown: int = 6) -> str:
     """The work tree's changed tracked files in words: the sources by name (they make this report
     differ from the revision above), the run's own outputs by count (a report rendered inside
     `dvc repro` always sees dvc.lock and reports/ rewritten)."""
-    sources = [p for p in changed if not _is_run_output(p)]
-    outputs = len(changed) - len(sources)
-    parts = []
+    sources = [p for p in changed if p != "dvc.lock" and not p.startswith("reports/")]
+    outputs, parts = len(changed) - len(sources), []
     if sources:
-        names = ", ".join(f"`{p}`" for p in sources[:shown]) + (f" and {len(sources) - shown} more" if len(sources) > shown
-                                                                  else "")
-        parts.append(f"dirty: {len(sources)} source file{'s' if len(sources) != 1 else ''} changed ({names})")
+        more = f" and {len(sources) - shown} more" if len(sources) > shown else ""
+        parts.append(f"dirty: {len(sources)} source file{'s' if len(sources) != 1 else ''} changed ("
+                     + ", ".join(f"`{p}`" for p in sources[:shown]) + f"{more})")
     if outputs:
-        parts.append(f"{outputs} output{'s' if outputs != 1 else ''} of this run, not yet committed (dvc.lock, reports/)")
+        parts.append(f"{outputs} output{'s' if outputs != 1 else ''} of this run, not yet committed "
+                     "(dvc.lock, reports/)")
     return "; ".join(parts)
 
 
@@ -391,11 +329,35 @@ def report_date() -> str:
     return when.strftime("%Y-%m-%d %H:%M UTC")
 
 
-# ----------------------------------------------------------------------------- sections
+# ----------------------------------------------------------------------------- the verdict
 
 
-VERDICT_FIGURE = "nearest"  # evaluate's figure shown beside the verdict: the one whose file name starts so
-CONTROL_MARGIN = 0.05  # the verdict names a winner between DKGM's network and the control only beyond this relative gap
+def decide(inp: Inputs) -> tuple[Cell, list[str]]:
+    """The review's decision and why, in words: an enforced NO-GO wins, then an overridden one (a
+    warning, never a pass), then gates that did not run; GO only when every gate ran and passed."""
+    recs = inp.gates
+    stopped, overridden = ([g for g, r in recs.items() if r and r["decision"] == d] for d in (NO_GO, OVERRIDDEN))
+    missing = [g for g, r in recs.items() if r is None]
+
+    def reasons(gates: list[str]) -> list[str]:
+        return [f"gate {g}: {c.get('failure') or c['metric'] + ' is out of bounds'} (`{c['metric']}` = "
+                f"{fmt(c['value'])}, needs {c['op']} {fmt(c['threshold'])}; `{c['params_key']}`)"
+                for g in gates for c in recs[g]["checks"] if not c.get("passed")]  # type: ignore[index]
+
+    if stopped:
+        return Cell(NO_GO, "nogo"), [f"Gate {stopped[0]} stopped the pipeline: the stages after it did not run (fix "
+                                     f"what it names, or set `gates.{stopped[0]}.enforce: false` to look past it).",
+                                     *reasons(stopped)]
+    if overridden:
+        s = len(overridden) > 1
+        return Cell(OVERRIDDEN, "override"), [f"Warning: gate{'s' * s} {', '.join(overridden)} failed and "
+                                              f"{'were' if s else 'was'} overridden (`enforce: false`): the pipeline "
+                                              "went on, but this is not a pass.", *reasons(overridden)]
+    if missing:
+        return Cell("INCOMPLETE", "notrun"), [f"Gate{'s' * (len(missing) > 1)} {', '.join(missing)} did not run: "
+                                              "no decision until every gate has (`dvc repro`)."]
+    n = sum(len(r["checks"]) for r in recs.values() if r)
+    return Cell(GO, "go"), [f"Every gate ran and passed ({len(recs)} gates, {n} checks)."]
 
 
 def control_margin(mine: float, se_mine: float | None, se_control: float | None) -> tuple[float, str]:
@@ -408,49 +370,15 @@ def control_margin(mine: float, se_mine: float | None, se_control: float | None)
     return CONTROL_MARGIN * mine, f"{CONTROL_MARGIN:.0%} of each other"
 
 
-def decide(inp: Inputs) -> tuple[Cell, list[str]]:
-    """The review's decision and why, in words: an enforced NO-GO wins, then an overridden one (a
-    warning, never a pass), then gates that did not run; GO only when every gate ran and passed."""
-    recs = {g: inp.gates[g] for g in inp.gate_names}
-    stopped = [g for g, r in recs.items() if r and r["decision"] == NO_GO]
-    overridden = [g for g, r in recs.items() if r and r["decision"] == OVERRIDDEN]
-    missing = [g for g, r in recs.items() if r is None]
-
-    def reasons(gates: list[str]) -> list[str]:
-        out = []
-        for g in gates:
-            for c in recs[g]["checks"]:  # type: ignore[index]
-                if not c.get("passed"):
-                    words = c.get("failure") or f"{c['metric']} is out of bounds"
-                    out.append(f"gate {g}: {words} (`{c['metric']}` = {fmt(c['value'])}, needs {c['op']} "
-                               f"{fmt(c['threshold'])}; `{c['params_key']}`)")
-        return out
-
-    if stopped:
-        why = [f"Gate {stopped[0]} stopped the pipeline: the stages after it did not run "
-               f"(fix what it names, or set `gates.{stopped[0]}.enforce: false` to look past it)."]
-        return Cell(NO_GO, "nogo"), why + reasons(stopped)
-    if overridden:
-        names = ", ".join(overridden)
-        why = [f"Warning: gate{'s' if len(overridden) > 1 else ''} {names} failed and "
-               f"{'were' if len(overridden) > 1 else 'was'} overridden (`enforce: false`): the pipeline went on, "
-               "but this is not a pass."]
-        return Cell(OVERRIDDEN, "override"), why + reasons(overridden)
-    if missing:
-        return Cell("INCOMPLETE", "notrun"), [f"Gate{'s' if len(missing) > 1 else ''} {', '.join(missing)} did not "
-                                              "run: no decision until every gate has (`dvc repro`)."]
-    n = sum(len(r["checks"]) for r in recs.values() if r)
-    return Cell(GO, "go"), [f"Every gate ran and passed ({len(recs)} gates, {n} checks)."]
-
-
 def _equal_cost(inp: Inputs) -> tuple[CellLike, str]:
-    """DKGM at its operating point's NFE against the baseline row nearest in NFE (comparison table)."""
+    """DKGM at its operating point's NFE against the baseline row nearest in NFE (comparison table),
+    then the control (the baseline's network from DKGM's start) and the spread over training seeds."""
     df = inp.comparison
     if df is None:
-        return Cell(NOT_RUN, "notrun"), "stage comparison did not run"
+        return NOT_RUN_CELL, "stage comparison did not run"
     nfe = (inp.metrics.get("refine") or {}).get("nfe")
-    dkgm = df[df["row"].astype(str).str.startswith("dkgm_")].dropna(subset=["nfe", "fid"])
-    base = df[df["row"].astype(str).str.startswith("baseline_")].dropna(subset=["nfe", "fid"])
+    dkgm, base = (df[df["row"].astype(str).str.startswith(p)].dropna(subset=["nfe", "fid"])
+                  for p in ("dkgm_", "baseline_"))
     if dkgm.empty or base.empty:
         return Cell("skipped" if not dkgm.empty else NOT_RUN, "notrun"), "no baseline rows (baseline.enabled?)"
     at = dkgm[dkgm["nfe"] == nfe] if nfe is not None else dkgm.iloc[:0]
@@ -458,15 +386,16 @@ def _equal_cost(inp: Inputs) -> tuple[CellLike, str]:
     b = base.iloc[(base["nfe"] - d["nfe"]).abs().argsort().iloc[0]]
     best = base.loc[base["fid"].idxmin()]
     cm = inp.metrics.get(COMPARISON) or {}
+    n = fmt(cm.get("n_samples", ABSENT))
     text = (f"FID {fmt(float(d['fid']))} at {int(d['nfe'])} NFE against the baseline's {fmt(float(b['fid']))} at "
             f"{int(b['nfe'])} NFE")
-    note = (f"n = {fmt(cm.get('n_samples', ABSENT))} per row, same seeds; the baseline's best: FID "
-            f"{fmt(float(best['fid']))} at {int(best['nfe'])} NFE; held-out floor at this n "
-            f"{fmt(cm.get('floor_fid', ABSENT))}")
+    note = (f"n = {n} per row, same seeds; the baseline's best: FID {fmt(float(best['fid']))} at {int(best['nfe'])} "
+            f"NFE; held-out floor at this n {fmt(cm.get('floor_fid', ABSENT))}")
     control, mine = cm.get("control_baseline_net_kde_start_fid"), cm.get("dkgm_refine_fid")
     if control is not None and mine is not None:
-        n, nfe = fmt(cm.get("n_samples", ABSENT)), fmt(cm.get("dkgm_refine_nfe"))
-        margin, within = control_margin(mine, cm.get("dkgm_refine_fid_se"), cm.get("control_baseline_net_kde_start_fid_se"))
+        nfe = fmt(cm.get("dkgm_refine_nfe"))
+        margin, within = control_margin(mine, cm.get("dkgm_refine_fid_se"),
+                                        cm.get("control_baseline_net_kde_start_fid_se"))
         if mine - control > margin:
             note += (f". **The baseline's network started from DKGM's own KDE samples with refine's sampler beats "
                      f"DKGM's network**: FID {fmt(control)} against {fmt(mine)} at {nfe} NFE, n = {n}, a gap beyond "
@@ -482,131 +411,110 @@ def _equal_cost(inp: Inputs) -> tuple[CellLike, str]:
     return text, note + seed_spread_note(inp.root, inp.params)
 
 
-SEED_SPREAD = "benchmarks/results/seed_spread.json"  # benchmarks/seed_spread.py table (not a DVC dep: `dvc repro -f report` after a new table)
-
-
 def seed_spread_note(root: Path, params: BaseModel) -> str:
     """The cost row's reading of the spread over training seeds: per row the range of FID over the
     seeds and whether the sign of DKGM - baseline (and DKGM - control) holds on every seed; said to
-    be another recipe's when the table was measured under other training or sampler settings."""
+    be another recipe's when the table was measured under other training settings."""
     path = root / SEED_SPREAD
     if not path.is_file():
         return (". Training-seed spread: not measured for this project (`python benchmarks/seed_spread.py`): a gap "
                 "from one seed is not a decision")
     spread = read_json(path, "seed-spread table")
     differs = recipe_differences(spread.get("recipe") or {}, training_recipe(params))
-    seeds = spread.get("seeds") or []
     if differs:
         return (f". Training-seed spread: {SEED_SPREAD} was measured under another recipe (differs in "
                 f"{', '.join(differs[:4])}{', ...' if len(differs) > 4 else ''}): it does not describe this run")
-    rows = spread.get("rows") or {}
-    order = ("dkgm", "control", "baseline")  # the JSON's keys are sorted; the sentence reads DKGM first
-    parts = [f"{name} {fmt(rows[name]['min'], 3)} to {fmt(rows[name]['max'], 3)}" for name in
-             sorted(rows, key=lambda k: order.index(k) if k in order else len(order))]
-    gaps = []
-    for other in ("baseline", "control"):
-        g = spread.get(f"dkgm_minus_{other}")
-        if g:
-            gaps.append(f"DKGM - {other} from {fmt(g['min'], 3)} to {fmt(g['max'], 3)} ("
-                        + ("the same sign on every seed" if g["same_sign"] else "the sign changes: no winner") + ")")
-    return (f". Training-seed spread over {len(seeds)} seeds at n = {fmt(spread.get('n'))} "
+    rows, order = spread.get("rows") or {}, ("dkgm", "control", "baseline")  # the JSON's keys are sorted: DKGM first
+    parts = [f"{k} {fmt(rows[k]['min'], 3)} to {fmt(rows[k]['max'], 3)}"
+             for k in sorted(rows, key=lambda k: order.index(k) if k in order else len(order))]
+    gaps = [f"DKGM - {other} from {fmt(g['min'], 3)} to {fmt(g['max'], 3)} ("
+            + ("the same sign on every seed" if g["same_sign"] else "the sign changes: no winner") + ")"
+            for other in ("baseline", "control") if (g := spread.get(f"dkgm_minus_{other}"))]
+    return (f". Training-seed spread over {len(spread.get('seeds') or [])} seeds at n = {fmt(spread.get('n'))} "
             f"(benchmarks/results/seed_spread.md): FID {'; '.join(parts)}; {'; '.join(gaps)}")
-
-
-def first_look_note(inp: Inputs, params: BaseModel) -> str:
-    """The verdict's first line for a smoke-scale run (report.first_look): what was run, and that it is no review."""
-    counts = (inp.prepared_meta or {}).get("counts") or {}
-    m = inp.eval or {}
-    return (f"First look at smoke scale (preset first_look: {sum(counts.values()) or '?'} items, "
-            f"{fmt(params.debiaser.total_kimg)} kimg per network, n = {fmt(m.get('n_samples'))} samples scored, "  # type: ignore[attr-defined]
-            "no gate enforced): it shows what the pipeline does and that every stage runs; its numbers are a smoke "
-            "test, not a review. Run `make repro` for the review.")
 
 
 def _verdict_section(doc: Document, inp: Inputs, figures: list[Figure], params: BaseModel) -> Figure | None:
     """The first section: the decision, why, the three numbers that decide it and the
     nearest-neighbour figure beside them (returned: the figures section then leaves it out)."""
     decision, why = decide(inp)
-    if params.report.first_look:  # type: ignore[attr-defined]
-        why = [first_look_note(inp, params), *why]
+    if params.report.first_look:  # type: ignore[attr-defined]  # smoke scale: say what ran, and that it is no review
+        counts, scored = (inp.prepared_meta or {}).get("counts") or {}, (inp.eval or {}).get("n_samples")
+        why = [f"First look at smoke scale (preset first_look: {sum(counts.values()) or '?'} items, "
+               f"{fmt(params.debiaser.total_kimg)} kimg per network, "  # type: ignore[attr-defined]
+               f"n = {fmt(scored)} samples scored, "
+               "no gate enforced): it shows what the pipeline does and that every stage runs; its numbers are a smoke "
+               "test, not a review. Run `make repro` for the review.", *why]
     doc.add(Heading(2, "Verdict", "verdict"), Badges([("decision", decision)]),
             Bullets(why, "warning" if decision.kind in ("nogo", "override") else ""))
-    m = inp.eval or {}
-    refine = inp.metrics.get("refine") or {}
-    point = ""
-    if refine:
-        point = (f" (bandwidth scale s = {fmt(refine.get('bandwidth_scale'))}, η = {fmt(refine.get('eta'))}, "
-                 f"{fmt(refine.get('nfe'))} NFE)")
-    rows: list[list[CellLike]] = []
+    m, refine = inp.eval or {}, inp.metrics.get("refine") or {}
+    point = (f" (bandwidth scale s = {fmt(refine.get('bandwidth_scale'))}, η = {fmt(refine.get('eta'))}, "
+             f"{fmt(refine.get('nfe'))} NFE)") if refine else ""
     if inp.kind.pixels:
         ratio = f" ({fmt(m['refined_fid_ratio'], 3)} × the floor)" if m.get("refined_fid_ratio") is not None else ""
-        rows.append(["quality: FID of the refined samples" + point,
-                     f"{fmt(m['refined_fid'])}{ratio}" if "refined_fid" in m else Cell(NOT_RUN, "notrun"),
-                     f"held-out floor {fmt(m.get('real_fid'))} at the same n = {fmt(m.get('n_samples'))}; KDE (stage 1) "
-                     f"{fmt(m.get('kde_fid'))}; precision / recall {fmt(m.get('refined_precision'))} / "
-                     f"{fmt(m.get('refined_recall'))} (held-out {fmt(m.get('real_precision'))} / "
-                     f"{fmt(m.get('real_recall'))})" if m else ABSENT])
+        rows: list[list[CellLike]] = [[
+            "quality: FID of the refined samples" + point,
+            f"{fmt(m['refined_fid'])}{ratio}" if "refined_fid" in m else NOT_RUN_CELL,
+            f"held-out floor {fmt(m.get('real_fid'))} at the same n = {fmt(m.get('n_samples'))}; KDE (stage 1) "
+            f"{fmt(m.get('kde_fid'))}; precision / recall {fmt(m.get('refined_precision'))} / "
+            f"{fmt(m.get('refined_recall'))} (held-out {fmt(m.get('real_precision'))} / {fmt(m.get('real_recall'))})"
+            if m else ABSENT]]
     else:
-        rows.append(["quality: distance to the manifold" + point,
-                     fmt(m["refined_mean_distance_to_manifold"]) if "refined_mean_distance_to_manifold" in m
-                     else Cell(NOT_RUN, "notrun"),
-                     f"KDE (stage 1) {fmt(m.get('kde_mean_distance_to_manifold'))}" if m else ABSENT])
+        key = "refined_mean_distance_to_manifold"
+        rows = [["quality: distance to the manifold" + point, fmt(m[key]) if key in m else NOT_RUN_CELL,
+                 f"KDE (stage 1) {fmt(m.get('kde_mean_distance_to_manifold'))}" if m else ABSENT]]
+    novelty = "novelty: data-copying test against held-out data"
     if "refined_zu_pixel" in m:
         zu = f"Z_U {fmt(m['refined_zu_pixel'], 3)} (pixel)"
         held = f"a second held-out set: {fmt(m.get('real_zu_pixel'), 3)} (pixel)"
         if "refined_zu_inception" in m:
             zu += f", {fmt(m['refined_zu_inception'], 3)} (Inception)"
             held += f", {fmt(m.get('real_zu_inception'), 3)} (Inception)"
-        zu += f"; copies {fmt(m.get('refined_copy_fraction'))}"
-        held += f"; copies {fmt(m.get('real_copy_fraction'))}. Z_U ≪ 0 copies the training data, ≈ 0 reads as fresh data, ≫ 0 lies farther from it than fresh data does (underfit)"
-        rows.append(["novelty: data-copying test against held-out data", zu, held])
+        rows.append([novelty, f"{zu}; copies {fmt(m.get('refined_copy_fraction'))}",
+                     f"{held}; copies {fmt(m.get('real_copy_fraction'))}. Z_U ≪ 0 copies the training data, ≈ 0 "
+                     "reads as fresh data, ≫ 0 lies farther from it than fresh data does (underfit)"])
     else:
-        rows.append(["novelty: data-copying test against held-out data", Cell(NOT_RUN, "notrun"), ABSENT])
-    value, note = _equal_cost(inp)
-    rows.append(["the diffusion baseline at equal cost", value, note])
+        rows.append([novelty, NOT_RUN_CELL, ABSENT])
+    rows.append(["the diffusion baseline at equal cost", *_equal_cost(inp)])
     nearest = next((f for f in figures if f.stage == EVALUATE and Path(f.rel).name.startswith(VERDICT_FIGURE)), None)
     doc.add(Side(Table(["question", "DKGM", "against"], rows), nearest))
     return nearest
 
 
+# ----------------------------------------------------------------------------- the other sections
+
+
 def _gate_sections(doc: Document, inp: Inputs, params: BaseModel) -> None:
     doc.add(Heading(2, "Gates", "gates"),
-            Badges([(f"gate {name}", decision_cell((inp.gates[name] or {}).get("decision"))) for name in inp.gate_names]),
+            Badges([(f"gate {g}", decision_cell((inp.gates[g] or {}).get("decision"))) for g in inp.gate_names]),
             Para("Each gate reads one stage's metrics and the thresholds in `params.yaml` (`gates.<name>`); an "
                  "enforced NO-GO stops `dvc repro`, `enforce: false` records NO-GO (overridden) and continues."))
     overview, checks = [], []
     for name in inp.gate_names:
         rec = inp.gates[name]
-        rel = gate_record(name)
         if rec is None:
-            overview.append([_code(name), decision_cell(None), NOT_RUN, f"{_code(rel)} not found"])
-            checks.append([_code(name), Cell(NOT_RUN, "notrun"), ABSENT, ABSENT, ABSENT, ABSENT, Cell(NOT_RUN, "notrun")])
+            overview.append([_code(name), decision_cell(None), NOT_RUN, f"{_code(gate_record(name))} not found"])
+            checks.append([_code(name), NOT_RUN_CELL, ABSENT, ABSENT, ABSENT, ABSENT, NOT_RUN_CELL])
             continue
-        failed = [c for c in rec["checks"] if not c.get("passed")]
-        overview.append([_code(name), decision_cell(rec["decision"]),
-                         f"{len(rec['checks']) - len(failed)} of {len(rec['checks'])} passed",
+        passed = sum(bool(c.get("passed")) for c in rec["checks"])
+        overview.append([_code(name), decision_cell(rec["decision"]), f"{passed} of {len(rec['checks'])} passed",
                          _code(str(rec.get("input", ABSENT)))])
         for c in rec["checks"]:
-            threshold = fmt(c["threshold"], 6)
+            threshold, recorded = fmt(c["threshold"], 6), c.get("params_value", c["threshold"])  # the value it ran with
             current = _current_param(params, c["params_key"])
-            recorded = c.get("params_value", c["threshold"])  # the key's value when the gate ran
-            if (isinstance(current, (int, float)) and not isinstance(current, bool)
-                    and isinstance(recorded, (int, float)) and not isinstance(recorded, bool)
-                    and float(current) != float(recorded)):
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (current, recorded)) \
+                    and float(current) != float(recorded):
                 threshold += f" (params.yaml now {fmt(current, 6)}: re-run the gate)"
             checks.append([_code(name), _code(c["metric"]), fmt(c["value"], 6), c["op"], threshold,
                            _code(c["params_key"]), Cell("pass", "pass") if c.get("passed") else Cell("FAIL", "fail")])
-    doc.add(Table(["gate", "decision", "checks", "input"], overview),
-            Heading(3, "Checks"),
+    doc.add(Table(["gate", "decision", "checks", "input"], overview), Heading(3, "Checks"),
             Table(["gate", "metric", "value", "operator", "threshold", "params key", "result"], checks))
 
 
 def _current_param(params: BaseModel, dotted: str) -> Any:
     node: Any = params
     for part in dotted.split("."):
-        if not hasattr(node, part):
-            return None
-        node = getattr(node, part)
+        node = getattr(node, part, None)
     return node
 
 
@@ -644,6 +552,12 @@ POINT_ROWS = [
     ("anchor distance", "anchor_distance", "median RMS distance per coordinate to the own anchor"),
     ("nearest-training distance", "nn_distance", "median RMS distance per coordinate to the nearest training item"),
 ]
+DERIVED = [("primary metric", "primary_metric", "what the debiasing gain is measured on"),
+           ("debias gain", "debias_gain", "1 − refined / KDE of the primary metric (> 0: stage 2 helped)"),
+           ("FID gain", "fid_gain", "KDE FID − refined FID"), ("KID gain", "kid_gain", "KDE KID − refined KID"),
+           ("anchor distance ratio", "anchor_distance_ratio",
+            "refined anchor distance / real nearest-training distance"),
+           ("feature network", "feature_network", ""), ("NFE", "nfe", "network evaluations per refined sample")]
 
 
 def metric_rows(kind: DataKind) -> list[tuple[str, str, str]]:
@@ -651,20 +565,15 @@ def metric_rows(kind: DataKind) -> list[tuple[str, str, str]]:
 
 
 def _metrics_section(doc: Document, inp: Inputs) -> None:
-    m = inp.eval
-    doc.add(Heading(2, "Sample quality", "metrics"))
+    m, b = inp.eval, inp.metrics.get(EVALUATE_BASELINE)
     header = ["metric", *(label for _, label in SETS), "baseline", "meaning"]
-    rows: list[list[CellLike]] = []
+    doc.add(Heading(2, "Sample quality", "metrics"))
     if m is None:
         rel = inp.stages[EVALUATE].metrics if EVALUATE in inp.stages else "reports/eval/metrics.json"
-        doc.add(Para(f"Stage `evaluate` did not run (`{rel}` not found): every value is not run."))
-        count = ["samples evaluated", *([Cell(NOT_RUN, "notrun")] * 4), ""]
-        rows.append(count)
-        for label, _, what in metric_rows(inp.kind):
-            rows.append([label, *([Cell(NOT_RUN, "notrun")] * 4), what])
-        doc.add(Table(header, rows))
+        doc.add(Para(f"Stage `evaluate` did not run (`{rel}` not found): every value is not run."),
+                Table(header, [[label, *[NOT_RUN_CELL] * 4, what]
+                               for label, _, what in [("samples evaluated", "", ""), *metric_rows(inp.kind)]]))
         return
-    b = inp.metrics.get(EVALUATE_BASELINE)
     skipped = bool(b and b.get("skipped"))
     absent: CellLike = Cell("skipped" if skipped else NOT_RUN, "notrun")
     doc.add(Para(f"Scored by stage `evaluate` on the first {fmt(m.get('n_samples', ABSENT))} samples of each stage "
@@ -672,40 +581,23 @@ def _metrics_section(doc: Document, inp: Inputs) -> None:
                  "held-out data scored the same way, the floor at this sample size; the baseline column is the "
                  "diffusion baseline scored by the same code (stage `evaluate_baseline`"
                  + (", skipped: `baseline.enabled` is false)." if skipped else ").")))
-    rows.append(["samples evaluated", fmt(m.get("n_samples", ABSENT)), fmt(m.get("n_samples", ABSENT)),
-                 fmt(m.get("n_real", ABSENT)), fmt(b["n_samples"]) if b and "n_samples" in b else absent,
-                 "items per column"])
+    n = fmt(m.get("n_samples", ABSENT))
+    rows: list[list[CellLike]] = [["samples evaluated", n, n, fmt(m.get("n_real", ABSENT)),
+                                   fmt(b["n_samples"]) if b and "n_samples" in b else absent, "items per column"]]
     for label, suffix, what in metric_rows(inp.kind):
-        cells: list[CellLike] = [label]
-        for name, _ in SETS:
-            key = f"{name}_{suffix}"
-            cells.append(fmt(m[key]) if key in m else ABSENT)
-        base = f"baseline_{suffix}"
-        value: CellLike = absent if not b or skipped else (fmt(b[base]) if base in b else ABSENT)
-        rows.append([*cells, value, what])
+        base = absent if not b or skipped else fmt(b.get(f"baseline_{suffix}", ABSENT))
+        rows.append([label, *(fmt(m.get(f"{name}_{suffix}", ABSENT)) for name, _ in SETS), base, what])
     doc.add(Table(header, rows))
-    notes = []
     if inp.kind.pixels and "real_laplacian_energy" in m:
-        notes.append(f"Sharpness is relative to the real held-out images' Laplacian energy "
-                     f"({fmt(m['real_laplacian_energy'])}).")
+        doc.add(Para(f"Sharpness is relative to the real held-out images' Laplacian energy "
+                     f"({fmt(m['real_laplacian_energy'])}).", "note"))
     if m.get("inception_score_note"):
-        notes.append(f"IS: {m['inception_score_note']}.")
+        doc.add(Para(f"IS: {m['inception_score_note']}.", "note"))
     if "copy_ratio" in m:
-        notes.append(f"copy_ratio = {fmt(m['copy_ratio'])}; — marks a value that does not apply to that column.")
-    for note in notes:
-        doc.add(Para(note, "note"))
-    derived = [
-        ("primary metric", "primary_metric", "what the debiasing gain is measured on"),
-        ("debias gain", "debias_gain", "1 − refined / KDE of the primary metric (> 0: stage 2 helped)"),
-        ("FID gain", "fid_gain", "KDE FID − refined FID"),
-        ("KID gain", "kid_gain", "KDE KID − refined KID"),
-        ("anchor distance ratio", "anchor_distance_ratio", "refined anchor distance / real nearest-training distance"),
-        ("feature network", "feature_network", ""),
-        ("NFE", "nfe", "network evaluations per refined sample"),
-    ]
+        doc.add(Para(f"copy_ratio = {fmt(m['copy_ratio'])}; — marks a value that does not apply to that column.",
+                     "note"))
     doc.add(Heading(3, "Derived"),
-            Table(["quantity", "value", "meaning"],
-                  [[label, fmt(m[key]), what] for label, key, what in derived if key in m]))
+            Table(["quantity", "value", "meaning"], [[label, fmt(m[k]), what] for label, k, what in DERIVED if k in m]))
 
 
 COMPARISON_COLUMNS = [("method", "method"), ("start", "start"), ("solver", "solver"), ("steps", "K"), ("nfe", "NFE"),
@@ -716,120 +608,90 @@ COMPARISON_COLUMNS = [("method", "method"), ("start", "start"), ("solver", "solv
 
 def _comparison_section(doc: Document, inp: Inputs) -> None:
     doc.add(Heading(2, "DKGM against the diffusion baseline", "baseline"))
-    df = inp.comparison
-    if df is None:
+    if inp.comparison is None:
         rel = inp.table(COMPARISON) or "reports/comparison/table.csv"
         doc.add(Para(f"Stage `comparison` did not run (`{rel}` not found)."))
         return
-    cm = inp.metrics.get(COMPARISON) or {}
-    doc.add(Para(f"Every row at the same {fmt(cm.get('n_samples', ABSENT))} samples and seeds, scored together by "
-                 "the evaluation's code (FID at this n is biased upwards: read it against the floor row, or KID). "
-                 "The two controls separate DKGM's two differences from diffusion: its start (a KDE sample at "
-                 "σ_0 = h) and its training range (only up to a few h)."))
+    n = fmt((inp.metrics.get(COMPARISON) or {}).get("n_samples", ABSENT))
+    doc.add(Para(f"Every row at the same {n} samples and seeds, scored together by the evaluation's code (FID at this "
+                 "n is biased upwards: read it against the floor row, or KID). The two controls separate DKGM's two "
+                 "differences from diffusion: its start (a KDE sample at σ_0 = h) and its training range (only up to "
+                 "a few h)."))
 
-    def cell(v: Any) -> CellLike:
+    def cell(c: str, v: Any) -> CellLike:
+        if c in ("method", "start", "solver"):
+            return str(v)
         if v is None or (isinstance(v, float) and v != v):
             return ABSENT
         return fmt(int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 1e6 else v)
 
-    rows = [[cell(r.get(c)) if c not in ("method", "start", "solver") else str(r.get(c)) for c, _ in COMPARISON_COLUMNS]
-            for r in df.to_dict("records")]
-    doc.add(Table([label for _, label in COMPARISON_COLUMNS], rows))
+    doc.add(Table([label for _, label in COMPARISON_COLUMNS],
+                  [[cell(c, r.get(c)) for c, _ in COMPARISON_COLUMNS] for r in inp.comparison.to_dict("records")]))
 
 
 def _stage_numbers_section(doc: Document, inp: Inputs) -> None:
-    doc.add(Heading(2, "Key numbers per stage", "stages"))
     cards = []
-    for stage, keys in ((s.name, [(k, label) for k, label in s.summary]) for s in inp.stages.values() if s.summary):
-        m = inp.metrics.get(stage)
-        if m is None:
-            rows: list[list[CellLike]] = [[Cell(NOT_RUN, "notrun"), Cell(NOT_RUN, "notrun")]]
-        else:
-            rows = [[label, fmt(m[key])] for key, label in keys if key in m] or [[ABSENT, ABSENT]]
-        cards.append((stage, Table(["quantity", "value"], rows)))
-    doc.add(Cards(cards))
+    for s in inp.stages.values():
+        if s.summary:
+            m = inp.metrics.get(s.name)
+            rows = ([[label, fmt(m[key])] for key, label in s.summary if key in m] or [[ABSENT, ABSENT]]
+                    if m is not None else [[NOT_RUN_CELL, NOT_RUN_CELL]])
+            cards.append((s.name, Table(["quantity", "value"], rows)))
+    doc.add(Heading(2, "Key numbers per stage", "stages"), Cards(cards))
 
 
 def _time_section(doc: Document, inp: Inputs) -> None:
-    doc.add(Heading(2, "Time per stage", "time"),
-            Para("Seconds the stage recorded in its metrics file (`seconds`, `stage_seconds` or `*_seconds`: "
-                 "the timed part, not the process start-up); — where the stage records none."))
     rows: list[list[CellLike]] = []
     for stage, m in inp.metrics.items():
         if m is None:
-            rows.append([_code(stage), Cell(NOT_RUN, "notrun"), ABSENT, ABSENT, ABSENT])
+            rows.append([_code(stage), NOT_RUN_CELL, ABSENT, ABSENT, ABSENT])
             continue
-        device = str(m.get("device", ABSENT))
         keys = [k for k in ("stage_seconds", "seconds") if k in m]
         keys += sorted(k for k in m if k.endswith("_seconds") and k not in keys)
-        timed = [k for k in keys if isinstance(m[k], (int, float)) and not isinstance(m[k], bool)]
-        if timed:
-            rows.append([_code(stage), fmt(float(m[timed[0]]), 3), _code(timed[0]),
-                         ", ".join(f"{_code(k)} {fmt(float(m[k]), 3)}" for k in timed[1:]) or ABSENT, device])
-        else:
-            rows.append([_code(stage), ABSENT, ABSENT, ABSENT, device])
-    doc.add(Table(["stage", "seconds", "field", "other timings", "device"], rows))
-
-
-def figure_outs(stages: list[Stage]) -> list[tuple[str, Out]]:
-    """(stage, figure) for every figure a stage declares, in stage order: the report's figures."""
-    return [(s.name, o) for s in stages for o in s.outs_of("figure")]
-
-
-def read_figures(root: Path, stages: list[Stage], kind: DataKind) -> list[Figure]:
-    return [read_figure(root, i, o.title or o.path, o.caption if kind.pixels else (o.caption_points or o.caption),
-                        o.path, stage, o.grid)
-            for i, (stage, o) in enumerate(figure_outs(stages), start=1)]
+        t = [k for k in keys if isinstance(m[k], (int, float)) and not isinstance(m[k], bool)]
+        rows.append([_code(stage), fmt(float(m[t[0]]), 3), _code(t[0]),
+                     ", ".join(f"{_code(k)} {fmt(float(m[k]), 3)}" for k in t[1:]) or ABSENT] if t
+                    else [_code(stage), ABSENT, ABSENT, ABSENT])
+        rows[-1].append(str(m.get("device", ABSENT)))
+    doc.add(Heading(2, "Time per stage", "time"),
+            Para("Seconds the stage recorded in its metrics file (`seconds`, `stage_seconds` or `*_seconds`: "
+                 "the timed part, not the process start-up); — where the stage records none."),
+            Table(["stage", "seconds", "field", "other timings", "device"], rows))
 
 
 def _nn_section(doc: Document, inp: Inputs, cfg: ReportParams) -> None:
     doc.add(Heading(2, "Nearest training items of the refined samples", "nearest"))
     rel = inp.table(EVALUATE) or "reports/eval/per_sample.parquet"
+    header = ["sample_id", "nearest training row", "d1", "d2", "d1/d2", "anchor row", "nearest is anchor"]
     if cfg.nn_pairs == 0:
-        doc.add(Para("None listed (`report.nn_pairs` is 0)."))
-        return
+        return doc.add(Para("None listed (`report.nn_pairs` is 0)."))
     if not (inp.root / rel).is_file():
-        doc.add(Para(f"Not produced (stage evaluate did not run): `{rel}` not found."))
-        doc.add(Table(["sample_id", "nearest training row", "d1", "d2", "d1/d2", "anchor row", "nearest is anchor"],
-                      [[Cell(NOT_RUN, "notrun"), *([ABSENT] * 6)]]))
-        return
+        return doc.add(Para(f"Not produced (stage evaluate did not run): `{rel}` not found."),
+                       Table(header, [[NOT_RUN_CELL, *([ABSENT] * 6)]]))
     df = read_parquet(inp.root / rel, "per-sample evaluation")
     need = {"set", "sample_id", "nn_row", "d1", "d2", "anchor_row", "anchor_match"}
     if not need <= set(df.columns):
         raise DKGMError(f"{rel} lacks columns {', '.join(sorted(need - set(df.columns)))}: re-run evaluate")
     refined = df[df["set"] == "refined"].head(cfg.nn_pairs)
     doc.add(Para(f"The first {len(refined)} refined samples (`report.nn_pairs` = {cfg.nn_pairs}) from `{rel}`: "
-                 "d1, d2 are the RMS distances per coordinate to the nearest and second-nearest training items."))
-    rows: list[list[CellLike]] = []
-    for r in refined.itertuples(index=False):
-        d1, d2 = float(r.d1), float(r.d2)
-        rows.append([str(int(r.sample_id)), str(int(r.nn_row)), fmt(d1), fmt(d2), fmt(d1 / d2) if d2 > 0 else "n/a",
-                     str(int(r.anchor_row)), "yes" if bool(r.anchor_match) else "no"])
-    doc.add(Table(["sample_id", "nearest training row", "d1", "d2", "d1/d2", "anchor row", "nearest is anchor"], rows))
+                 "d1, d2 are the RMS distances per coordinate to the nearest and second-nearest training items."),
+            Table(header, [[str(int(r.sample_id)), str(int(r.nn_row)), fmt(float(r.d1)), fmt(float(r.d2)),
+                            fmt(r.d1 / r.d2) if r.d2 > 0 else "n/a", str(int(r.anchor_row)),
+                            "yes" if bool(r.anchor_match) else "no"] for r in refined.itertuples(index=False)]))
 
 
 def _dataset_section(doc: Document, inp: Inputs, params: BaseModel) -> None:
-    meta = inp.prepared_meta or {}
-    prep = inp.metrics.get("prepare") or {}
+    meta, prep = inp.prepared_meta or {}, inp.metrics.get("prepare") or {}
     counts = meta.get("counts") or {k: prep[f"n_{k}"] for k in ("train", "val", "test") if f"n_{k}" in prep}
-    rows = [["dataset", _code(meta.get("dataset", params.prepare.dataset))],
+    rows = [["dataset", _code(meta.get("dataset", params.prepare.dataset))],  # type: ignore[attr-defined]
             ["kind", inp.kind.name],
             ["item shape", fmt(meta["shape"]) if "shape" in meta else ABSENT],
             ["items (train / val / test)", " / ".join(fmt(counts.get(k, ABSENT)) for k in ("train", "val", "test"))
-             if counts else Cell(NOT_RUN, "notrun")],
+             if counts else NOT_RUN_CELL],
             ["source", _code(meta["source"]) if "source" in meta else ABSENT],
             ["source SHA-256", _code(meta["source_sha256"]) if "source_sha256" in meta else ABSENT],
             ["storage", meta.get("storage", ABSENT)]]
     doc.add(Heading(2, "Dataset", "dataset"), Table(["item", "value"], rows))
-
-
-def _flatten(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(node, dict):
-        out = []
-        for k, v in node.items():
-            out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
-        return out
-    return [(prefix, node)]
 
 
 def _params_section(doc: Document, root: Path, params: BaseModel) -> None:
@@ -837,54 +699,45 @@ def _params_section(doc: Document, root: Path, params: BaseModel) -> None:
             Para("The keys of `params.yaml` whose value differs from the schema default (the stage module's params "
                  "model); every key, after validation, in the collapsed tables below."))
     try:
-        raw = yaml.safe_load((root / "params.yaml").read_text()) or {}
+        raw = experiments.flatten(yaml.safe_load((root / "params.yaml").read_text()) or {})
     except (OSError, yaml.YAMLError) as exc:  # the runner validated it already; this cannot normally fail
         raise DKGMError(f"{root / 'params.yaml'}: cannot read: {exc}".replace("\n", " ")) from None
-    raw_keys = {k for k, _ in _flatten(raw)}
-    schema_defaults = dict(_flatten(type(params)().model_dump(mode="json")))  # the schema's defaults
+    defaults = experiments.flatten(type(params)().model_dump(mode="json"))  # the schema's defaults
     changed: list[list[CellLike]] = []
     groups: dict[str, list[list[CellLike]]] = {}
-    for key, value in _flatten(params.model_dump(mode="json")):
+    for key, value in experiments.flatten(params.model_dump(mode="json")).items():
         section, name = key.rsplit(".", 1)
-        note = ""
-        if key not in raw_keys:
-            note = "schema default (not in the file)"
-        elif value != schema_defaults.get(key):
-            note = f"default {param_str(schema_defaults.get(key))}"
-            changed.append([_code(key), _code(param_str(value)), _code(param_str(schema_defaults.get(key)))])
+        note = "schema default (not in the file)" if key not in raw else ""
+        if key in raw and value != defaults.get(key):
+            note = f"default {param_str(defaults.get(key))}"
+            changed.append([_code(key), _code(param_str(value)), _code(param_str(defaults.get(key)))])
         groups.setdefault(section, []).append([_code(name), _code(param_str(value)), note])
-    if changed:
-        doc.add(Table(["key", "value", "default"], changed))
-    else:
-        doc.add(Para("Every key holds its default."))
-    doc.add(Collapsed(f"All {sum(len(r) for r in groups.values())} keys, by section"),
-            Cards([(section, Table(["key", "value", "note"], rows)) for section, rows in groups.items()]),
-            CollapsedEnd())
+    doc.add(Table(["key", "value", "default"], changed) if changed else Para("Every key holds its default."),
+            Collapsed(f"All {sum(len(r) for r in groups.values())} keys, by section",
+                      Cards([(section, Table(["key", "value", "note"], rows)) for section, rows in groups.items()])))
 
 
 def _environment_section(doc: Document) -> None:
-    rows = [["python", f"{platform.python_version()} ({platform.python_implementation()})"]]
-    rows += [[name, package_version(name)] for name in PACKAGES]
+    """Where the report was made; each stage's device is in its timings (the time section), so torch is not imported."""
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    rows += [["device", device_summary()],
-             ["CPU count", f"{os.cpu_count()} ({affinity} usable by this process)"],
-             ["CPU", cpu_model()],
-             ["platform", platform.platform()]]
+    rows = [["python", f"{platform.python_version()} ({platform.python_implementation()})"],
+            *([name, package_version(name)] for name in PACKAGES),
+            ["CPU count", f"{os.cpu_count()} ({affinity} usable by this process)"], ["CPU", cpu_model()],
+            ["platform", platform.platform()]]
     doc.add(Heading(2, "Environment", "environment"),
-            Para("Where the report was made (the stages may have run elsewhere: each stage's metrics name its device)."),
-            Table(["item", "version / value"], rows))
+            Para("Where the report was made (the stages may have run elsewhere: each stage's device is in the time "
+                 "table)."), Table(["item", "version / value"], rows))
 
 
 def _provenance_section(doc: Document, root: Path, git: dict[str, str], data_artifacts: list[str]) -> None:
+    rev = _code(git["revision"]) if _is_sha(git["revision"]) else git["revision"]
     doc.add(Heading(2, "Provenance", "provenance"),
-            Table(["item", "value"], [["git revision", _code(git["revision"]) if _is_sha(git["revision"]) else
-                                       git["revision"]], ["work tree", git["tree"]]]))
+            Table(["item", "value"], [["git revision", rev], ["work tree", git["tree"]]]),
+            Heading(3, "Data artifacts (dvc.lock)"))
     lock_path = root / "dvc.lock"
-    doc.add(Heading(3, "Data artifacts (dvc.lock)"))
     if not lock_path.is_file():
-        doc.add(Para("`dvc.lock` not found: the stages were not run through `dvc repro`, so no artifact hashes are "
-                     "recorded."))
-        return
+        return doc.add(Para("`dvc.lock` not found: the stages were not run through `dvc repro`, so no artifact hashes "
+                            "are recorded."))
     try:
         lock = yaml.safe_load(lock_path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -892,32 +745,26 @@ def _provenance_section(doc: Document, root: Path, git: dict[str, str], data_art
     stages = lock.get("stages") if isinstance(lock, dict) else None
     if not isinstance(stages, dict):
         raise DKGMError(f"{lock_path}: no `stages` mapping (not a DVC lock file?)")
-    written: dict[str, tuple[str, dict]] = {}
-    read: dict[str, list[tuple[str, dict]]] = {}
-    for stage, entry in stages.items():
-        for role, store in (("outs", None), ("deps", read)):
-            for item in (entry or {}).get(role) or []:
-                p = item.get("path") if isinstance(item, dict) else None
-                if p not in data_artifacts:
-                    continue
-                if store is None:
-                    written[p] = (stage, item)
-                else:
-                    store.setdefault(p, []).append((stage, item))
+
+    def entries(role: str) -> list[tuple[str, dict]]:  # (stage, item) for every data artifact it writes or reads
+        return [(stage, item) for stage, entry in stages.items() for item in (entry or {}).get(role) or []
+                if isinstance(item, dict) and item.get("path") in data_artifacts]
+
+    written = {item["path"]: (stage, item) for stage, item in entries("outs")}
     rows: list[list[CellLike]] = []
     for art in data_artifacts:
-        if art in written:
-            stage, item = written[art]
-            md5 = item.get("md5", ABSENT)
-            size = fmt(item["size"]) if "size" in item else ABSENT
-            if "nfiles" in item:
-                size += f" ({item['nfiles']} files)"
-            readers = [f"{s}: {'same' if it.get('md5') == md5 else 'differs ' + str(it.get('md5', ABSENT))[:8]}"
-                       for s, it in read.get(art, [])]
-            rows.append([_code(art), _code(stage), _code(str(md5)), size, "; ".join(readers) or ABSENT])
-        else:
-            readers = [f"{s}: {it.get('md5', ABSENT)!s}" for s, it in read.get(art, [])]
-            rows.append([_code(art), Cell("not in dvc.lock", "notrun"), ABSENT, ABSENT, "; ".join(readers) or ABSENT])
+        readers = [(s, it) for s, it in entries("deps") if it["path"] == art]
+        if art not in written:
+            rows.append([_code(art), Cell("not in dvc.lock", "notrun"), ABSENT, ABSENT,
+                         "; ".join(f"{s}: {it.get('md5', ABSENT)!s}" for s, it in readers) or ABSENT])
+            continue
+        stage, item = written[art]
+        md5 = item.get("md5", ABSENT)
+        size = fmt(item["size"]) if "size" in item else ABSENT
+        size += f" ({item['nfiles']} files)" if "nfiles" in item else ""
+        read_by = [f"{s}: " + ("same" if it.get("md5") == md5 else f"differs {str(it.get('md5', ABSENT))[:8]}")
+                   for s, it in readers]
+        rows.append([_code(art), _code(stage), _code(str(md5)), size, "; ".join(read_by) or ABSENT])
     doc.add(Para("md5 of each data artifact as its producing stage recorded it; `read by` says whether each "
                  "consumer ran on the same version (`differs`: that stage is stale)."),
             Table(["artifact", "written by", "md5", "size (bytes)", "read by"], rows))
@@ -937,13 +784,12 @@ def build(cfg: ReportParams, root: Path, params: BaseModel, stages: list[Stage] 
     figures = read_figures(root, stages, inp.kind)
     git = git if git is not None else git_state(root)
     dataset = (inp.prepared_meta or {}).get("dataset", params.prepare.dataset)  # type: ignore[attr-defined]
-    rev = git["revision"]
-    rev = f"git {rev[:12]} ({git['tree']})" if _is_sha(rev) else f"git: {git['tree']}"
+    rev = f"git {git['revision'][:12]} ({git['tree']})" if _is_sha(git["revision"]) else f"git: {git['tree']}"
     doc = Document(cfg.title, f"{date or report_date()} · dataset {dataset} ({inp.kind}) · {rev}")
-    beside_verdict = _verdict_section(doc, inp, figures, params)
-    if beside_verdict is not None:  # numbered in reading order: the figure beside the verdict is the first one read
-        for number, fig in enumerate([beside_verdict, *(f for f in figures if f is not beside_verdict)], start=1):
-            fig.number = number
+    beside = _verdict_section(doc, inp, figures, params)
+    rest = [f for f in figures if f is not beside]
+    for number, fig in enumerate([beside, *rest] if beside else rest, start=1):  # numbered in reading order
+        fig.number = number
     not_run = [s for s, m in inp.metrics.items() if m is None]
     if not_run:
         doc.add(Para("Stages not run: " + ", ".join(f"`{s}`" for s in not_run) + ".", "note"))
@@ -951,10 +797,9 @@ def build(cfg: ReportParams, root: Path, params: BaseModel, stages: list[Stage] 
     _metrics_section(doc, inp)
     _comparison_section(doc, inp)
     _stage_numbers_section(doc, inp)
-    doc.add(Heading(2, "Figures", "figures"), Figures([f for f in figures if f is not beside_verdict]))
-    if beside_verdict is not None:
-        doc.add(Para(f"Figure {beside_verdict.number} ({beside_verdict.title.lower()}) is shown with the verdict, "
-                     "at the top.", "note"))
+    doc.add(Heading(2, "Figures", "figures"), Figures(rest))
+    if beside is not None:
+        doc.add(Para(f"Figure {beside.number} ({beside.title.lower()}) is shown with the verdict, at the top.", "note"))
     _nn_section(doc, inp, cfg)
     _time_section(doc, inp)
     _dataset_section(doc, inp, params)
@@ -965,6 +810,11 @@ def build(cfg: ReportParams, root: Path, params: BaseModel, stages: list[Stage] 
 
 
 # ----------------------------------------------------------------------------- rendering (pipeline/templates)
+
+MAX_FIGURE_WIDTH = 1040  # the content width of <main>
+MAX_FIGURE_HEIGHT = 900  # taller plots are shown smaller (the file is embedded unchanged)
+PIXEL_TARGET = 560  # image grids are scaled by the integer factor that brings them closest to this width
+_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _md_inline(text: str, in_table: bool = False) -> str:
@@ -979,51 +829,15 @@ def _md_cell(cell: CellLike) -> str:
     return _md_inline(cell, True)
 
 
-def missing_text(fig: Figure) -> str:
-    return f"not produced (stage {fig.stage} did not run): {fig.rel} not found"
-
-
 def _report_relative(rel: str) -> str:
     prefix = Path(REPORT_MD).parent.as_posix() + "/"
     return rel[len(prefix):] if rel.startswith(prefix) else os.path.relpath(rel, Path(REPORT_MD).parent)
 
 
-@cache
-def _templates():
-    import jinja2
-
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=False, trim_blocks=True,
-                             lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
-    env.filters.update(md=_md_inline, cell=_md_cell, relative=_report_relative, missing=missing_text, h=_h,
-                       td=_html_cell, attr=html.escape, display_size=figure_display_size,
-                       base64=lambda fig: base64.b64encode(fig.png).decode("ascii"))
-    env.tests.update(heading=lambda b: isinstance(b, Heading), para=lambda b: isinstance(b, Para),
-                     table=lambda b: isinstance(b, Table), cards=lambda b: isinstance(b, Cards),
-                     figures=lambda b: isinstance(b, Figures), badges=lambda b: isinstance(b, Badges),
-                     side=lambda b: isinstance(b, Side), bullets=lambda b: isinstance(b, Bullets),
-                     collapsed=lambda b: isinstance(b, Collapsed), collapsed_end=lambda b: isinstance(b, CollapsedEnd))
-    return env
-
-
-def render_md(doc: Document) -> str:
-    return _templates().get_template("report.md.j2").render(doc=doc).rstrip() + "\n"
-
-
-# ----------------------------------------------------------------------------- HTML
-
-MAX_FIGURE_WIDTH = 1040  # the content width of <main>
-MAX_FIGURE_HEIGHT = 900  # taller plots are shown smaller (the file is embedded unchanged)
-PIXEL_TARGET = 560  # image grids are scaled by the integer factor that brings them closest to this width
-
-
 def _h(text: str) -> str:
     """Escape text for HTML; `code` spans become <code>, and no address can appear as a live URL."""
     parts = html.escape(" ".join(text.split()), quote=True).split("`")
-    out = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-    return out.replace("://", ":&#47;&#47;")
-
-
-_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts)).replace("://", ":&#47;&#47;")
 
 
 def _html_cell(cell: CellLike) -> str:
@@ -1044,6 +858,23 @@ def figure_display_size(fig: Figure) -> tuple[int, int]:
     return round(w * shrink), round(h * shrink)
 
 
+@cache
+def _templates():
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=False, trim_blocks=True,
+                             lstrip_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    env.filters.update(md=_md_inline, cell=_md_cell, relative=_report_relative, h=_h, td=_html_cell, attr=html.escape,
+                       missing=lambda f: f"not produced (stage {f.stage} did not run): {f.rel} not found",
+                       display_size=figure_display_size, base64=lambda f: base64.b64encode(f.png).decode("ascii"))
+    env.tests["block"] = lambda b, name: type(b).__name__ == name  # {% if b is block("Table") %}
+    return env
+
+
+def render_md(doc: Document) -> str:
+    return _templates().get_template("report.md.j2").render(doc=doc).rstrip() + "\n"
+
+
 def render_html(doc: Document) -> str:
     css = (TEMPLATES / "report.css").read_text(encoding="utf-8")
     return _templates().get_template("report.html.j2").render(doc=doc, css=css, max_width=MAX_FIGURE_WIDTH)
@@ -1060,19 +891,18 @@ def run(cfg: ReportParams, root: Path, params: BaseModel) -> dict[str, Any]:
         out.path(REPORT_HTML).write_text(render_html(doc), encoding="utf-8")
     figures = next(b for b in doc.blocks if isinstance(b, Figures)).items
     badges = [item for b in doc.blocks if isinstance(b, Badges) for item in b.items]
-    return {
-        "decision": next(cell.text for label, cell in badges if label == "decision"),
-        "gates": {label.split(" ", 1)[1]: cell.text for label, cell in badges if label.startswith("gate ")},
-        "figures_embedded": sum(f.png is not None for f in figures),
-        "figures_missing": sum(f.png is None for f in figures),
-    }
+    return {"decision": next(cell.text for label, cell in badges if label == "decision"),
+            "gates": {label.split(" ", 1)[1]: cell.text for label, cell in badges if label.startswith("gate ")},
+            "figures_embedded": sum(f.png is not None for f in figures),
+            "figures_missing": sum(f.png is None for f in figures)}
 
 
 def stage(others: list[Stage]) -> Stage:
     """The report as a stage: every small output of the other stages (metrics, figures, gate records,
     tables) and the prepared data's metadata are its inputs; it depends on the whole of params.yaml."""
     shown = [o.path for s in others for o in s.outs
-             if o.kind in ("metrics", "timings", "figure", "record") or (o.kind == "table" and s.name in (EVALUATE, COMPARISON))]
+             if o.kind in ("metrics", "timings", "figure", "record")
+             or (o.kind == "table" and s.name in (EVALUATE, COMPARISON))]
     return Stage(name="report", doc="the review document: gates, metrics per stage vs the real floor, figures, "
                  "timings, environment, provenance (reports/report.md and a self-contained report.html)",
                  section="report", params=ReportParams, deps=(PREPARED, *shown),

@@ -97,6 +97,13 @@ def test_one_flatten_union_canon_and_formatter():
         ["0.36305", "1596.8", "1e-150", "2", "10000", "123456789", "true", "null", "cv", "[1, 2]", "—"]
     long = "null: default_1.pt has no classifier layer; put the full network in place"
     assert len(E.fmt(long)) == E.MAX_CELL and E.fmt(long).endswith("…") and E.fmt(long)[:20] == long[:20]
+    # the report's two spellings are this formatter too: metrics to 4 digits with null as n/a, params exact
+    from pipeline import report
+
+    assert [report.fmt(v) for v in (0.3630493093680563, None, [0.123456, "heun"], long)] == \
+        ["0.363", "n/a", "[0.1235, heun]", long]
+    assert [report.param_str(v) for v in (0.3630493093680563, None, ["euler", "heun"], 1e-3)] == \
+        ["0.3630493093680563", "null", "[euler, heun]", "0.001"]
     assert [E.fmt_delta(*ab) for ab in ((1.0, 3), (3, 1), (0.5, 0.25), (1, 1.0), ("a", 1), (True, False))] == \
         ["+2", "-2", "-0.25", "0", "—", "—"]
     assert E.canon(1) == E.canon(1.0) and E.canon(True) != E.canon(1) and E.canon(float("nan")) == E.canon(float("nan"))
