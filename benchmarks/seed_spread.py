@@ -204,6 +204,14 @@ def table(records: list[dict], md: Path, js: Path, rows: Path) -> None:
         lines.append("DKGM's point per seed: " + ", ".join(
             f"seed {s}: s = {dk['scale'].get(s, float('nan')):.3g}, pixel Z_U {dk['zu_pixel'][s]:+.2f}" for s in dk["fid"]))
         lines.append("")
+        floor = summary["floor_fid"]
+        if floor:  # issue 19's goal, per seed: DKGM at its novel point within 2x the held-out floor
+            ratios = {s: v / floor for s, v in dk["fid"].items()}
+            over = [s for s, r in ratios.items() if r > 2.0]
+            lines += ["DKGM / floor per seed: " + ", ".join(f"seed {s}: {r:.2f}x" for s, r in ratios.items())
+                      + f" (mean {dk['mean'] / floor:.2f}x; within 2x on "
+                      + ("every seed)." if not over else f"{len(ratios) - len(over)} of {len(ratios)} seeds: not on "
+                         + ", ".join(f"seed {s}" for s in over) + ")."), ""]
     for other in ("baseline", "control"):
         g = summary.get(f"dkgm_minus_{other}")
         if g:

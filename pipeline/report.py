@@ -634,8 +634,10 @@ def _stage_numbers_section(doc: Document, inp: Inputs) -> None:
     for s in inp.stages.values():
         if s.summary:
             m = inp.metrics.get(s.name)
-            rows = ([[label, fmt(m[key])] for key, label in s.summary if key in m] or [[ABSENT, ABSENT]]
-                    if m is not None else [[NOT_RUN_CELL, NOT_RUN_CELL]])
+            if m is None:
+                rows: list[list[CellLike]] = [[NOT_RUN_CELL, NOT_RUN_CELL]]
+            else:
+                rows = [[label, fmt(m[key])] for key, label in s.summary if key in m] or [[ABSENT, ABSENT]]
             cards.append((s.name, Table(["quantity", "value"], rows)))
     doc.add(Heading(2, "Key numbers per stage", "stages"), Cards(cards))
 
@@ -649,10 +651,12 @@ def _time_section(doc: Document, inp: Inputs) -> None:
         keys = [k for k in ("stage_seconds", "seconds") if k in m]
         keys += sorted(k for k in m if k.endswith("_seconds") and k not in keys)
         t = [k for k in keys if isinstance(m[k], (int, float)) and not isinstance(m[k], bool)]
-        rows.append([_code(stage), fmt(float(m[t[0]]), 3), _code(t[0]),
-                     ", ".join(f"{_code(k)} {fmt(float(m[k]), 3)}" for k in t[1:]) or ABSENT] if t
-                    else [_code(stage), ABSENT, ABSENT, ABSENT])
-        rows[-1].append(str(m.get("device", ABSENT)))
+        device = str(m.get("device", ABSENT))
+        if t:
+            others = ", ".join(f"{_code(k)} {fmt(float(m[k]), 3)}" for k in t[1:]) or ABSENT
+            rows.append([_code(stage), fmt(float(m[t[0]]), 3), _code(t[0]), others, device])
+        else:
+            rows.append([_code(stage), ABSENT, ABSENT, ABSENT, device])
     doc.add(Heading(2, "Time per stage", "time"),
             Para("Seconds the stage recorded in its metrics file (`seconds`, `stage_seconds` or `*_seconds`: "
                  "the timed part, not the process start-up); — where the stage records none."),
