@@ -668,10 +668,12 @@ def _nn_section(doc: Document, inp: Inputs, cfg: ReportParams) -> None:
     rel = inp.table(EVALUATE) or "reports/eval/per_sample.parquet"
     header = ["sample_id", "nearest training row", "d1", "d2", "d1/d2", "anchor row", "nearest is anchor"]
     if cfg.nn_pairs == 0:
-        return doc.add(Para("None listed (`report.nn_pairs` is 0)."))
+        doc.add(Para("None listed (`report.nn_pairs` is 0)."))
+        return
     if not (inp.root / rel).is_file():
-        return doc.add(Para(f"Not produced (stage evaluate did not run): `{rel}` not found."),
-                       Table(header, [[NOT_RUN_CELL, *([ABSENT] * 6)]]))
+        doc.add(Para(f"Not produced (stage evaluate did not run): `{rel}` not found."),
+                Table(header, [[NOT_RUN_CELL, *([ABSENT] * 6)]]))
+        return
     df = read_parquet(inp.root / rel, "per-sample evaluation")
     need = {"set", "sample_id", "nn_row", "d1", "d2", "anchor_row", "anchor_match"}
     if not need <= set(df.columns):
@@ -740,8 +742,9 @@ def _provenance_section(doc: Document, root: Path, git: dict[str, str], data_art
             Heading(3, "Data artifacts (dvc.lock)"))
     lock_path = root / "dvc.lock"
     if not lock_path.is_file():
-        return doc.add(Para("`dvc.lock` not found: the stages were not run through `dvc repro`, so no artifact hashes "
-                            "are recorded."))
+        doc.add(Para("`dvc.lock` not found: the stages were not run through `dvc repro`, so no artifact hashes "
+                     "are recorded."))
+        return
     try:
         lock = yaml.safe_load(lock_path.read_text()) or {}
     except yaml.YAMLError as exc:
