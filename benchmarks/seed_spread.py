@@ -17,6 +17,13 @@ same sample seeds as the default run:
     python benchmarks/seed_spread.py table            # benchmarks/results/seed_spread.{md,json}
     python benchmarks/seed_spread.py table --rows benchmarks/results/seed_spread_rows.jsonl  # from the committed rows
 
+A DKGM-only variant (`--set` takes the debiaser keys the baseline does not share: its noise range
+and distribution) trains DKGM's network anew and scores it against the same baseline networks, the
+control re-scored at the variant's own point:
+
+    python benchmarks/seed_spread.py run 0 1 --set sigma_dist=lognormal_truncated p_std=0.8
+    python benchmarks/seed_spread.py table --set sigma_dist=lognormal_truncated p_std=0.8 --out FILE.md
+
 The same spread as a DVC experiment queue (each runs the whole pipeline, ~50 min here per seed):
 `dvc exp run --queue -S debiaser.seed=1 && dvc exp run --queue -S debiaser.seed=2 && dvc queue start`,
 then `dvc exp show --only-changed`. Networks and raw rows live in benchmarks/.seeds/ (not committed).
@@ -104,15 +111,38 @@ def score_noise(name: str, params, n: int) -> dict:
             **{k: m.get(f"baseline_{k}") for k in sweep.EVAL_KEYS}, "floor_fid": m.get("real_fid")}
 
 
-def run(seeds: list[int], from_run: bool, n: int, scales: list[float]) -> None:
+def dkgm_only(pairs: list[str]) -> dict:
+    """`--set key=value` pairs as debiaser overrides, each a key only DKGM's network has (the baseline
+    trains over EDM's own range with its own distribution, so its networks are shared)."""
+    from stages.fitting import DKGM_ONLY_KEYS, DebiaserParams
+
+    out = sweep._parse(pairs)
+    bad = sorted(set(out) - set(DKGM_ONLY_KEYS))
+    if bad:
+        raise SystemExit(f"--set {', '.join(bad)}: not a DKGM-only debiaser key (one of {', '.join(DKGM_ONLY_KEYS)}); "
+                         "a key both networks share is a new default: change params.yaml and run again")
+    DebiaserParams(**out)  # a bad value fails here, naming its key, before any training
+    return out
+
+
+def variant_recipe(recipe: dict, dkgm_set: dict) -> dict:
+    """params.yaml's training recipe with DKGM's debiaser keys replaced (the record's recipe)."""
+    return {**recipe, "debiaser": {**recipe["debiaser"], **dkgm_set}} if dkgm_set else recipe
+
+
+def run(seeds: list[int], from_run: bool, n: int, scales: list[float], dkgm_set: dict | None = None) -> None:
     params = _params()
     sampler = _sampler(params)
     etas = list(params.calibrate.etas)
     out = SEEDS / "spread.jsonl"
+    dkgm_set = dkgm_set or {}
     recipe = training_recipe(params)
+    mine_recipe = variant_recipe(recipe, dkgm_set)
+    if from_run and dkgm_set:
+        raise SystemExit("--from-run uses the default run's networks, which were not trained with --set")
     for seed in seeds:
-        dk, bl = _named("dkgm", seed, recipe), _named("baseline", seed, recipe)
-        _train_or_copy(dk, {"seed": seed}, ROOT / "models/debiaser/snapshot.pt" if from_run else None)
+        dk, bl = _named("dkgm", seed, mine_recipe), _named("baseline", seed, recipe)
+        _train_or_copy(dk, {"seed": seed, **dkgm_set}, ROOT / "models/debiaser/snapshot.pt" if from_run else None)
         _train_or_copy(bl, {"seed": seed, "sigma_max": params.baseline.sigma_max},
                        ROOT / "models/baseline/snapshot.pt" if from_run else None)
         mine = sweep.score(dk, sampler, etas, scales, f"seed{seed}", n, params.calibrate.probe_samples,
@@ -124,7 +154,7 @@ def run(seeds: list[int], from_run: bool, n: int, scales: list[float]) -> None:
                                           params.calibrate.probe_samples, 0, params.calibrate.margin,
                                           at=best["scale"], where=SEEDS)[0]
         rows["baseline"] = score_noise(bl, params, n)
-        record = {"seed": seed, "from_run": from_run, "n": n, "recipe": recipe,
+        record = {"seed": seed, "from_run": from_run, "n": n, "recipe": mine_recipe, "dkgm_set": dkgm_set,
                   **{k: v for k, v in rows.items() if v is not None}}
         with out.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -138,12 +168,19 @@ def current_records(records: list[dict], recipe: dict) -> list[dict]:
     if not any(r.get("recipe") for r in records):
         return records
     kept = [r for r in records if r.get("recipe") == recipe]
-    if len(kept) < len(records):
-        left = sorted({r["seed"] for r in records if r not in kept})
-        print(f"seed_spread: {len(records) - len(kept)} record(s) of another or unrecorded training recipe left out "
-              f"(seeds {left}); `run` those seeds again under this params.yaml", file=sys.stderr)
+    variants = [r for r in records if r not in kept and r.get("dkgm_set")]
+    if variants:
+        sets = sorted({" ".join(f"{k}={v}" for k, v in sorted(r["dkgm_set"].items())) for r in variants})
+        print(f"seed_spread: {len(variants)} record(s) of DKGM-only variants left out (`table --set ...`: "
+              + "; ".join(sets) + ")", file=sys.stderr)
+    others = [r for r in records if r not in kept and r not in variants]
+    if others:
+        left = sorted({r["seed"] for r in others})
+        print(f"seed_spread: {len(others)} record(s) of other or unrecorded training recipes left out (seeds {left})",
+              file=sys.stderr)
     if not kept:
-        raise SystemExit("no record was made under params.yaml's training recipe: `python benchmarks/seed_spread.py run`")
+        raise SystemExit("no record was made under this training recipe: `python benchmarks/seed_spread.py run` "
+                         "(with the same --set for a variant)")
     return kept
 
 
@@ -179,13 +216,30 @@ def summarise(records: list[dict]) -> dict:
     return out
 
 
-def table(records: list[dict], md: Path, js: Path, rows: Path) -> None:
+def _shown(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _set_text(dkgm_set: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(dkgm_set.items()))
+
+
+def table(records: list[dict], md: Path, js: Path, rows: Path, dkgm_set: dict | None = None) -> None:
     summary = summarise(records)
     seeds = summary["seeds"]
-    lines = [f"# Seed spread at the default budget: {len(seeds)} training seeds per network (issue 21)", "",
-             f"Generated by `python benchmarks/seed_spread.py table --rows {rows.resolve().relative_to(ROOT)}`. Each seed "
-             "trains DKGM's network and the baseline's with params.yaml's recipe (only `debiaser.seed` differs; seed 0 "
-             "is the default run's own pair), on 2 CPU cores in fp32. Rows at n = "
+    command = f"python benchmarks/seed_spread.py table --rows {_shown(rows)}"
+    if dkgm_set:
+        title = f"# A DKGM-only variant, `{_set_text(dkgm_set)}`: {len(seeds)} training seed(s)"
+        command += f" --set {_set_text(dkgm_set)} --out {_shown(md)}"
+        trained = (f"trains DKGM's network with params.yaml's recipe except `{_set_text(dkgm_set)}` (debiaser keys "
+                   "the baseline does not share); the baseline's networks are the default recipe's")
+    else:
+        title = f"# Seed spread at the default budget: {len(seeds)} training seeds per network (issue 21)"
+        trained = ("trains DKGM's network and the baseline's with params.yaml's recipe (only `debiaser.seed` differs; "
+                   "seed 0 is the default run's own pair)")
+    lines = [title, "",
+             f"Generated by `{command}`. Each seed {trained}, on 2 CPU cores in fp32. Rows at n = "
              f"{summary['n']} on the default run's sample seeds: dkgm = DKGM at its own novel point (calibrate's "
              "search) with refine's sampler; control = the baseline's network from the same KDE start, same sampler; "
              "baseline = the baseline from noise, 18 Heun steps (35 NFE). FID against the 2,000-image training "
@@ -219,8 +273,52 @@ def table(records: list[dict], md: Path, js: Path, rows: Path) -> None:
                        "no winner at this budget")
             lines.append(f"- DKGM - {other}: " + ", ".join(f"seed {s}: {v:+.2f}" for s, v in g["per_seed"].items())
                          + f" (from {g['min']:+.2f} to {g['max']:+.2f}; {verdict}).")
+    latest = {r["seed"]: r for r in records}
+    copying = [s for s in seeds if any(not c["passed"] for c in (latest[s].get("control") or {}).get("candidates", []))]
+    if copying:  # the control is scored at DKGM's point whatever its own novelty: say where that favours it
+        lines.append("- At DKGM's point the control's own probe fails the novelty rule (it copies more than DKGM there) "
+                     "on " + ", ".join(f"seed {s} (probe pixel Z_U {latest[s]['control']['probe_zu']:+.2f})"
+                                       for s in copying) + ": its FID there is not at equal novelty.")
     md.write_text("\n".join(lines) + "\n")
     js.write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    print("\n".join(lines))
+
+
+def curve(seed: int, dkgm_set: dict, out: Path, images: int = 500) -> None:
+    """Held-out denoising error over sigma of one seed's networks (the default recipe's DKGM network,
+    the variant's when --set, the baseline's) on the same validation images and noise draws: where a
+    noise distribution buys or loses accuracy. MSE per pixel in [-1, 1] units; identity = sigma^2."""
+    import numpy as np
+    import torch
+
+    from dkgm.debias import denoising_curve, load_denoiser
+    from stages.artifacts import load_prepared
+
+    recipe = training_recipe(_params())
+    names = {"dkgm": _named("dkgm", seed, recipe)}
+    if dkgm_set:
+        names[f"dkgm {_set_text(dkgm_set)}"] = _named("dkgm", seed, variant_recipe(recipe, dkgm_set))
+    names["baseline"] = _named("baseline", seed, recipe)
+    missing = [n for n in names.values() if not (SEEDS / n / "snapshot.pt").is_file()]
+    if missing:
+        raise SystemExit(f"no trained network {', '.join(missing)} in {SEEDS}: `run {seed}` (with the same --set) first")
+    val = torch.from_numpy(load_prepared(ROOT).split("val")[:images])
+    nets = {label: load_denoiser(SEEDS / name / "snapshot.pt") for label, name in names.items()}
+    sigma_max = float(nets["dkgm"][1]["sigma_max"])
+    sigmas = np.geomspace(0.005, sigma_max, 14).tolist()
+    mse = {label: [r["mse"] for r in denoising_curve(den, val, sigmas, device="cpu")] for label, (den, _) in nets.items()}
+    labels = list(mse)
+    lines = [f"# Held-out denoising error over sigma, seed {seed}", "",
+             f"Generated by `python benchmarks/seed_spread.py curve {seed}"
+             + (f" --set {_set_text(dkgm_set)}" if dkgm_set else "") + f" --out {_shown(out)}`: {len(val)} validation "
+             "images, the same noise draws for every network; MSE per pixel ([-1, 1] units; the identity's is sigma^2). "
+             "Ratio: each network's MSE over the default DKGM network's (below 1: more accurate).", "",
+             "| sigma | " + " | ".join(f"{lb} MSE" for lb in labels) + " | " + " | ".join(f"{lb} / dkgm" for lb in labels[1:])
+             + " |", "|--:|" + "--:|" * (2 * len(labels) - 1)]
+    for i, sg in enumerate(sigmas):
+        lines.append(f"| {sg:.4f} | " + " | ".join(f"{mse[lb][i]:.3g}" for lb in labels) + " | "
+                     + " | ".join(f"{mse[lb][i] / mse['dkgm'][i]:.3f}" for lb in labels[1:]) + " |")
+    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -232,17 +330,27 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--from-run", action="store_true", help="use the default run's snapshots (models/) for these seeds")
     r.add_argument("--n", type=int, default=500)
     r.add_argument("--scales", default="4,5,6,7,8", help="calibrate's grid from 4 up (below 4 every seed fails)")
-    t = sub.add_parser("table")
+    c = sub.add_parser("curve")
+    c.add_argument("seed", type=int)
+    c.add_argument("--out", type=Path, required=True)
+    for sp in (r, t := sub.add_parser("table"), c):
+        sp.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="a DKGM-only variant: debiaser keys the baseline does not share (sigma_dist, p_mean, ...)")
     t.add_argument("--rows", type=Path, default=SEEDS / "spread.jsonl", help="the raw records (a committed copy: "
                    "benchmarks/results/seed_spread_rows.jsonl)")
     t.add_argument("--out", type=Path, default=RESULTS / "seed_spread.md")
     args = ap.parse_args(argv)
-    if args.cmd == "run":
+    if args.cmd == "curve":
+        curve(args.seed, dkgm_only(args.set), args.out)
+    elif args.cmd == "run":
         SEEDS.mkdir(parents=True, exist_ok=True)
-        run(args.seeds, args.from_run, args.n, [float(v) for v in args.scales.split(",")])
+        run(args.seeds, args.from_run, args.n, [float(v) for v in args.scales.split(",")], dkgm_only(args.set))
     else:
-        records = current_records(sweep.load_rows(args.rows), training_recipe(_params()))
-        table(records, args.out, args.out.with_suffix(".json"), args.rows)
+        records = current_records(sweep.load_rows(args.rows), variant_recipe(training_recipe(_params()),
+                                                                             dkgm_only(args.set)))
+        if args.set and args.out == RESULTS / "seed_spread.md":
+            raise SystemExit("--set: name the variant's table with --out (seed_spread.md is the default recipe's)")
+        table(records, args.out, args.out.with_suffix(".json"), args.rows, dkgm_only(args.set))
     return 0
 
 
