@@ -23,6 +23,7 @@ control re-scored at the variant's own point:
 
     python benchmarks/seed_spread.py run 0 1 --set sigma_dist=lognormal_truncated p_std=0.8
     python benchmarks/seed_spread.py table --set sigma_dist=lognormal_truncated p_std=0.8 --out FILE.md
+    python benchmarks/seed_spread.py curve 0 --set p_std=0.8 --out FILE.md  # held-out denoising error per sigma
 
 The same spread as a DVC experiment queue (each runs the whole pipeline, ~50 min here per seed):
 `dvc exp run --queue -S debiaser.seed=1 && dvc exp run --queue -S debiaser.seed=2 && dvc queue start`,
@@ -346,10 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         SEEDS.mkdir(parents=True, exist_ok=True)
         run(args.seeds, args.from_run, args.n, [float(v) for v in args.scales.split(",")], dkgm_only(args.set))
     else:
-        records = current_records(sweep.load_rows(args.rows), variant_recipe(training_recipe(_params()),
-                                                                             dkgm_only(args.set)))
         if args.set and args.out == RESULTS / "seed_spread.md":
             raise SystemExit("--set: name the variant's table with --out (seed_spread.md is the default recipe's)")
+        records = current_records(sweep.load_rows(args.rows), variant_recipe(training_recipe(_params()),
+                                                                             dkgm_only(args.set)))
         table(records, args.out, args.out.with_suffix(".json"), args.rows, dkgm_only(args.set))
     return 0
 
