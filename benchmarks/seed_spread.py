@@ -171,7 +171,7 @@ def current_records(records: list[dict], recipe: dict) -> list[dict]:
     kept = [r for r in records if r.get("recipe") == recipe]
     variants = [r for r in records if r not in kept and r.get("dkgm_set")]
     if variants:
-        sets = sorted({" ".join(f"{k}={v}" for k, v in sorted(r["dkgm_set"].items())) for r in variants})
+        sets = sorted({_set_text(r["dkgm_set"]) for r in variants})
         print(f"seed_spread: {len(variants)} record(s) of DKGM-only variants left out (`table --set ...`: "
               + "; ".join(sets) + ")", file=sys.stderr)
     others = [r for r in records if r not in kept and r not in variants]
@@ -334,24 +334,25 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("curve")
     c.add_argument("seed", type=int)
     c.add_argument("--out", type=Path, required=True)
-    for sp in (r, t := sub.add_parser("table"), c):
+    t = sub.add_parser("table")
+    for sp in (r, t, c):
         sp.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="a DKGM-only variant: debiaser keys the baseline does not share (sigma_dist, p_mean, ...)")
     t.add_argument("--rows", type=Path, default=SEEDS / "spread.jsonl", help="the raw records (a committed copy: "
                    "benchmarks/results/seed_spread_rows.jsonl)")
     t.add_argument("--out", type=Path, default=RESULTS / "seed_spread.md")
     args = ap.parse_args(argv)
+    dkgm_set = dkgm_only(args.set)
     if args.cmd == "curve":
-        curve(args.seed, dkgm_only(args.set), args.out)
+        curve(args.seed, dkgm_set, args.out)
     elif args.cmd == "run":
         SEEDS.mkdir(parents=True, exist_ok=True)
-        run(args.seeds, args.from_run, args.n, [float(v) for v in args.scales.split(",")], dkgm_only(args.set))
+        run(args.seeds, args.from_run, args.n, [float(v) for v in args.scales.split(",")], dkgm_set)
     else:
-        if args.set and args.out == RESULTS / "seed_spread.md":
+        if dkgm_set and args.out == RESULTS / "seed_spread.md":
             raise SystemExit("--set: name the variant's table with --out (seed_spread.md is the default recipe's)")
-        records = current_records(sweep.load_rows(args.rows), variant_recipe(training_recipe(_params()),
-                                                                             dkgm_only(args.set)))
-        table(records, args.out, args.out.with_suffix(".json"), args.rows, dkgm_only(args.set))
+        records = current_records(sweep.load_rows(args.rows), variant_recipe(training_recipe(_params()), dkgm_set))
+        table(records, args.out, args.out.with_suffix(".json"), args.rows, dkgm_set)
     return 0
 
 
